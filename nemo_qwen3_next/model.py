@@ -1,0 +1,85 @@
+"""Build a Megatron-Core `GPTModel` for Qwen3-Next, and the process set-up it needs.
+
+`build_model(config)` is the whole recipe: our block spec, RoPE with `rotary_percent`,
+(un)tied embeddings. `init_single_process()` gives a plain Python process what Megatron
+expects (a one-rank process group, model-parallel state, RNG tracker) so the model can be
+built and run outside torchrun, e.g. in a notebook or a test.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from .compat import apply_cpu_compat, seed_cpu
+from .spec import get_qwen3_next_block_spec
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(tp: int = 1, pp: int = 1, ep: int = 1, seed: int = 1234) -> None:
+    """Initialise torch.distributed (one process if not launched by torchrun) and Megatron state."""
+    from megatron.core import parallel_state
+
+    apply_cpu_compat()
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if "RANK" in os.environ and "MASTER_ADDR" in os.environ:
+            if torch.cuda.is_available():
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+            dist.init_process_group(backend)
+        else:
+            dist.init_process_group(
+                backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1
+            )
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, expert_model_parallel_size=ep
+        )
+    seed_all(seed)
+
+
+def init_single_process(seed: int = 1234) -> None:
+    """A one-rank process group and TP=PP=1 Megatron state, if none exists yet."""
+    init_distributed(1, 1, 1, seed)
+
+
+def seed_all(seed: int) -> None:
+    """Seed torch and Megatron's tensor-parallel RNG tracker (CPU or CUDA)."""
+    if torch.cuda.is_available():
+        from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+        torch.manual_seed(seed)
+        model_parallel_cuda_manual_seed(seed)
+    else:
+        seed_cpu(seed)
+
+
+def build_model(config, backend: str = "auto", pre_process: bool = True, post_process: bool = True,
+                vp_stage: Optional[int] = None, parallel_output: bool = True):
+    """Megatron `GPTModel` with the Qwen3-Next decoder for `config` (a `Qwen3NextConfig`)."""
+    from megatron.core.models.gpt import GPTModel
+
+    apply_cpu_compat()
+    return GPTModel(
+        config=config,
+        transformer_layer_spec=get_qwen3_next_block_spec(config, backend, vp_stage=vp_stage),
+        vocab_size=config.vocab_size,
+        max_sequence_length=config.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        parallel_output=parallel_output,
+        share_embeddings_and_output_weights=config.tie_word_embeddings,
+        position_embedding_type="rope",
+        rotary_percent=config.rotary_percent,
+        rotary_base=config.rotary_base,
+        vp_stage=vp_stage,
+    )

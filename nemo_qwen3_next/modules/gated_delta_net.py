@@ -1,0 +1,202 @@
+"""Gated DeltaNet: Qwen3-Next's linear-attention token mixer, tensor- and sequence-parallel.
+
+Shapes (Hk key heads, Hv = r·Hk value heads, dims Dk, Dv, conv width W, TP size t)::
+
+    in_proj   [H] -> per key head [q Dk | k Dk | v r·Dv | z r·Dv | b r | a r]     column-parallel
+    conv1d    depthwise, causal, W taps, over per-key-head [q | k | v] channels   split like in_proj
+    A_log, dt_bias  [Hv]                                                          split by head
+    out_norm  RMSNorm over Dv gated by silu(z), one gain shared by all heads      replicated
+    out_proj  [Hv·Dv] -> [H]                                                      row-parallel
+
+Parameters per layer: H·Hk·(2Dk + 2r·Dv + 2r) + (2Hk·Dk + Hv·Dv)·W + 2Hv + Dv + Hv·Dv·H.
+
+Every TP-split tensor is laid out *per key head*, so a contiguous split along dim 0 hands each
+rank whole key heads with their value heads: no custom sharding code, and Megatron's default
+distributed-checkpoint sharding is right. (HF stores conv channels as [q_all | k_all | v_all]
+and in_proj as two matrices; `hf_mapping` permutes.)
+
+Math per token t and value head j (key head j // r), all gates in fp32::
+
+    q, k = l2norm(silu(conv(q))), l2norm(silu(conv(k)));  v = silu(conv(v))
+    g = -exp(A_log) · softplus(a + dt_bias);  beta = sigmoid(b)
+    S_t = S_{t-1}·exp(g_t) + k_t ⊗ beta_t·(v_t - S_{t-1}ᵀ k_t·exp(g_t));   o_t = S_tᵀ q_t / sqrt(Dk)
+    y = out_proj(RMSNorm(o) · w · silu(z))
+
+Packed sequences (`packed_seq_params.cu_seqlens_q`) restart both the conv history and the
+recurrent state at every document boundary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+from megatron.core.utils import divide
+
+from ..ops import causal_conv1d, gated_delta_rule
+from .norms import GatedRMSNorm
+
+
+@dataclass
+class GatedDeltaNetSubmodules:
+    """Swappable pieces: the two linears (local or TransformerEngine) and the output norm."""
+
+    in_proj: Union[ModuleSpec, type] = None
+    out_proj: Union[ModuleSpec, type] = None
+
+
+class GatedDeltaNet(MegatronModule):
+    """Qwen3-Next Gated DeltaNet layer; input and output `[s, b, H]` (sequence-first, Megatron)."""
+
+    def __init__(
+        self,
+        config,
+        submodules: GatedDeltaNetSubmodules,
+        layer_number: int,
+        pg_collection: Optional[ProcessGroupCollection] = None,
+        **_unused,
+    ):
+        super().__init__(config=config)
+        if pg_collection is None:
+            pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp"])
+        self.pg_collection = pg_collection
+        self.layer_number = layer_number
+        tp = pg_collection.tp.size()
+
+        c = config
+        self.key_head_dim = c.linear_key_head_dim
+        self.value_head_dim = c.linear_value_head_dim
+        self.heads_per_key = divide(c.linear_num_value_heads, c.linear_num_key_heads)  # r
+        self.num_key_heads = divide(c.linear_num_key_heads, tp)  # per partition
+        self.num_value_heads = self.num_key_heads * self.heads_per_key
+        r, dk, dv = self.heads_per_key, self.key_head_dim, self.value_head_dim
+        self.group_split = [dk, dk, r * dv, r * dv, r, r]  # q k v z b a, per key head
+        self.conv_group = 2 * dk + r * dv  # q k v channels per key head
+        self.chunk_size = c.linear_attention_chunk_size
+        self.use_recurrent = c.linear_attention_use_recurrent
+        self.backend = c.linear_attention_backend
+
+        proj_size = c.linear_num_key_heads * sum(self.group_split)
+        self.in_proj = build_module(
+            submodules.in_proj,
+            c.hidden_size,
+            proj_size,
+            config=c,
+            init_method=c.init_method,
+            gather_output=False,
+            bias=False,
+            skip_bias_add=False,
+            is_expert=False,
+            tp_comm_buffer_name="fc1",
+            tp_group=pg_collection.tp,
+        )
+
+        conv_channels = self.num_key_heads * self.conv_group
+        dtype = c.params_dtype
+        self.conv1d = nn.Conv1d(
+            conv_channels, conv_channels, c.linear_conv_kernel_dim, groups=conv_channels, bias=False, dtype=dtype
+        )
+        self.A_log = nn.Parameter(torch.empty(self.num_value_heads, dtype=dtype))
+        self.dt_bias = nn.Parameter(torch.ones(self.num_value_heads, dtype=dtype))
+        for p in (self.conv1d.weight, self.A_log, self.dt_bias):
+            set_tensor_model_parallel_attributes(p, True, 0, 1)
+        self.out_norm = GatedRMSNorm(dv, eps=c.layernorm_epsilon, params_dtype=dtype, tp_group=pg_collection.tp)
+
+        self.out_proj = build_module(
+            submodules.out_proj,
+            c.linear_num_value_heads * dv,
+            c.hidden_size,
+            config=c,
+            init_method=c.output_layer_init_method,
+            bias=False,
+            input_is_parallel=True,
+            skip_bias_add=True,
+            is_expert=False,
+            tp_comm_buffer_name="fc2",
+            tp_group=pg_collection.tp,
+        )
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        """HF initialisation: A ~ U(0, 16) as log, dt_bias = 1, conv default (kaiming)."""
+        if self.config.perform_initialization:
+            with torch.no_grad():
+                self.A_log.copy_(torch.empty_like(self.A_log, dtype=torch.float32).uniform_(0, 16).log_())
+                self.dt_bias.fill_(1.0)
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask=None, packed_seq_params=None, **kwargs):
+        """`[s, b, H]` -> (`[s, b, H]`, bias or None). `attention_mask` is unused (causal by design)."""
+        if kwargs.get("inference_context") is not None:
+            raise NotImplementedError(
+                "GatedDeltaNet does not support Megatron inference contexts yet (generation with GDN "
+                "recurrent state is planned); run the model without inference_context."
+            )
+        cu_seqlens = None
+        if packed_seq_params is not None:
+            cu_seqlens = packed_seq_params.cu_seqlens_q_padded
+            if cu_seqlens is None:
+                cu_seqlens = packed_seq_params.cu_seqlens_q
+
+        proj, _ = self.in_proj(hidden_states)  # [s, b, Hk_l * group]
+        s, b = proj.shape[:2]
+        proj = proj.transpose(0, 1).reshape(b, s, self.num_key_heads, -1)  # work batch-first
+        q, k, v, z, beta, a = torch.split(proj, self.group_split, dim=-1)
+
+        qkv = torch.cat([q, k, v], dim=-1).reshape(b, s, -1)
+        qkv, _ = causal_conv1d(
+            qkv, self.conv1d.weight.squeeze(1), activation="silu", cu_seqlens=cu_seqlens, backend=self.backend
+        )
+        qkv = qkv.view(b, s, self.num_key_heads, self.conv_group)
+        dk = self.key_head_dim
+        q, k, v = torch.split(qkv, [dk, dk, self.heads_per_key * self.value_head_dim], dim=-1)
+        v = v.reshape(b, s, self.num_value_heads, self.value_head_dim)
+        z = z.reshape(b, s, self.num_value_heads, self.value_head_dim)
+
+        beta = beta.reshape(b, s, self.num_value_heads).sigmoid()
+        a = a.reshape(b, s, self.num_value_heads)
+        g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias)
+
+        o, _ = gated_delta_rule(
+            q,
+            k,
+            v,
+            g,
+            beta,
+            use_qk_l2norm=True,
+            cu_seqlens=cu_seqlens,
+            use_recurrent=self.use_recurrent,
+            chunk_size=self.chunk_size,
+            backend=self.backend,
+        )
+        o = self.out_norm(o, z)  # [b, s, Hv_l, Dv]
+        o = o.reshape(b, s, -1).transpose(0, 1).contiguous()
+        return self.out_proj(o)
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):
+        """Distributed-checkpoint view: per-head tensors split on dim 0 across TP, the norm gain replicated.
+
+        Because every split tensor is laid out per key head, the global tensor is the plain
+        concatenation of the ranks' shards, so a checkpoint loads at any TP size.
+        """
+        from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+
+        sd = {}
+        for name in ("in_proj", "out_proj"):
+            sd.update(getattr(self, name).sharded_state_dict(f"{prefix}{name}.", sharded_offsets, metadata))
+        local = {
+            "conv1d.weight": self.conv1d.weight,
+            "A_log": self.A_log,
+            "dt_bias": self.dt_bias,
+            "out_norm.weight": self.out_norm.weight,
+        }
+        axis = {"conv1d.weight": 0, "A_log": 0, "dt_bias": 0}
+        sd.update(make_sharded_tensors_for_checkpoint(local, prefix, axis, sharded_offsets))
+        return sd

@@ -1,0 +1,72 @@
+"""Qwen3-Next's two RMSNorms, in plain torch so they run on CPU and under sequence parallelism.
+
+* `RMSNorm`: decoder, final and QK norms. Qwen3-Next stores the gain *zero-centred*:
+  y = x̂ · (1 + w), w initialised to 0 (HF `Qwen3NextRMSNorm`). Computed in fp32, cast back.
+  Megatron's local `WrappedTorchNorm` refuses both zero-centred gamma and sequence parallelism,
+  hence this class.
+* `GatedRMSNorm`: the GDN output norm, y = (w · x̂) · silu(z), with a *plain* gain (init 1) shared
+  by all value heads (HF `Qwen3NextRMSNormGated`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm with Megatron's norm signature; zero-centred gain when the config says so."""
+
+    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-6, **_unused):
+        super().__init__()
+        self.config = config
+        self.eps = eps
+        self.zero_centered_gamma = bool(getattr(config, "layernorm_zero_centered_gamma", True))
+        init = torch.zeros if self.zero_centered_gamma else torch.ones
+        self.weight = nn.Parameter(init(hidden_size, dtype=config.params_dtype))
+        # With sequence parallelism each TP rank sees a different slice of tokens: Megatron
+        # all-reduces the gradient of parameters marked this way (finalize_model_grads).
+        setattr(self.weight, "sequence_parallel", bool(config.sequence_parallel))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        w = self.weight.float()
+        y = y * (1.0 + w) if self.zero_centered_gamma else y * w
+        return y.to(x.dtype)
+
+
+def gated_rms_norm_ref(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """HF `Qwen3NextRMSNormGated` math, bit for bit (its casts included)."""
+    dtype = x.dtype
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    y = weight * xf.to(dtype)
+    y = y * F.silu(gate.float())
+    return y.to(dtype)
+
+
+class GatedRMSNorm(nn.Module):
+    """Per-head RMSNorm of the GDN output, gated by silu(z). Gain is plain (init 1).
+
+    Under tensor parallelism each rank normalises its own value heads with the same replicated
+    gain, so the gain's gradient is a sum over ranks: the caller passes `tp_group` and we
+    all-reduce it in backward (identity forward), independent of sequence parallelism.
+    """
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6, params_dtype=torch.float32, tp_group=None):
+        super().__init__()
+        self.eps = eps
+        self.tp_group = tp_group
+        self.weight = nn.Parameter(torch.ones(hidden_size, dtype=params_dtype))
+
+    def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        if self.tp_group is not None and self.tp_group.size() > 1:
+            from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
+
+            w = copy_to_tensor_model_parallel_region(w, group=self.tp_group)
+        return gated_rms_norm_ref(x, gate, w, self.eps)
