@@ -1,0 +1,229 @@
+"""Depthwise causal short convolution over the GDN's fused q/k/v channels.
+
+``y[t, d] = act(bias[d] + sum_{j<W} weight[d, j] * x[t - (W-1) + j, d])``, with the missing
+history (``t - (W-1) + j < 0``) taken from ``initial_state`` or zeros.  This is HF's
+``F.silu(nn.Conv1d(D, D, W, groups=D, padding=W-1)(x)[..., :T])`` in channels-last form
+(``x: [B, T, D]``, the layout the GDN works in), plus the two things CP and generation need:
+
+* ``cu_seqlens`` (packed input, ``B == 1``): every document is convolved alone, starting from
+  zero history (or its ``initial_state[n]``), so nothing leaks across document boundaries;
+* states ``[N, D, W-1]``: the last ``W-1`` inputs of each sequence (its left context for the
+  next call).  Chaining calls through the state equals one call on the concatenation.
+
+Backends ("auto" on CUDA, tried in order; imports are lazy since both need a GPU stack):
+
+1. ``causal_conv1d`` (Dao-AILab): ``causal_conv1d_fn(x [B, D, T], weight [D, W], bias,
+   seq_idx [B, T] int32, initial_states [B, D, W-1], return_final_states, activation)``.
+   It cannot combine ``seq_idx`` with initial/final states, so packed input that needs
+   states goes to the next backend.
+2. fla's Triton conv: ``fla.modules.convolution.causal_conv1d(x [B, T, D], weight [D, W],
+   bias, residual, initial_state [N, D, W], output_final_state, activation, ..., cu_seqlens)``
+   returning ``(y, final_state [N, D, W])``; fla keeps a W-wide cache whose first column is
+   never read, so we pad/unpad one column.
+3. the torch reference.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["causal_conv1d", "causal_conv1d_ref"]
+
+_BACKENDS = ("auto", "torch", "causal_conv1d", "fla")
+_ACTIVATIONS = (None, "silu", "swish")
+
+
+def _check(x, weight, bias, activation, cu_seqlens, initial_state, check_values=True):
+    if x.dim() != 3:
+        raise ValueError(f"x must be [B, T, D] (channels last); got {tuple(x.shape)}")
+    B, T, D = x.shape
+    if weight.dim() != 2 or weight.shape[0] != D:
+        raise ValueError(f"weight must be [D, W] = [{D}, W]; got {tuple(weight.shape)}")
+    if bias is not None and bias.shape != (D,):
+        raise ValueError(f"bias must be [D] = [{D}]; got {tuple(bias.shape)}")
+    if activation not in _ACTIVATIONS:
+        raise ValueError(f"activation must be one of {_ACTIVATIONS}, got {activation!r}")
+    if cu_seqlens is not None:
+        if B != 1:
+            raise ValueError(f"with cu_seqlens the batch size must be 1 (packed sequences); got B={B}")
+        if cu_seqlens.dim() != 1 or (check_values and (int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != T)):
+            raise ValueError(f"cu_seqlens must be 1-D, start at 0 and end at T={T}; got {cu_seqlens.tolist()}")
+    N = B if cu_seqlens is None else cu_seqlens.numel() - 1
+    W = weight.shape[1]
+    if initial_state is not None and initial_state.shape != (N, D, W - 1):
+        raise ValueError(f"initial_state must be [N, D, W-1] = {(N, D, W - 1)}; got {tuple(initial_state.shape)}")
+
+
+def causal_conv1d_ref(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    activation: Optional[str] = "silu",
+    *,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    initial_state: Optional[torch.Tensor] = None,
+    output_final_state: bool = False,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Reference conv: prepend history, ``F.conv1d(groups=D)``, activation; math in fp32+.
+
+    Returns ``(y [B, T, D] in x.dtype, final_state [N, D, W-1] in x.dtype or None)``.
+    """
+    _check(x, weight, bias, activation, cu_seqlens, initial_state)
+    B, T, D = x.shape
+    W = weight.shape[1]
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    w = weight.to(dtype).unsqueeze(1)  # [D, 1, W]
+    b = None if bias is None else bias.to(dtype)
+    xt = x.to(dtype).transpose(1, 2)  # [B, D, T]
+    h0 = None if initial_state is None else initial_state.to(dtype)
+
+    def run(x_seg, hist):  # x_seg [n, D, L], hist [n, D, W-1]
+        xx = torch.cat([hist, x_seg], dim=-1)
+        y = F.conv1d(xx, w, b, groups=D)  # length L exactly: causal by construction
+        return y, xx[..., xx.shape[-1] - (W - 1):]
+
+    if cu_seqlens is None:
+        hist = h0 if h0 is not None else xt.new_zeros(B, D, W - 1)
+        y, final = run(xt, hist)
+    else:
+        bounds = cu_seqlens.tolist()
+        ys, finals = [], []
+        for n, (s, e) in enumerate(zip(bounds[:-1], bounds[1:])):
+            hist = h0[n : n + 1] if h0 is not None else xt.new_zeros(1, D, W - 1)
+            y_n, f_n = run(xt[..., s:e], hist)
+            ys.append(y_n)
+            finals.append(f_n)
+        y, final = torch.cat(ys, dim=-1), torch.cat(finals, dim=0)
+    if activation is not None:
+        y = F.silu(y)
+    y = y.transpose(1, 2).contiguous().to(x.dtype)
+    return y, (final.to(x.dtype) if output_final_state else None)
+
+
+@functools.lru_cache(maxsize=None)
+def _load_dao():
+    try:
+        from causal_conv1d import causal_conv1d_fn
+    except Exception:
+        return None
+    return causal_conv1d_fn
+
+
+@functools.lru_cache(maxsize=None)
+def _load_fla_conv():
+    try:
+        from fla.modules.convolution import causal_conv1d as fla_causal_conv1d
+    except Exception:
+        return None
+    params = inspect.signature(fla_causal_conv1d).parameters
+    # Old fla (before late 2024) was head-first with an `initial_states` keyword: not supported.
+    if not {"residual", "initial_state", "cu_seqlens", "output_final_state"} <= set(params):
+        return None
+    return fla_causal_conv1d
+
+
+def _dao_conv(fn, x, weight, bias, activation, cu_seqlens, initial_state, output_final_state):
+    x_cl = x if x.stride(-1) == 1 else x.contiguous()
+    x_cl = x_cl.transpose(1, 2)  # [B, D, T] view with channel-last memory, which the kernel needs for states
+    seq_idx = None
+    if cu_seqlens is not None:
+        lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(x.device)
+        seq_idx = torch.repeat_interleave(
+            torch.arange(lengths.numel(), device=x.device, dtype=torch.int32), lengths, output_size=x.shape[1]
+        ).unsqueeze(0)
+    h0 = None
+    if initial_state is not None:  # the kernel wants stride(1) == 1 for channel-last states
+        h0 = initial_state.to(x.dtype).transpose(1, 2).contiguous().transpose(1, 2)
+    out = fn(
+        x_cl,
+        weight,
+        bias,
+        seq_idx=seq_idx,
+        initial_states=h0,
+        return_final_states=output_final_state,
+        activation=activation,
+    )
+    y, final = out if output_final_state else (out, None)
+    return y.transpose(1, 2), final
+
+
+def _fla_conv(fn, x, weight, bias, activation, cu_seqlens, initial_state, output_final_state):
+    W = weight.shape[1]
+    h0 = None if initial_state is None else F.pad(initial_state.to(x.dtype), (1, 0))  # [N, D, W]
+    if cu_seqlens is not None:
+        cu_seqlens = cu_seqlens.to(device=x.device, dtype=torch.long)
+    y, final = fn(
+        x=x,
+        weight=weight,
+        bias=bias,
+        initial_state=h0,
+        output_final_state=output_final_state,
+        activation=activation,
+        cu_seqlens=cu_seqlens,
+    )
+    if output_final_state and final is not None and final.shape[-1] == W:
+        final = final[..., 1:]
+    return y, (final if output_final_state else None)
+
+
+def causal_conv1d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    activation: Optional[str] = "silu",
+    *,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    initial_state: Optional[torch.Tensor] = None,
+    output_final_state: bool = False,
+    backend: str = "auto",
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Causal depthwise conv on ``x [B, T, D]`` with ``weight [D, W]``.
+
+    Args:
+        activation: ``"silu"`` (= ``"swish"``) or ``None``.
+        cu_seqlens: 1-D document offsets for packed input (``B == 1``); no leakage across documents.
+        initial_state: ``[N, D, W-1]`` left context per sequence (``N = B`` or number of documents).
+        output_final_state: also return the last ``W-1`` inputs per sequence, ``[N, D, W-1]``.
+        backend: ``"auto"`` | ``"torch"`` | ``"causal_conv1d"`` | ``"fla"``; forcing a missing
+            package raises ImportError.
+
+    Returns ``(y [B, T, D], final_state or None)``.
+    """
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    _check(x, weight, bias, activation, cu_seqlens, initial_state, check_values=not x.is_cuda)  # no GPU syncs
+    args = (x, weight, bias, activation, cu_seqlens, initial_state, output_final_state)
+    if backend == "torch" or (backend == "auto" and not x.is_cuda):
+        return causal_conv1d_ref(
+            x, weight, bias, activation,
+            cu_seqlens=cu_seqlens, initial_state=initial_state, output_final_state=output_final_state,
+        )
+    # Dao's kernel cannot mix seq_idx (packing) with initial/final states.
+    dao_ok = cu_seqlens is None or (initial_state is None and not output_final_state)
+    if backend in ("auto", "causal_conv1d"):
+        fn = _load_dao()
+        if fn is None and backend == "causal_conv1d":
+            raise ImportError(
+                "backend='causal_conv1d' needs the causal-conv1d package: `pip install causal-conv1d`"
+            )
+        if fn is not None and dao_ok:
+            return _dao_conv(fn, *args)
+        if backend == "causal_conv1d":
+            raise ValueError("causal_conv1d kernels cannot combine cu_seqlens with initial/final states")
+    fn = _load_fla_conv()
+    if fn is not None:
+        return _fla_conv(fn, *args)
+    if backend == "fla":
+        raise ImportError(
+            "backend='fla' needs a recent fla: `pip install fla-core` or "
+            "`pip install 'flash-linear-attention<0.6'`"
+        )
+    return causal_conv1d_ref(
+        x, weight, bias, activation,
+        cu_seqlens=cu_seqlens, initial_state=initial_state, output_final_state=output_final_state,
+    )

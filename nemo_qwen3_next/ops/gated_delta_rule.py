@@ -1,0 +1,149 @@
+"""Dispatch seam for the gated delta rule: fla's Triton kernels on GPU, plain torch elsewhere.
+
+Everything above this function (the GDN layer, context parallelism, generation) calls
+:func:`gated_delta_rule` and never imports fla directly, so CPU machines (no triton) keep
+working through the references in :mod:`.gated_delta_rule_ref`.
+
+fla facts this relies on (``fla.ops.gated_delta_rule``, fla-core 0.2-0.5):
+
+* ``chunk_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None,
+  output_final_state=False, use_qk_l2norm_in_kernel=False, cu_seqlens=None)`` and
+  ``fused_recurrent_gated_delta_rule(...)`` with the same keywords; layouts are the ones used
+  here (``[B, T, H, *]``, state ``[N, H, K, V]`` fp32, ``g`` a log decay, varlen with ``B == 1``).
+* ``fused_recurrent`` has long supported ``Hv > Hk`` natively, but ``chunk`` only gained it
+  in recent fla (and not on every backend it dispatches to), and older releases' ``chunk``
+  assumes q, k, v share one head count.  We therefore ``repeat_interleave`` q/k to ``Hv``
+  heads before calling fla: correct on every version; autograd sums the grads back.
+* ``fused_recurrent`` has no backward; it is for decoding only.  ``chunk`` uses chunk size 64
+  internally, so ``chunk_size`` only affects the reference.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from typing import Optional, Tuple
+
+import torch
+
+from .gated_delta_rule_ref import chunk_gated_delta_rule_ref, recurrent_gated_delta_rule_ref
+
+__all__ = ["gated_delta_rule", "FLA_INSTALL_HINT"]
+
+FLA_INSTALL_HINT = (
+    "the fla package (flash-linear-attention) is required for backend='fla'. "
+    "Install it with `pip install fla-core` or `pip install 'flash-linear-attention<0.6'` "
+    "(it needs triton and a GPU)."
+)
+
+_BACKENDS = ("auto", "torch", "fla")
+
+
+@functools.lru_cache(maxsize=None)
+def _load_fla():
+    """Import fla lazily (it imports triton at module load). Returns (chunk, recurrent) or the error."""
+    try:
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
+    except Exception as e:  # ImportError, or triton failing to initialise without a driver
+        return e
+    return chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
+
+
+def _require_fla():
+    fns = _load_fla()
+    if isinstance(fns, Exception):
+        raise ImportError(FLA_INSTALL_HINT) from fns
+    return fns
+
+
+def gated_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    *,
+    scale: Optional[float] = None,
+    initial_state: Optional[torch.Tensor] = None,
+    output_final_state: bool = False,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    use_recurrent: bool = False,
+    chunk_size: int = 64,
+    use_qk_l2norm: bool = False,
+    backend: str = "auto",
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Gated delta rule over ``[B, T, H, *]`` inputs.
+
+    Args:
+        q, k: ``[B, T, Hk, K]``, expected already L2-normalised unless ``use_qk_l2norm``.
+        v: ``[B, T, Hv, V]`` with ``Hv % Hk == 0`` (value head j uses key head ``j // (Hv//Hk)``).
+        g: ``[B, T, Hv]`` log decay (fp32 recommended); beta: ``[B, T, Hv]`` write strength.
+        scale: query scale, default ``K ** -0.5``.
+        initial_state: ``[N, Hv, K, V]`` fp32; ``N = B``, or the number of documents with ``cu_seqlens``.
+        output_final_state: also return the ``[N, Hv, K, V]`` state after the last token.
+        cu_seqlens: 1-D int32/int64 document offsets for packed input (requires ``B == 1``);
+            the state restarts (from ``initial_state[n]`` or zeros) at every document.
+        use_recurrent: token-by-token kernel (decoding); otherwise the chunked one (prefill/training).
+        chunk_size: chunk length of the torch reference (fla uses 64 internally).
+        use_qk_l2norm: L2-normalise q and k inside (in fp32), like HF's ``use_qk_l2norm_in_kernel``.
+        backend: ``"auto"`` (fla for CUDA tensors when importable, else torch), ``"torch"``, ``"fla"``.
+
+    Returns:
+        ``(o, final_state)``: ``o`` is ``[B, T, Hv, V]`` in ``v.dtype``; ``final_state`` is fp32
+        (the compute dtype for the reference) or ``None`` when not requested.
+    """
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    use_fla = backend == "fla"
+    if backend == "auto" and q.is_cuda:
+        use_fla = not isinstance(_load_fla(), Exception)
+        if not use_fla:
+            warnings.warn(
+                "gated_delta_rule: fla is not importable, using the (slow) torch reference on CUDA. "
+                + FLA_INSTALL_HINT,
+                stacklevel=2,
+            )
+
+    if not use_fla:
+        kwargs = dict(
+            scale=scale,
+            initial_state=initial_state,
+            output_final_state=output_final_state,
+            cu_seqlens=cu_seqlens,
+            use_qk_l2norm=use_qk_l2norm,
+        )
+        if use_recurrent:
+            return recurrent_gated_delta_rule_ref(q, k, v, g, beta, **kwargs)
+        return chunk_gated_delta_rule_ref(q, k, v, g, beta, chunk_size=chunk_size, **kwargs)
+
+    chunk_fn, recurrent_fn = _require_fla()
+    Hk, Hv = k.shape[2], v.shape[2]
+    if Hv % Hk != 0:
+        raise ValueError(f"num value heads ({Hv}) must be a multiple of num key heads ({Hk})")
+    if cu_seqlens is not None:
+        if q.shape[0] != 1:
+            raise ValueError(f"with cu_seqlens the batch size must be 1 (packed sequences); got B={q.shape[0]}")
+        cu_seqlens = cu_seqlens.to(device=q.device, dtype=torch.long)
+    if scale is None:
+        scale = k.shape[-1] ** -0.5
+    # fla wants q, k, v in one dtype; the caller's normalised q/k may be fp32 next to bf16 v.
+    q, k = q.to(v.dtype), k.to(v.dtype)
+    if Hv != Hk:  # see module docstring: not every fla chunk kernel handles grouped value heads
+        q = q.repeat_interleave(Hv // Hk, dim=2)
+        k = k.repeat_interleave(Hv // Hk, dim=2)
+    if initial_state is not None:
+        initial_state = initial_state.to(torch.float32)
+    fn = recurrent_fn if use_recurrent else chunk_fn
+    o, final_state = fn(
+        q,
+        k,
+        v,
+        g,
+        beta,
+        scale=scale,
+        initial_state=initial_state,
+        output_final_state=output_final_state,
+        cu_seqlens=cu_seqlens,
+        use_qk_l2norm_in_kernel=use_qk_l2norm,
+    )
+    return o.to(v.dtype), (final_state if output_final_state else None)
