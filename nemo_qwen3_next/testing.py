@@ -1,0 +1,60 @@
+"""Tiny random Hugging Face Qwen3-Next models, for tests, examples and quick checks.
+
+Kept in the package (not under tests/) because torchrun worker scripts, conversion tests and
+benchmarks build the same models. Needs `transformers` (the `test` extra).
+"""
+
+from __future__ import annotations
+
+import torch
+
+TINY_HF = dict(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=32,
+    linear_num_key_heads=2,
+    linear_num_value_heads=4,
+    linear_key_head_dim=16,
+    linear_value_head_dim=24,
+    linear_conv_kernel_dim=4,
+    num_experts=4,
+    num_experts_per_tok=2,
+    moe_intermediate_size=48,
+    shared_expert_intermediate_size=40,
+    mlp_only_layers=[1],
+    partial_rotary_factor=0.25,
+    max_position_embeddings=512,
+    rope_theta=10000.0,
+    layer_types=["linear_attention", "full_attention", "linear_attention", "full_attention"],
+    tie_word_embeddings=False,
+)
+
+
+def tiny_hf_config(**overrides):
+    """A transformers `Qwen3NextConfig` with both layer kinds, MoE + gated shared expert, a dense layer."""
+    from transformers import Qwen3NextConfig
+
+    kw = dict(TINY_HF)
+    kw.update(overrides)
+    if "num_hidden_layers" in overrides and "layer_types" not in overrides:
+        kw.pop("layer_types")
+    return Qwen3NextConfig(**kw)
+
+
+def random_hf_model(config=None, seed: int = 0, dtype=torch.float32):
+    """A randomly initialised `Qwen3NextForCausalLM`; norm gains are perturbed so that the
+    zero-centred (1 + w) and plain-weight conventions are actually exercised."""
+    from transformers import Qwen3NextForCausalLM
+
+    config = config or tiny_hf_config()
+    torch.manual_seed(seed)
+    model = Qwen3NextForCausalLM(config).to(dtype).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
