@@ -24,6 +24,18 @@ Math per token t and value head j (key head j // r), all gates in fp32::
 
 Packed sequences (`packed_seq_params.cu_seqlens_q`) restart both the conv history and the
 recurrent state at every document boundary.
+
+Two forward paths, one set of parameters:
+
+* `_forward_reference` (CPU, or `linear_attention_backend="torch"`): the math above step by step in
+  plain torch; the CPU parity tests against HF run this path.
+* `_forward_fused` (CUDA): works in the layouts the kernels want. The projections run batch-first
+  (transposing the narrow `[s, b, H]` activations, not the 6x wider projection; kept sequence-first
+  under sequence parallelism, whose gather/scatter is along dim 0). Per key head `[q k v]` are
+  adjacent in `in_proj`'s output, so one strided copy feeds fla's Triton causal conv (or Dao's
+  `causal-conv1d`); z, b, a stay views. fla's chunk kernel takes q/k with `Hk` heads (grouped value
+  heads, no `repeat_interleave`), L2-normalises them, computes the decay from `A_log`/`dt_bias` and
+  `sigmoid(b)` in-kernel; fla's fused gated RMSNorm reads z in place.
 """
 
 from __future__ import annotations
@@ -108,7 +120,9 @@ class GatedDeltaNet(MegatronModule):
         self.dt_bias = nn.Parameter(torch.ones(self.num_value_heads, dtype=dtype))
         for p in (self.conv1d.weight, self.A_log, self.dt_bias):
             set_tensor_model_parallel_attributes(p, True, 0, 1)
-        self.out_norm = GatedRMSNorm(dv, eps=c.layernorm_epsilon, params_dtype=dtype, tp_group=pg_collection.tp)
+        self.out_norm = GatedRMSNorm(
+            dv, eps=c.layernorm_epsilon, params_dtype=dtype, tp_group=pg_collection.tp, backend=self.backend
+        )
 
         self.out_proj = build_module(
             submodules.out_proj,
@@ -145,6 +159,12 @@ class GatedDeltaNet(MegatronModule):
             if cu_seqlens is None:
                 cu_seqlens = packed_seq_params.cu_seqlens_q
 
+        if hidden_states.is_cuda and self.backend != "torch":
+            return self._forward_fused(hidden_states, cu_seqlens)
+        return self._forward_reference(hidden_states, cu_seqlens)
+
+    def _forward_reference(self, hidden_states: torch.Tensor, cu_seqlens: Optional[torch.Tensor]):
+        """Plain-torch path (CPU): every step spelled out, the ground truth for the fused path."""
         proj, _ = self.in_proj(hidden_states)  # [s, b, Hk_l * group]
         s, b = proj.shape[:2]
         proj = proj.transpose(0, 1).reshape(b, s, self.num_key_heads, -1)  # work batch-first
@@ -179,6 +199,53 @@ class GatedDeltaNet(MegatronModule):
         o = self.out_norm(o, z)  # [b, s, Hv_l, Dv]
         o = o.reshape(b, s, -1).transpose(0, 1).contiguous()
         return self.out_proj(o)
+
+    def _forward_fused(self, hidden_states: torch.Tensor, cu_seqlens: Optional[torch.Tensor]):
+        """CUDA path: fla kernels in their layouts, fewest copies (see the module docstring)."""
+        s, b = hidden_states.shape[:2]
+        # Sequence parallelism gathers/scatters along dim 0 inside the linears: stay [s, b, *] there.
+        batch_first = b > 1 and not self.config.sequence_parallel
+        x = hidden_states.transpose(0, 1).contiguous() if batch_first else hidden_states
+        proj, _ = self.in_proj(x)
+        if not batch_first:
+            proj = proj.transpose(0, 1)  # a view; free when b == 1
+        Hk, G, r = self.num_key_heads, sum(self.group_split), self.heads_per_key
+        dk, dv, Hv = self.key_head_dim, self.value_head_dim, self.num_value_heads
+        proj = proj.view(b, -1, Hk, G)
+        s = proj.shape[1]
+
+        # per key head [q k v] are adjacent: one copy gives the conv its [b, s, Hk*(2dk + r*dv)] input
+        qkv = proj[..., : self.conv_group].reshape(b, s, Hk * self.conv_group)
+        qkv, _ = causal_conv1d(
+            qkv, self.conv1d.weight.squeeze(1), activation="silu", cu_seqlens=cu_seqlens, backend=self.backend
+        )
+        qkv = qkv.view(b, s, Hk, self.conv_group)
+        q, k, v = qkv[..., :dk], qkv[..., dk : 2 * dk], qkv[..., 2 * dk :].reshape(b, s, Hv, dv)
+        z0 = self.conv_group
+        z = proj[..., z0 : z0 + r * dv].reshape(b, s, Hv, dv)  # a strided view
+        beta = proj[..., z0 + r * dv : z0 + r * dv + r].reshape(b, s, Hv)  # logits
+        a = proj[..., z0 + r * dv + r :].reshape(b, s, Hv)  # raw gate input
+
+        o, _ = gated_delta_rule(
+            q,
+            k,
+            v,
+            a,
+            beta,
+            use_qk_l2norm=True,
+            A_log=self.A_log,
+            dt_bias=self.dt_bias,
+            beta_is_logits=True,
+            cu_seqlens=cu_seqlens,
+            use_recurrent=self.use_recurrent,
+            chunk_size=self.chunk_size,
+            backend=self.backend,
+        )
+        o = self.out_norm(o, z).view(b, s, Hv * dv)
+        if batch_first:
+            out, bias = self.out_proj(o)
+            return out.transpose(0, 1).contiguous(), bias
+        return self.out_proj(o.transpose(0, 1).contiguous())
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):
         """Distributed-checkpoint view: per-head tensors split on dim 0 across TP, the norm gain replicated.

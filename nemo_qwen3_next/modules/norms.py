@@ -5,16 +5,18 @@
   Megatron's local `WrappedTorchNorm` refuses both zero-centred gamma and sequence parallelism,
   hence this class.
 * `GatedRMSNorm`: the GDN output norm, y = (w · x̂) · silu(z), with a *plain* gain (init 1) shared
-  by all value heads (HF `Qwen3NextRMSNormGated`).
+  by all value heads (HF `Qwen3NextRMSNormGated`). Math in `ops.gated_rms_norm` (fused fla kernel
+  on CUDA, the torch reference elsewhere).
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from megatron.core.transformer.transformer_config import TransformerConfig
+
+from ..ops.gated_rms_norm import gated_rms_norm, gated_rms_norm_ref  # noqa: F401  (re-exported)
 
 
 class RMSNorm(nn.Module):
@@ -39,16 +41,6 @@ class RMSNorm(nn.Module):
         return y.to(x.dtype)
 
 
-def gated_rms_norm_ref(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """HF `Qwen3NextRMSNormGated` math, bit for bit (its casts included)."""
-    dtype = x.dtype
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    y = weight * xf.to(dtype)
-    y = y * F.silu(gate.float())
-    return y.to(dtype)
-
-
 class GatedRMSNorm(nn.Module):
     """Per-head RMSNorm of the GDN output, gated by silu(z). Gain is plain (init 1).
 
@@ -57,9 +49,11 @@ class GatedRMSNorm(nn.Module):
     all-reduce it in backward (identity forward), independent of sequence parallelism.
     """
 
-    def __init__(self, hidden_size: int, eps: float = 1e-6, params_dtype=torch.float32, tp_group=None):
+    def __init__(self, hidden_size: int, eps: float = 1e-6, params_dtype=torch.float32, tp_group=None,
+                 backend: str = "auto"):
         super().__init__()
         self.eps = eps
+        self.backend = backend  # "auto": fla's fused kernel on CUDA, the torch reference elsewhere
         self.tp_group = tp_group
         self.weight = nn.Parameter(torch.ones(hidden_size, dtype=params_dtype))
 
@@ -69,4 +63,4 @@ class GatedRMSNorm(nn.Module):
             from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
 
             w = copy_to_tensor_model_parallel_region(w, group=self.tp_group)
-        return gated_rms_norm_ref(x, gate, w, self.eps)
+        return gated_rms_norm(x, gate, w, self.eps, backend=self.backend)

@@ -11,9 +11,14 @@ fla facts this relies on (``fla.ops.gated_delta_rule``, fla-core 0.2-0.5):
   ``fused_recurrent_gated_delta_rule(...)`` with the same keywords; layouts are the ones used
   here (``[B, T, H, *]``, state ``[N, H, K, V]`` fp32, ``g`` a log decay, varlen with ``B == 1``).
 * ``fused_recurrent`` has long supported ``Hv > Hk`` natively, but ``chunk`` only gained it
-  in recent fla (and not on every backend it dispatches to), and older releases' ``chunk``
-  assumes q, k, v share one head count.  We therefore ``repeat_interleave`` q/k to ``Hv``
-  heads before calling fla: correct on every version; autograd sums the grads back.
+  in recent fla, and older releases' ``chunk`` assumes q, k, v share one head count.
+* fla-core >= 0.6 (recognised by ``use_beta_sigmoid_in_kernel`` in the signature) has, in both
+  ``chunk`` and ``fused_recurrent``: grouped value heads (``Hv > Hk``, "GVA"), the GDN decay
+  computed in-kernel from the raw gate input (``use_gate_in_kernel=True, A_log, dt_bias``:
+  ``g = -exp(A_log) * softplus(a + dt_bias)`` fused with the chunk cumsum, with its backward), and
+  ``use_beta_sigmoid_in_kernel``.  With such an fla we hand it q/k with ``Hk`` heads and the raw
+  gate/beta inputs; with an older one we compute ``g``/``beta`` in torch and ``repeat_interleave``
+  q/k to ``Hv`` heads (correct on every version; autograd sums the grads back).
 * ``fused_recurrent`` has no backward; it is for decoding only.  ``chunk`` uses chunk size 64
   internally, so ``chunk_size`` only affects the reference.
 """
@@ -21,14 +26,16 @@ fla facts this relies on (``fla.ops.gated_delta_rule``, fla-core 0.2-0.5):
 from __future__ import annotations
 
 import functools
+import inspect
 import warnings
 from typing import Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 
 from .gated_delta_rule_ref import chunk_gated_delta_rule_ref, recurrent_gated_delta_rule_ref
 
-__all__ = ["gated_delta_rule", "FLA_INSTALL_HINT"]
+__all__ = ["gated_delta_rule", "gdn_gate", "FLA_INSTALL_HINT"]
 
 FLA_INSTALL_HINT = (
     "the fla package (flash-linear-attention) is required for backend='fla'. "
@@ -47,6 +54,24 @@ def _load_fla():
     except Exception as e:  # ImportError, or triton failing to initialise without a driver
         return e
     return chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
+
+
+@functools.lru_cache(maxsize=None)
+def _fla_fused_features() -> bool:
+    """fla's chunk kernel takes grouped value heads and computes gate and beta in-kernel (fla-core >= 0.6)."""
+    fns = _load_fla()
+    if isinstance(fns, Exception):
+        return False
+    try:
+        return "use_beta_sigmoid_in_kernel" in inspect.signature(fns[0]).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def gdn_gate(a: torch.Tensor, A_log: torch.Tensor, dt_bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """Qwen3-Next's log decay ``-exp(A_log) * softplus(a + dt_bias)`` in fp32 (HF's expression)."""
+    x = a.float() if dt_bias is None else a.float() + dt_bias
+    return -A_log.float().exp() * F.softplus(x)
 
 
 def _require_fla():
@@ -70,6 +95,9 @@ def gated_delta_rule(
     use_recurrent: bool = False,
     chunk_size: int = 64,
     use_qk_l2norm: bool = False,
+    A_log: Optional[torch.Tensor] = None,
+    dt_bias: Optional[torch.Tensor] = None,
+    beta_is_logits: bool = False,
     backend: str = "auto",
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Gated delta rule over ``[B, T, H, *]`` inputs.
@@ -86,6 +114,10 @@ def gated_delta_rule(
         use_recurrent: token-by-token kernel (decoding); otherwise the chunked one (prefill/training).
         chunk_size: chunk length of the torch reference (fla uses 64 internally).
         use_qk_l2norm: L2-normalise q and k inside (in fp32), like HF's ``use_qk_l2norm_in_kernel``.
+        A_log, dt_bias: ``[Hv]``; when ``A_log`` is given, ``g`` is the *raw* gate input ``a`` and the
+            log decay is ``-exp(A_log) * softplus(a + dt_bias)`` (:func:`gdn_gate`), fused into the
+            kernel where fla supports it.
+        beta_is_logits: ``beta`` holds logits; ``sigmoid(beta)`` is applied inside (in-kernel on fla).
         backend: ``"auto"`` (fla for CUDA tensors when importable, else torch), ``"torch"``, ``"fla"``.
 
     Returns:
@@ -103,6 +135,13 @@ def gated_delta_rule(
                 + FLA_INSTALL_HINT,
                 stacklevel=2,
             )
+
+    fused = use_fla and _fla_fused_features()
+    if not fused:  # gate and beta in torch, exactly as the layer has always computed them
+        if A_log is not None:
+            g = gdn_gate(g, A_log, dt_bias)
+        if beta_is_logits:
+            beta = beta.sigmoid()
 
     if not use_fla:
         kwargs = dict(
@@ -128,7 +167,13 @@ def gated_delta_rule(
         scale = k.shape[-1] ** -0.5
     # fla wants q, k, v in one dtype; the caller's normalised q/k may be fp32 next to bf16 v.
     q, k = q.to(v.dtype), k.to(v.dtype)
-    if Hv != Hk:  # see module docstring: not every fla chunk kernel handles grouped value heads
+    extra = {}
+    if fused:  # see module docstring: grouped heads, gate and beta sigmoid inside fla's kernels
+        if A_log is not None:
+            extra.update(use_gate_in_kernel=True, A_log=A_log, dt_bias=dt_bias)
+        if beta_is_logits:
+            extra.update(use_beta_sigmoid_in_kernel=True)
+    elif Hv != Hk:  # older fla: not every chunk kernel handles grouped value heads
         q = q.repeat_interleave(Hv // Hk, dim=2)
         k = k.repeat_interleave(Hv // Hk, dim=2)
     if initial_state is not None:
@@ -145,5 +190,6 @@ def gated_delta_rule(
         output_final_state=output_final_state,
         cu_seqlens=cu_seqlens,
         use_qk_l2norm_in_kernel=use_qk_l2norm,
+        **extra,
     )
     return o.to(v.dtype), (final_state if output_final_state else None)

@@ -1,0 +1,56 @@
+"""Gated RMSNorm of the GDN output: ``y = (w · x̂) · silu(z)`` over the last dim (HF ``Qwen3NextRMSNormGated``).
+
+``gated_rms_norm`` is the dispatch seam: fla's fused Triton kernel (``fla.modules.fused_norm_gate.
+rms_norm_gated``: one pass forward, one pass backward, fp32 inside) for CUDA tensors, the plain-torch
+``gated_rms_norm_ref`` elsewhere.  The two differ only by rounding: the reference rounds ``x̂`` to the
+input dtype before the gain (HF's casts, kept bit for bit), the kernel keeps fp32 until the end.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["gated_rms_norm", "gated_rms_norm_ref"]
+
+_BACKENDS = ("auto", "torch", "fla")
+
+
+def gated_rms_norm_ref(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """HF `Qwen3NextRMSNormGated` math, bit for bit (its casts included)."""
+    dtype = x.dtype
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    y = weight * xf.to(dtype)
+    y = y * F.silu(gate.float())
+    return y.to(dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _load_fla_norm():
+    try:
+        from fla.modules.fused_norm_gate import rms_norm_gated
+    except Exception:
+        return None
+    return rms_norm_gated
+
+
+def gated_rms_norm(
+    x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float, backend: str = "auto"
+) -> torch.Tensor:
+    """``x``, ``gate``: ``[..., D]`` (any strides), ``weight``: ``[D]``. Returns ``[..., D]`` in ``x.dtype``.
+
+    backend: ``"auto"`` (fla's kernel for CUDA tensors when importable), ``"torch"``, ``"fla"``.
+    """
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    if backend == "torch" or (backend == "auto" and not x.is_cuda):
+        return gated_rms_norm_ref(x, gate, weight, eps)
+    fn = _load_fla_norm()
+    if fn is None:
+        if backend == "fla":
+            raise ImportError("backend='fla' for the gated RMSNorm needs fla: `pip install fla-core`")
+        return gated_rms_norm_ref(x, gate, weight, eps)
+    return fn(x, gate, weight, None, activation="swish", eps=eps)
