@@ -1,0 +1,237 @@
+"""Tensor-by-tensor writers and readers for the two checkpoint formats (no NeMo imports).
+
+* `save_dist_checkpoint_streaming`: writes a Megatron ``torch_dist`` distributed checkpoint
+  with Megatron's own `dist_checkpointing.save` (same keys, `common.pt`, `metadata.json` and
+  `.metadata` as a training run would write), but the model's sharded state dict holds *meta*
+  tensors and each shard's data is produced on demand (`LazySavePlanner.resolve_data`) and
+  written straight to disk (`StreamingFileSystemWriter`): one tensor in memory at a time.
+* `DistCheckpointReader`: reads any region of any tensor of such a checkpoint, whatever TP/EP it
+  was saved at, by reading only the stored chunks that overlap it.
+* `SafetensorsStreamWriter`: a safetensors file whose header is written first (shapes known up
+  front) and whose tensors are then appended one by one.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import struct
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.metadata import MetadataIndex
+from torch.distributed.checkpoint.planner import WriteItemType
+from torch.distributed.checkpoint.storage import WriteResult
+
+from megatron.core.dist_checkpointing.strategies.torch import (
+    MCoreSavePlanner,
+    TorchDistSaveShardedStrategy,
+    _replace_state_dict_keys_with_sharded_keys,
+    mcore_to_pyt_state_dict,
+)
+
+# (key, global offset) of one stored shard -> a function returning its data
+ShardSource = Callable[[], torch.Tensor]
+
+
+def _storage_info(relative_path: str, offset: int, length: int):
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+
+    return _StorageInfo(relative_path=relative_path, offset=offset, length=length)
+
+
+class StreamingFileSystemWriter(FileSystemWriter):
+    """`FileSystemWriter` whose `write_data` resolves, writes and drops one item at a time.
+
+    Same on-disk format as torch's writer (torch.save'd tensors and raw bytes appended to
+    ``__<rank>_0.distcp``, located by `_StorageInfo`); torch's own loop keeps every tensor of a
+    file alive until the file is closed, which is the whole model for a one-rank save.
+    """
+
+    def __init__(self, path, on_item: Optional[Callable[[int], None]] = None):
+        super().__init__(path, single_file_per_rank=True, sync_files=False, thread_count=1)
+        self.on_item = on_item
+
+    def write_data(self, plan, planner) -> torch.futures.Future:
+        fname = f"{plan.storage_data.prefix}0.distcp"
+        results = []
+        with open(os.path.join(self.path, fname), "wb") as f:
+            for item in plan.items:
+                data = planner.resolve_data(item)
+                offset = f.tell()
+                if item.type == WriteItemType.BYTE_IO:
+                    f.write(data.getbuffer())
+                else:
+                    t = data.detach()
+                    if t.untyped_storage().nbytes() != t.numel() * t.element_size():
+                        t = t.clone()  # torch.save writes whole storages: never a view
+                    torch.save(t, f)
+                    if self.on_item:
+                        self.on_item(t.numel() * t.element_size())
+                length = f.tell() - offset
+                results.append(WriteResult(index=item.index, size_in_bytes=length,
+                                           storage_data=_storage_info(fname, offset, length)))
+                del data
+        fut = torch.futures.Future()
+        fut.set_result(results)
+        return fut
+
+
+class LazySavePlanner(MCoreSavePlanner):
+    """Megatron's save planner, except tensor data comes from `sources[(fqn, offsets)]()`."""
+
+    def __init__(self, sources: Dict[Tuple[str, Tuple[int, ...]], ShardSource], **kw):
+        super().__init__(**kw)
+        self.sources = sources
+        self.resolved = set()
+
+    def resolve_data(self, write_item):
+        if write_item.type == WriteItemType.BYTE_IO:
+            return super().resolve_data(write_item)
+        key = (write_item.index.fqn, tuple(write_item.tensor_data.chunk.offsets))
+        if key not in self.sources:
+            raise KeyError(f"no source for checkpoint shard {key[0]} at offset {key[1]}")
+        if key in self.resolved:
+            raise RuntimeError(f"checkpoint shard {key[0]} at offset {key[1]} written twice")
+        self.resolved.add(key)
+        t = self.sources[key]()
+        return t.reshape(write_item.tensor_data.chunk.sizes)
+
+
+class StreamingTorchDistSaveStrategy(TorchDistSaveShardedStrategy):
+    """Megatron's ``torch_dist`` save strategy, synchronous, with lazily produced shard data."""
+
+    def __init__(self, sources, on_item=None):
+        super().__init__("torch_dist", 1)
+        self.sources, self.on_item = sources, on_item
+        self.planner = None
+
+    def save(self, sharded_state_dict, checkpoint_dir):
+        from torch.distributed.checkpoint import state_dict_saver
+
+        sd, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded_state_dict, self.keep_only_main_replica)
+        pyt_sd = mcore_to_pyt_state_dict(sd, False)
+        self.planner = LazySavePlanner(self.sources, dedup_replicated_tensors=False, flatten_state_dict=False)
+        from torch.distributed.checkpoint.api import CheckpointException
+
+        try:
+            state_dict_saver.save(pyt_sd, storage_writer=StreamingFileSystemWriter(checkpoint_dir, self.on_item),
+                                  planner=self.planner, no_dist=True)
+        except CheckpointException as e:  # re-raise what went wrong, not torch's per-rank wrapper
+            for failure in e.failures.values():
+                inner = getattr(failure, "exception", failure)
+                if isinstance(inner, BaseException):
+                    raise inner from None
+            raise
+
+
+def save_dist_checkpoint_streaming(sharded_state_dict, checkpoint_dir: str,
+                                   sources: Dict[Tuple[str, Tuple[int, ...]], ShardSource],
+                                   content_metadata: Optional[dict] = None, on_item=None) -> None:
+    """`dist_checkpointing.save` of a sharded state dict of meta tensors, data from `sources`.
+
+    Every stored tensor shard must have exactly one source and every source must be used.
+    """
+    from megatron.core import dist_checkpointing
+
+    strategy = StreamingTorchDistSaveStrategy(sources, on_item)
+    dist_checkpointing.save(sharded_state_dict, checkpoint_dir, sharded_strategy=strategy,
+                            content_metadata=content_metadata)
+    unused = sorted(set(sources) - strategy.planner.resolved)
+    if unused:
+        raise RuntimeError(f"{len(unused)} converted tensors were not written, e.g. {unused[0]}")
+
+
+class DistCheckpointReader:
+    """Region reads from a ``torch_dist`` checkpoint directory (any TP/EP layout it was saved at)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.metadata = FileSystemReader(path).read_metadata()
+        self._file_name, self._file = None, None
+
+    def keys(self):
+        return self.metadata.state_dict_metadata.keys()
+
+    def global_shape(self, key: str) -> Tuple[int, ...]:
+        return tuple(self.metadata.state_dict_metadata[key].size)
+
+    def _read_chunk(self, key: str, offsets) -> torch.Tensor:
+        info = self.metadata.storage_data[MetadataIndex(key, torch.Size(offsets))]
+        if info.relative_path != self._file_name:
+            if self._file:
+                self._file.close()
+            self._file_name = info.relative_path
+            self._file = open(os.path.join(self.path, info.relative_path), "rb")
+        self._file.seek(info.offset)
+        return torch.load(io.BytesIO(self._file.read(info.length)), weights_only=True)
+
+    def read(self, key: str, offsets: Sequence[int], sizes: Sequence[int], out: torch.Tensor) -> None:
+        """Fill `out` (shape `sizes`) with the region of tensor `key` starting at `offsets`."""
+        md = self.metadata.state_dict_metadata.get(key)
+        if md is None:
+            raise KeyError(f"distributed checkpoint {self.path} has no tensor {key!r}")
+        covered = 0
+        for chunk in md.chunks:
+            lo = [max(a, b) for a, b in zip(offsets, chunk.offsets)]
+            hi = [min(a + n, b + m) for a, n, b, m in zip(offsets, sizes, chunk.offsets, chunk.sizes)]
+            if any(h <= l for l, h in zip(lo, hi)):
+                continue
+            data = self._read_chunk(key, chunk.offsets)
+            src, dst = data, out
+            for d, (l, h) in enumerate(zip(lo, hi)):
+                src = src.narrow(d, l - chunk.offsets[d], h - l)
+                dst = dst.narrow(d, l - offsets[d], h - l)
+            dst.copy_(src)
+            covered += src.numel()
+            del data
+        if covered != out.numel():
+            raise ValueError(f"distributed checkpoint tensor {key!r} does not cover region {tuple(offsets)}+"
+                             f"{tuple(sizes)} ({covered} of {out.numel()} elements stored)")
+
+    def close(self):
+        if self._file:
+            self._file.close()
+            self._file = None
+
+
+_ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64",
+              torch.int64: "I64", torch.int32: "I32", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+class SafetensorsStreamWriter:
+    """Write one safetensors file tensor by tensor: the header (all names/shapes) goes first."""
+
+    def __init__(self, path: str, layout: List[Tuple[str, torch.dtype, Tuple[int, ...]]],
+                 metadata: Optional[Dict[str, str]] = None):
+        header, offset = {}, 0
+        self.expected = []
+        for name, dtype, shape in layout:
+            n = int(torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size()
+            header[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
+            self.expected.append((name, dtype, tuple(shape)))
+            offset += n
+        header["__metadata__"] = metadata or {"format": "pt"}
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        self.path, self.nbytes = path, offset
+        self._f = open(path, "wb")
+        self._f.write(struct.pack("<Q", len(raw)) + raw)
+        self._next = 0
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        exp_name, dtype, shape = self.expected[self._next]
+        if name != exp_name or tensor.dtype != dtype or tuple(tensor.shape) != shape:
+            raise ValueError(f"{self.path}: expected {exp_name} {dtype} {shape}, got {name} {tensor.dtype} "
+                             f"{tuple(tensor.shape)}")
+        t = tensor.detach().contiguous().cpu()
+        self._f.write(memoryview(t.view(-1).view(torch.uint8).numpy()))
+        self._next += 1
+
+    def close(self) -> None:
+        if self._next != len(self.expected):
+            raise ValueError(f"{self.path}: {len(self.expected) - self._next} tensors were never written")
+        self._f.close()
