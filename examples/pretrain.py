@@ -1,0 +1,85 @@
+"""Pretrain Qwen3-Next with NeMo 2 / Megatron-Core from a Hydra config.
+
+    python examples/pretrain.py                                  # tiny model, embedded data, CPU or GPU
+    python examples/pretrain.py trainer.max_steps=50 data.seq_length=256
+    torchrun --nproc-per-node 2 examples/pretrain.py parallelism=tp2_sp
+    python examples/pretrain.py --config-name qwen3_next_80b_a3b --dry-run   # counts + memory, no GPU
+    torchrun --nproc-per-node 8 --nnodes 4 --node-rank R --rdzv-endpoint HOST:29500 \\
+        examples/pretrain.py --config-name qwen3_next_80b_a3b data.paths='[/data/qwen3next_text_document]'
+
+Rerunning the same command resumes from the latest checkpoint in `run_dir`. A bad config stops
+before anything is built, with one line on stderr naming the field (exit code 2).
+"""
+
+import os
+import sys
+
+CONF_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "conf")
+
+
+def _fail(msg: str) -> None:
+    print(f"pretrain.py: config error: {msg}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def _check_overrides(argv) -> None:
+    """Compose once up front so an unknown override fails in one line, not Hydra's multi-line report."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    config_name, overrides = "qwen3_next_tiny", []
+    it = iter(argv)
+    for arg in it:
+        if arg in ("--config-name", "-cn"):
+            config_name = next(it, config_name)
+        elif arg.startswith("--config-name="):
+            config_name = arg.split("=", 1)[1]
+        elif not arg.startswith("-"):
+            overrides.append(arg)
+    try:
+        with initialize_config_dir(config_dir=os.path.abspath(CONF_DIR), version_base=None):
+            compose(config_name=config_name, overrides=overrides)
+    except (HydraException, OmegaConfBaseException) as e:
+        first = " ".join(str(e).split("\n")[0:1]).strip()
+        key = next((line.split("full_key:")[1].strip() for line in str(e).splitlines() if "full_key:" in line), None)
+        if "Could not override" in str(e) and key:
+            _fail(f"{key} is not a config field (check the spelling; add new keys with +{key}=...)")
+        _fail(first or type(e).__name__)
+
+
+if __name__ == "__main__":  # the checkpoint writer spawns processes that re-import this file
+    sys.argv = [("dry_run=true" if a == "--dry-run" else a) for a in sys.argv]
+    _check_overrides(sys.argv[1:])
+
+    import hydra
+    from omegaconf import DictConfig, OmegaConf
+
+    @hydra.main(config_path=CONF_DIR, config_name="qwen3_next_tiny", version_base=None)
+    def main(cfg: DictConfig) -> None:
+        from nemo_qwen3_next.config import ConfigError
+        from nemo_qwen3_next.training import config as train_config
+
+        raw = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        try:
+            if raw.get("dry_run"):
+                p = raw.get("parallelism") or {}
+                world = (p.get("devices") or 1) * ((raw.get("trainer") or {}).get("num_nodes") or 1)
+            tc = train_config.validate(raw, world)
+            from nemo_qwen3_next.training import recipe
+
+            if tc.dry_run:
+                from nemo_qwen3_next.training.dry_run import report
+
+                print(report(recipe.model_config(tc, cpu=True), tc), flush=True)
+                return
+            if tc.data.paths == "???":
+                raise ConfigError("data.paths is required for this config: give data.paths='[/path/prefix]' "
+                                  "(see docs/pretraining.md)")
+            recipe.model_config(tc, recipe.on_cpu(tc))  # validate the model before anything is built
+        except ConfigError as e:
+            _fail(str(e))
+        recipe.run(tc)
+
+    main()

@@ -1,0 +1,224 @@
+"""The pretraining config: one dataclass per Hydra group, and `validate` that checks a composed
+config before anything is built.
+
+Groups: ``model`` (any `Qwen3NextConfig` / NeMo `GPTConfig` field),
+``trainer``, ``data``, ``optim``, ``parallelism``, ``checkpoint``, ``logging``. Every error is one
+line that names the field and the fix (`ConfigError`), raised before any tensor is allocated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from ..config import ConfigError
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 200
+    val_check_interval: int = 100
+    limit_val_batches: int = 4
+    log_every_n_steps: int = 10
+    accelerator: str = "auto"  # auto: gpu when CUDA is available, else cpu
+    num_nodes: int = 1
+    precision: str = "32"  # "bf16-mixed" on GPU
+    gradient_clip_val: float = 1.0
+    deterministic: bool = False
+
+
+@dataclass
+class DataConfig:
+    paths: Any = None  # None/[] -> embedded corpus; else a prefix, a blend [w1, p1, w2, p2] or {train,validation,test}
+    tokenizer: str = "byte"  # "byte" or a Hugging Face tokenizer name/path (real data)
+    seq_length: int = 128
+    micro_batch_size: int = 4
+    global_batch_size: int = 8
+    split: str = "95,5,0"
+    num_workers: int = 0
+    pin_memory: bool = False
+    cache_dir: str = "runs/data"
+    index_mapping_dir: Optional[str] = None
+    embedded_max_bytes: int = 8_000_000
+    reset_position_ids: bool = False
+    reset_attention_mask: bool = False
+    eod_mask_loss: bool = False
+
+
+@dataclass
+class OptimConfig:
+    optimizer: str = "adam"
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    use_distributed_optimizer: bool = False
+
+
+@dataclass
+class ParallelismConfig:
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    virtual_pipeline_model_parallel_size: Optional[int] = None
+    expert_model_parallel_size: int = 1
+    expert_tensor_parallel_size: Optional[int] = None
+    context_parallel_size: int = 1
+    sequence_parallel: bool = False
+    devices: Optional[int] = None  # processes per node; None -> $LOCAL_WORLD_SIZE (torchrun) or 1
+
+
+@dataclass
+class CheckpointConfig:
+    every_n_steps: int = 50
+    save_last: bool = True
+    save_top_k: int = -1  # keep all periodic checkpoints (they are small for the tiny model)
+    async_save: bool = False  # True on GPU; the CPU path fails at teardown with it
+    resume: bool = True  # rerunning the same command resumes from the latest checkpoint
+    save_optim_on_train_end: bool = True
+
+
+@dataclass
+class LoggingConfig:
+    log_every_n_steps: int = 1
+    tensorboard: bool = True
+    loss_curve_png: bool = True
+    moe_metrics: bool = True
+    metrics_file: str = "metrics.jsonl"
+
+
+@dataclass
+class PretrainConfig:
+    name: str = "qwen3_next_tiny"
+    run_dir: str = "runs/qwen3_next_tiny"
+    seed: int = 1234
+    dry_run: bool = False
+    model: Dict[str, Any] = field(default_factory=dict)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    parallelism: ParallelismConfig = field(default_factory=ParallelismConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+_GROUPS = {
+    "trainer": TrainerConfig,
+    "data": DataConfig,
+    "optim": OptimConfig,
+    "parallelism": ParallelismConfig,
+    "checkpoint": CheckpointConfig,
+    "logging": LoggingConfig,
+}
+# Model fields owned by another group: giving them under `model` would be silently overridden.
+_MODEL_FIELDS_ELSEWHERE = {
+    "tensor_model_parallel_size": "parallelism", "pipeline_model_parallel_size": "parallelism",
+    "expert_model_parallel_size": "parallelism", "context_parallel_size": "parallelism",
+    "sequence_parallel": "parallelism", "expert_tensor_parallel_size": "parallelism",
+    "virtual_pipeline_model_parallel_size": "parallelism", "seq_length": "data",
+}
+
+
+def _unknown(where: str, key: str, known) -> ConfigError:
+    close = difflib.get_close_matches(key, list(known), n=1)
+    hint = f"did you mean {where}.{close[0]}?" if close else f"known fields: {', '.join(sorted(known))}"
+    return ConfigError(f"{where}.{key} is not a config field; {hint}")
+
+
+def _model_field_names():
+    from .nemo_model import model_classes
+
+    cfg_cls, _ = model_classes()
+    return {f.name for f in dataclasses.fields(cfg_cls)}
+
+
+def validate(raw: Dict[str, Any], world_size: int) -> PretrainConfig:
+    """Check a composed config (a plain dict) and return it typed. Raises `ConfigError`."""
+    raw = dict(raw)
+    top = {f.name for f in dataclasses.fields(PretrainConfig)}
+    for key in raw:
+        if key not in top:
+            close = difflib.get_close_matches(key, list(top), n=1)
+            hint = f"did you mean {close[0]}?" if close else f"known: {', '.join(sorted(top))}"
+            raise ConfigError(f"{key} is not a top-level config field; {hint}")
+    groups = {}
+    for name, cls in _GROUPS.items():
+        values = dict(raw.get(name) or {})
+        known = {f.name for f in dataclasses.fields(cls)}
+        for key in values:
+            if key not in known:
+                raise _unknown(name, key, known)
+        try:
+            groups[name] = cls(**values)
+        except TypeError as e:  # pragma: no cover - covered by the key check above
+            raise ConfigError(f"{name}: {e}") from None
+
+    model = dict(raw.get("model") or {})
+    known = _model_field_names()
+    for key in model:
+        if key in _MODEL_FIELDS_ELSEWHERE:
+            raise ConfigError(f"model.{key} is set by {_MODEL_FIELDS_ELSEWHERE[key]}.{key}; move it there.")
+        if key not in known:
+            raise _unknown("model", key, known)
+
+    cfg = PretrainConfig(
+        name=raw.get("name", PretrainConfig.name),
+        run_dir=raw.get("run_dir", PretrainConfig.run_dir),
+        seed=int(raw.get("seed", PretrainConfig.seed)),
+        dry_run=bool(raw.get("dry_run", False)),
+        model=model,
+        **groups,
+    )
+    _check_parallel_layout(cfg, world_size)
+    _check_batch(cfg, world_size)
+    return cfg
+
+
+def _check_parallel_layout(cfg: PretrainConfig, world_size: int) -> None:
+    p = cfg.parallelism
+    for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "expert_model_parallel_size",
+                 "context_parallel_size"):
+        if getattr(p, name) < 1:
+            raise ConfigError(f"parallelism.{name} = {getattr(p, name)} must be >= 1.")
+    tp, pp, cp, ep = (p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.context_parallel_size,
+                      p.expert_model_parallel_size)
+    etp = p.expert_tensor_parallel_size or tp
+    model_parallel = tp * pp * cp
+    if world_size % model_parallel != 0:
+        raise ConfigError(
+            f"world size {world_size} is not divisible by tensor({tp}) x pipeline({pp}) x context({cp}) = "
+            f"{model_parallel}; launch a multiple of {model_parallel} processes or shrink the parallel sizes."
+        )
+    if world_size % (etp * ep * pp) != 0:
+        raise ConfigError(
+            f"world size {world_size} is not divisible by expert_tensor({etp}) x expert({ep}) x pipeline({pp}) = "
+            f"{etp * ep * pp}; change parallelism.expert_model_parallel_size."
+        )
+    if tp > 1 and not p.sequence_parallel and cfg.model.get("num_moe_experts", 1):
+        raise ConfigError(
+            "parallelism.sequence_parallel must be true when tensor_model_parallel_size > 1 with MoE "
+            "(Megatron's MoE token dispatch expects sequence-parallel input); set parallelism.sequence_parallel=true."
+        )
+    if tp == 1 and p.sequence_parallel:
+        raise ConfigError("parallelism.sequence_parallel=true needs tensor_model_parallel_size > 1; set it false.")
+
+
+def _check_batch(cfg: PretrainConfig, world_size: int) -> None:
+    p, d = cfg.parallelism, cfg.data
+    dp = world_size // (p.tensor_model_parallel_size * p.pipeline_model_parallel_size * p.context_parallel_size)
+    if d.global_batch_size % (d.micro_batch_size * dp) != 0:
+        raise ConfigError(
+            f"data.global_batch_size ({d.global_batch_size}) is not divisible by micro_batch_size "
+            f"({d.micro_batch_size}) x data-parallel size ({dp}); make it a multiple of {d.micro_batch_size * dp}."
+        )
+    if cfg.trainer.max_steps < 1:
+        raise ConfigError(f"trainer.max_steps = {cfg.trainer.max_steps} must be >= 1.")
+    if p.sequence_parallel and d.seq_length % p.tensor_model_parallel_size != 0:
+        raise ConfigError(
+            f"data.seq_length ({d.seq_length}) must be divisible by tensor_model_parallel_size "
+            f"({p.tensor_model_parallel_size}) with sequence parallelism."
+        )

@@ -1,0 +1,221 @@
+"""Build and run a pretraining job from a validated `PretrainConfig`.
+
+One function per part, named for what it builds: `model_config`, `tokenizer`, `strategy`,
+`trainer`, `optimizer`, `checkpointing`; `run` wires them into NeMo's `llm.train`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Dict
+
+import torch
+
+from ..config import ConfigError
+from .config import PretrainConfig
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def on_cpu(cfg: PretrainConfig) -> bool:
+    return cfg.trainer.accelerator == "cpu" or not torch.cuda.is_available()
+
+
+def model_config(cfg: PretrainConfig, cpu: bool):
+    """The NeMo model config: `cfg.model` + parallel sizes + sequence length + device flags.
+
+    Construction validates everything (our `ConfigError`s and Megatron's own asserts) and
+    allocates nothing; any failure becomes one `ConfigError` line."""
+    from .nemo_model import model_classes
+
+    cfg_cls, _ = model_classes()
+    p = cfg.parallelism
+    kw: Dict[str, Any] = dict(cfg.model)
+    kw.update(
+        tensor_model_parallel_size=p.tensor_model_parallel_size,
+        pipeline_model_parallel_size=p.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=p.virtual_pipeline_model_parallel_size,
+        expert_model_parallel_size=p.expert_model_parallel_size,
+        expert_tensor_parallel_size=p.expert_tensor_parallel_size,
+        context_parallel_size=p.context_parallel_size,
+        sequence_parallel=p.sequence_parallel,
+        seq_length=cfg.data.seq_length,
+    )
+    bf16 = "bf16" in str(cfg.trainer.precision)
+    kw.setdefault("bf16", bf16)
+    kw["params_dtype"] = torch.bfloat16 if bf16 else torch.float32
+    kw.setdefault("pipeline_dtype", kw["params_dtype"])  # Megatron requires it with PP > 1
+    if cpu:
+        kw.update(use_cpu_initialization=True, gradient_accumulation_fusion=False, moe_token_dispatcher_type="allgather")
+    if isinstance(kw.get("layer_types"), (list, tuple)) or kw.get("layer_types") is not None:
+        kw["layer_types"] = list(kw["layer_types"])
+    if kw.get("mlp_only_layers") is not None:
+        kw["mlp_only_layers"] = list(kw["mlp_only_layers"])
+    try:
+        return cfg_cls(**kw)
+    except ConfigError:
+        raise
+    except (AssertionError, ValueError, TypeError) as e:
+        msg = " ".join(str(e).split()) or type(e).__name__
+        raise ConfigError(f"model config rejected: {msg}") from None
+
+
+def tokenizer(cfg: PretrainConfig, vocab_size: int):
+    if cfg.data.tokenizer == "byte":
+        from .tokenizer import ByteTokenizer
+
+        return ByteTokenizer(vocab_size)
+    from nemo.collections.common.tokenizers.huggingface.auto_tokenizer import AutoTokenizer
+
+    return AutoTokenizer(cfg.data.tokenizer)
+
+
+def strategy(cfg: PretrainConfig, cpu: bool):
+    from megatron.core.distributed import DistributedDataParallelConfig
+    from nemo import lightning as nl
+
+    p = cfg.parallelism
+    return nl.MegatronStrategy(
+        tensor_model_parallel_size=p.tensor_model_parallel_size,
+        pipeline_model_parallel_size=p.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=p.virtual_pipeline_model_parallel_size,
+        context_parallel_size=p.context_parallel_size,
+        sequence_parallel=p.sequence_parallel,
+        expert_model_parallel_size=p.expert_model_parallel_size,
+        expert_tensor_parallel_size=p.expert_tensor_parallel_size,
+        ckpt_async_save=cfg.checkpoint.async_save and not cpu,
+        ckpt_parallel_save=not cpu,
+        ckpt_load_strictness="assume_ok_unexpected",
+        ddp=DistributedDataParallelConfig(
+            check_for_nan_in_grad=True,
+            grad_reduce_in_fp32=True,
+            overlap_grad_reduce=not cpu,
+            overlap_param_gather=not cpu and cfg.optim.use_distributed_optimizer,
+            use_distributed_optimizer=cfg.optim.use_distributed_optimizer,
+            average_in_collective=True,
+        ),
+    )
+
+
+def optimizer(cfg: PretrainConfig, bf16: bool):
+    from megatron.core.optimizer import OptimizerConfig
+    from nemo import lightning as nl
+
+    o = cfg.optim
+    if o.warmup_steps >= cfg.trainer.max_steps and cfg.trainer.max_steps > 1:
+        warmup = max(1, cfg.trainer.max_steps // 10)
+    else:
+        warmup = o.warmup_steps
+    opt_cfg = OptimizerConfig(
+        optimizer=o.optimizer,
+        lr=o.lr,
+        min_lr=o.min_lr,
+        weight_decay=o.weight_decay,
+        adam_beta1=o.adam_beta1,
+        adam_beta2=o.adam_beta2,
+        adam_eps=o.adam_eps,
+        clip_grad=cfg.trainer.gradient_clip_val,
+        bf16=bf16,
+        params_dtype=torch.bfloat16 if bf16 else torch.float32,
+        use_distributed_optimizer=o.use_distributed_optimizer,
+    )
+    sched = nl.lr_scheduler.CosineAnnealingScheduler(
+        max_steps=cfg.trainer.max_steps, warmup_steps=warmup, constant_steps=0, min_lr=o.min_lr
+    )
+    return nl.MegatronOptimizerModule(config=opt_cfg, lr_scheduler=sched)
+
+
+def checkpointing(cfg: PretrainConfig):
+    from nemo import lightning as nl
+
+    c = cfg.checkpoint
+    return nl.ModelCheckpoint(
+        dirpath=os.path.join(cfg.run_dir, "checkpoints"),
+        filename="{step}-{consumed_samples}",
+        every_n_train_steps=c.every_n_steps,
+        save_last=c.save_last,
+        save_top_k=c.save_top_k,
+        monitor="step",
+        mode="max",
+        save_on_train_epoch_end=False,
+        save_optim_on_train_end=c.save_optim_on_train_end,
+        always_save_context=False,
+        save_context_on_train_end=False,
+    )
+
+
+def run(cfg: PretrainConfig) -> str:
+    """Train; returns the run directory. Assumes `cfg` came from `config.validate`."""
+    from . import cpu as cpu_workarounds
+
+    cpu = on_cpu(cfg)
+    if cpu:
+        cpu_workarounds.apply()
+    else:
+        cpu_workarounds.fix_rank0_timer_allgather()
+    mcfg = model_config(cfg, cpu)
+
+    import lightning.pytorch as pl
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from nemo import lightning as nl
+    from nemo.collections import llm
+
+    from .callbacks import TrainingMetrics
+    from .data import make_data_module
+    from .flops import train_flops_per_step
+    from .nemo_model import model_classes
+
+    pl.seed_everything(cfg.seed, workers=True)
+    os.makedirs(cfg.run_dir, exist_ok=True)
+    tok = tokenizer(cfg, mcfg.vocab_size)
+    data = make_data_module(cfg.data, tok, cfg.data.seq_length, cfg.data.micro_batch_size,
+                            cfg.data.global_batch_size, cfg.seed)
+    bf16 = bool(mcfg.bf16)
+    optim = optimizer(cfg, bf16)
+    _, model_cls = model_classes()
+    model = model_cls(mcfg, optim=optim, tokenizer=tok)
+
+    p = cfg.parallelism
+    devices = p.devices or int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    moe_layers = sum(mcfg.is_moe_layer(i) for i in range(mcfg.num_layers))
+    metrics = TrainingMetrics(
+        run_dir=cfg.run_dir,
+        tokens_per_step=cfg.data.global_batch_size * cfg.data.seq_length,
+        flops_per_step=train_flops_per_step(mcfg, cfg.data.seq_length, cfg.data.global_batch_size),
+        log_every_n_steps=cfg.logging.log_every_n_steps,
+        metrics_file=cfg.logging.metrics_file,
+        moe_layers=mcfg.num_layers if (moe_layers and cfg.logging.moe_metrics) else 0,
+        num_experts=(mcfg.num_moe_experts or 0) if cfg.logging.moe_metrics else 0,
+        loss_curve_png=cfg.logging.loss_curve_png,
+    )
+    plugins = []
+    if cfg.trainer.precision not in ("32", "32-true", 32):
+        plugins.append(nl.MegatronMixedPrecision(precision=cfg.trainer.precision))
+    trainer = nl.Trainer(
+        accelerator="cpu" if cpu else "gpu",
+        devices=devices,
+        num_nodes=cfg.trainer.num_nodes,
+        max_steps=cfg.trainer.max_steps,
+        val_check_interval=cfg.trainer.val_check_interval,
+        limit_val_batches=cfg.trainer.limit_val_batches,
+        log_every_n_steps=cfg.trainer.log_every_n_steps,
+        num_sanity_val_steps=0,
+        enable_progress_bar=False,
+        use_distributed_sampler=False,
+        strategy=strategy(cfg, cpu),
+        plugins=plugins,
+        callbacks=[metrics],
+        deterministic=cfg.trainer.deterministic,
+    )
+    logger = nl.NeMoLogger(
+        explicit_log_dir=cfg.run_dir,
+        use_datetime_version=False,
+        ckpt=checkpointing(cfg),
+        tensorboard=TensorBoardLogger(save_dir=cfg.run_dir, name="tensorboard", version="") if cfg.logging.tensorboard else None,
+    )
+    resume = nl.AutoResume(resume_if_exists=cfg.checkpoint.resume, resume_ignore_no_checkpoint=True)
+    llm.train(model=model, data=data, trainer=trainer, log=logger, resume=resume, optim=optim, tokenizer="data")
+    return cfg.run_dir
