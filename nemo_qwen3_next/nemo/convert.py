@@ -323,8 +323,12 @@ def hf_to_dist_checkpoint(hf_dir: str, weights_dir: str, dtype: Optional[torch.d
 
 
 def _hf_dtype(hf_dir: str) -> torch.dtype:
-    with open(os.path.join(hf_dir, "config.json")) as f:
-        name = json.load(f).get("torch_dtype") or "bfloat16"
+    path = os.path.join(hf_dir, "config.json")
+    if not os.path.exists(path):
+        raise ConversionError(f"{hf_dir}: no config.json; the input must be a Hugging Face model directory")
+    with open(path) as f:
+        hf = json.load(f)
+    name = hf.get("torch_dtype") or hf.get("dtype") or "bfloat16"  # transformers >= 4.56 writes "dtype"
     if name not in DTYPES:
         raise ConversionError(f"config.json torch_dtype = {name!r}; pass dtype bf16 or fp32 explicitly")
     return DTYPES[name]

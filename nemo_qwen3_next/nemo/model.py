@@ -9,6 +9,8 @@ checkpoint directory only (no hub access).
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Callable, Optional, Tuple
 
@@ -30,29 +32,45 @@ class Qwen3NextModel(GPTModel):
 
 
 # ---------------------------------------------------------------------- checkpoint context/
-def hf_tokenizer(hf_dir: str):
-    """NeMo `AutoTokenizer` over the HF tokenizer files in `hf_dir`, or None when there are none."""
-    from .convert import TOKENIZER_FILES
-
-    if not any(os.path.exists(os.path.join(hf_dir, f)) for f in TOKENIZER_FILES[:6]):
-        return None
+def hf_tokenizer(tokenizer_dir: str):
+    """NeMo `AutoTokenizer` over the HF tokenizer files in `tokenizer_dir` (local files only)."""
     from nemo.collections.common.tokenizers.huggingface.auto_tokenizer import AutoTokenizer
 
-    return AutoTokenizer(os.path.abspath(hf_dir), use_fast=True, trust_remote_code=False)
+    return AutoTokenizer(os.path.abspath(tokenizer_dir), use_fast=True, trust_remote_code=False)
+
+
+def copy_tokenizer_files(src: str, dst: str) -> bool:
+    """Copy the HF tokenizer files (only those: never weights) of `src` into `dst`; False if none."""
+    from .convert import TOKENIZER_FILES
+
+    names = [f for f in TOKENIZER_FILES if os.path.exists(os.path.join(src, f))]
+    if not any(f in names for f in TOKENIZER_FILES[:6]):
+        return False
+    os.makedirs(dst, exist_ok=True)
+    for f in names:
+        shutil.copy(os.path.join(src, f), os.path.join(dst, f))
+    return True
 
 
 def write_context(config: Qwen3NextConfig, hf_dir: str, context_dir: str) -> None:
-    """NeMo's `context/` (serialised model config + tokenizer), as `ModelConnector.nemo_save` writes it."""
+    """NeMo's `context/` (serialised model config + tokenizer), as `ModelConnector.nemo_save` writes it.
+
+    The tokenizer files are staged in a `nemo_tokenizer` folder first, because NeMo copies the
+    tokenizer's whole source directory into `context/` (for a HF directory: the weights too).
+    """
     from nemo.lightning import MegatronStrategy, Trainer
     from nemo.lightning.io.pl import TrainerContext
 
     from .cpu import apply as apply_cpu
 
     apply_cpu()
-    model = Qwen3NextModel(from_core(config), tokenizer=hf_tokenizer(hf_dir))
-    trainer = Trainer(devices=1, accelerator="cpu",
-                      strategy=MegatronStrategy(ckpt_save_optimizer=False, always_save_context=True))
-    TrainerContext(model=model, trainer=trainer, extra={}).io_dump(Path(context_dir), yaml_attrs=["model"])
+    with tempfile.TemporaryDirectory() as tmp:
+        staged = os.path.join(tmp, "nemo_tokenizer")
+        tokenizer = hf_tokenizer(staged) if copy_tokenizer_files(hf_dir, staged) else None
+        model = Qwen3NextModel(from_core(config), tokenizer=tokenizer)
+        trainer = Trainer(devices=1, accelerator="cpu",
+                          strategy=MegatronStrategy(ckpt_save_optimizer=False, always_save_context=True))
+        TrainerContext(model=model, trainer=trainer, extra={}).io_dump(Path(context_dir), yaml_attrs=["model"])
 
 
 def read_context(context_dir: str) -> Tuple[Qwen3NextNeMoConfig, Optional[str]]:
@@ -117,7 +135,11 @@ class HFQwen3NextImporter(io.ModelConnector["AutoModelForCausalLM", Qwen3NextMod
 
     @property
     def tokenizer(self):
-        return hf_tokenizer(str(self))
+        with tempfile.TemporaryDirectory() as tmp:
+            staged = os.path.join(tmp, "nemo_tokenizer")
+            if not copy_tokenizer_files(str(self), staged):
+                return None
+            return hf_tokenizer(staged)
 
 
 @io.model_exporter(Qwen3NextModel, "hf")

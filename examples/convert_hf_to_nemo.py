@@ -1,0 +1,40 @@
+#!/usr/bin/env python3
+"""Convert a Hugging Face Qwen3-Next directory into a NeMo 2 checkpoint (streamed, validated, atomic).
+
+    python examples/convert_hf_to_nemo.py --input HF_DIR --output NEMO_DIR [--dtype bf16|fp32] [--overwrite]
+
+The result (`NEMO_DIR/weights` = Megatron distributed checkpoint, `NEMO_DIR/context`) loads at any
+TP/PP/EP. See docs/conversion.md.
+"""
+
+import argparse
+import os
+import sys
+
+os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--input", required=True, help="HF directory: config.json + *.safetensors (+ tokenizer files)")
+    p.add_argument("--output", required=True, help="NeMo checkpoint directory to create")
+    p.add_argument("--dtype", choices=["bf16", "fp32"], default=None,
+                   help="parameter dtype (default: the checkpoint's torch_dtype)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    p.add_argument("--no-progress", action="store_true")
+    a = p.parse_args(argv)
+
+    from nemo_qwen3_next.nemo.convert import ConversionError, convert_hf_to_nemo
+
+    try:
+        report = convert_hf_to_nemo(a.input, a.output, dtype=a.dtype, overwrite=a.overwrite,
+                                    progress=not a.no_progress)
+    except ConversionError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
