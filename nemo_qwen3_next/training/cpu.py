@@ -1,8 +1,8 @@
 """Everything the NeMo 2 trainer and megatron-core 0.15.3 need to train on a machine without CUDA.
 
 `apply()` is the only entry point; it is a no-op when CUDA is available, except for
-`fix_rank0_timer_allgather`, which fixes a megatron-core 0.15.3 hang that GPUs hit too and is
-therefore applied everywhere. Each workaround is one named function that states what it fixes
+`fix_rank0_timer_allgather` (a megatron-core 0.15.3 hang that GPUs hit too) and
+`stub_missing_resiliency_ext` (an optional NeMo dependency), which are applied everywhere. Each workaround is one named function that states what it fixes
 (measured on torch 2.13 CPU, NeMo 2.7.3, megatron-core 0.15.3; see shared/CPU_NOTES.md).
 
 Model-level CPU patches (current device, `te_general_gemm`) live in `nemo_qwen3_next.compat`
@@ -90,6 +90,30 @@ def stub_cuda_streams_and_memory_stats() -> None:
     torch.cuda.empty_cache = lambda: None
 
 
+def cpu_clip_grad_by_total_norm() -> None:
+    """megatron's `clip_grad_by_total_norm_fp32` asserts ``grad.type() == 'torch.cuda.FloatTensor'``
+    (so ``clip_grad > 0`` fails on CPU). Same math, with the assert on dtype instead of device."""
+    from megatron.core.optimizer import clip_grads, optimizer
+    from megatron.core.utils import to_local_if_dtensor
+
+    def clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decoupled_grad=False):
+        if isinstance(parameters, torch.Tensor):
+            parameters = [parameters]
+        attr = "decoupled_grad" if use_decoupled_grad else "grad"
+        grads = []
+        for param in parameters:
+            grad = getattr(param, attr, None)
+            if grad is not None:
+                assert grad.dtype in (torch.float32, torch.bfloat16), grad.dtype
+                grads.append(to_local_if_dtensor(grad).detach())
+        clip_coeff = max_norm / (total_norm + 1.0e-6)
+        if clip_coeff < 1.0:
+            torch._foreach_mul_(grads, clip_coeff)
+
+    clip_grads.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_fp32
+    optimizer.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_fp32
+
+
 def seed_megatron_rng_on_cpu() -> None:
     """NeMo seeds Megatron's tensor-parallel RNG tracker only when GPUs exist; without it the
     model's ``get_cuda_rng_tracker().fork()`` fails. Seed it (CPU generators) right after NeMo
@@ -134,12 +158,35 @@ def fix_rank0_timer_allgather() -> None:
     timers.Timers.get_all_timers_string = get_all_timers_string
 
 
-def apply() -> bool:
+def stub_missing_resiliency_ext() -> None:
+    """NeMo's `NeMoLogger` isinstance-checks every checkpoint callback against
+    `nvidia_resiliency_ext`'s `LocalCheckpointCallback`; when that optional package is absent the
+    check itself raises `UnavailableError`. Give it a class nothing is an instance of. Not CPU
+    specific: applied wherever the package is missing."""
+    from nemo.lightning import nemo_logger
+
+    if getattr(nemo_logger, "HAVE_RES", True):
+        return
+
+    class _NoLocalCheckpointCallback:
+        pass
+
+    class _Namespace:
+        LocalCheckpointCallback = _NoLocalCheckpointCallback
+
+    nemo_logger.lcp = _Namespace()
+
+
+def apply(force_cpu: bool = False) -> bool:
     """Apply the trainer workarounds; the CPU ones only when CUDA is unavailable. Idempotent.
     Returns True when the CPU workarounds are active."""
     global _APPLIED
     fix_rank0_timer_allgather()
+    stub_missing_resiliency_ext()
     if torch.cuda.is_available():
+        if force_cpu:
+            raise RuntimeError("trainer.accelerator=cpu on a machine with CUDA is not supported; "
+                               "hide the GPUs with CUDA_VISIBLE_DEVICES= instead.")
         return False
     if _APPLIED:
         return True
@@ -148,6 +195,7 @@ def apply() -> bool:
     apply_cpu_compat()
     treat_cuda_as_cpu()
     stub_cuda_streams_and_memory_stats()
+    cpu_clip_grad_by_total_norm()
     seed_megatron_rng_on_cpu()
     _APPLIED = True
     return True

@@ -152,10 +152,7 @@ def run(cfg: PretrainConfig) -> str:
     from . import cpu as cpu_workarounds
 
     cpu = on_cpu(cfg)
-    if cpu:
-        cpu_workarounds.apply()
-    else:
-        cpu_workarounds.fix_rank0_timer_allgather()
+    cpu_workarounds.apply(force_cpu=cpu)
     mcfg = model_config(cfg, cpu)
 
     import lightning.pytorch as pl
@@ -207,13 +204,15 @@ def run(cfg: PretrainConfig) -> str:
         use_distributed_sampler=False,
         strategy=strategy(cfg, cpu),
         plugins=plugins,
-        callbacks=[metrics],
+        # The checkpoint callback goes in directly: NeMoLogger(ckpt=...) probes an optional
+        # nvidia_resiliency_ext class that is not installed everywhere.
+        callbacks=[metrics, checkpointing(cfg)],
         deterministic=cfg.trainer.deterministic,
     )
     logger = nl.NeMoLogger(
         explicit_log_dir=cfg.run_dir,
         use_datetime_version=False,
-        ckpt=checkpointing(cfg),
+        ckpt=None,
         tensorboard=TensorBoardLogger(save_dir=cfg.run_dir, name="tensorboard", version="") if cfg.logging.tensorboard else None,
     )
     resume = nl.AutoResume(resume_if_exists=cfg.checkpoint.resume, resume_ignore_no_checkpoint=True)

@@ -21,10 +21,26 @@ class ByteTokenizer(TokenizerSpec):
         if vocab_size < 258:
             raise ValueError(f"vocab_size = {vocab_size}: a byte tokenizer needs at least 258 (256 bytes + eod + pad).")
         self.vocab_size = vocab_size
-        self.eod = self.eos_id = self.eos = EOD_ID
-        self.pad = self.pad_id = PAD_ID
+        self.eos_id = EOD_ID
+        self.pad_id = PAD_ID
         self.bos_id = None
         self.unk_id = None
+
+    @property
+    def eod(self) -> int:
+        return EOD_ID
+
+    @property
+    def eos(self) -> int:
+        return EOD_ID
+
+    @property
+    def pad(self) -> int:
+        return PAD_ID
+
+    @property
+    def bos(self):
+        return None
 
     # bytes <-> ids
     def text_to_ids(self, text: str) -> List[int]:
