@@ -214,17 +214,18 @@ class GatedDeltaNet(MegatronModule):
         proj = proj.view(b, -1, Hk, G)
         s = proj.shape[1]
 
-        # per key head [q k v] are adjacent: one copy gives the conv its [b, s, Hk*(2dk + r*dv)] input
-        qkv = proj[..., : self.conv_group].reshape(b, s, Hk * self.conv_group)
+        # One split node each (its backward is one cat), never several slices of one tensor: a slice's
+        # backward materialises a zero tensor of the full input size per slice.
+        q, k, v, z, beta, a = torch.split(proj, self.group_split, dim=-1)
+        qkv = torch.cat([q, k, v], dim=-1).view(b, s, Hk * self.conv_group)  # the one copy before the conv
         qkv, _ = causal_conv1d(
             qkv, self.conv1d.weight.squeeze(1), activation="silu", cu_seqlens=cu_seqlens, backend=self.backend
         )
-        qkv = qkv.view(b, s, Hk, self.conv_group)
-        q, k, v = qkv[..., :dk], qkv[..., dk : 2 * dk], qkv[..., 2 * dk :].reshape(b, s, Hv, dv)
-        z0 = self.conv_group
-        z = proj[..., z0 : z0 + r * dv].reshape(b, s, Hv, dv)  # a strided view
-        beta = proj[..., z0 + r * dv : z0 + r * dv + r].reshape(b, s, Hv)  # logits
-        a = proj[..., z0 + r * dv + r :].reshape(b, s, Hv)  # raw gate input
+        q, k, v = torch.split(qkv.view(b, s, Hk, self.conv_group), [dk, dk, r * dv], dim=-1)
+        v = v.reshape(b, s, Hv, dv)  # a view
+        z = z.reshape(b, s, Hv, dv)  # a strided view, read in place by the fused norm
+        beta = beta.reshape(b, s, Hv)  # logits
+        a = a.reshape(b, s, Hv)  # raw gate input
 
         o, _ = gated_delta_rule(
             q,

@@ -136,7 +136,9 @@ def gated_delta_rule(
                 stacklevel=2,
             )
 
-    fused = use_fla and _fla_fused_features()
+    # fla 0.6's fused_recurrent with the in-kernel gate disagreed with its chunk kernel on H200
+    # (rel. err 0.26), so decoding keeps the gate/beta in torch and the expanded heads.
+    fused = use_fla and not use_recurrent and _fla_fused_features()
     if not fused:  # gate and beta in torch, exactly as the layer has always computed them
         if A_log is not None:
             g = gdn_gate(g, A_log, dt_bias)
