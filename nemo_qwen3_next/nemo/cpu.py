@@ -19,7 +19,23 @@ def megatron_core_cpu() -> None:
     apply_cpu_compat()
 
 
-WORKAROUNDS = [megatron_core_cpu]
+def dist_checkpoint_save_sync_copy() -> None:
+    """Megatron's torch_dist save stages tensors with ``non_blocking=True`` and then calls
+    `torch.cuda.synchronize()` (AssertionError without CUDA): stage with a blocking copy instead."""
+    from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
+
+    preload = FileSystemWriterAsync.preload_tensors
+    if getattr(preload, "_cpu_patched", False):
+        return
+
+    def preload_tensors(write_buckets, non_blocking=True):
+        return preload(write_buckets, non_blocking=False)
+
+    preload_tensors._cpu_patched = True
+    FileSystemWriterAsync.preload_tensors = staticmethod(preload_tensors)
+
+
+WORKAROUNDS = [megatron_core_cpu, dist_checkpoint_save_sync_copy]
 
 
 def apply() -> bool:

@@ -151,6 +151,15 @@ class HFQwen3NextExporter(io.ModelConnector[Qwen3NextModel, "AutoModelForCausalL
 
         return AutoModelForCausalLM.from_config(self.config, torch_dtype=dtype)
 
+    def nemo_load(self, path, trainer=None, cpu=True):
+        """Materialise the model with a trainer: only for ModelOpt (quantised) checkpoints.
+
+        `llm.export_ckpt(target="hf")` first calls this to ask whether the checkpoint is a ModelOpt
+        one; a RuntimeError sends it down the streaming route instead of loading 80B parameters."""
+        if not (Path(path) / "weights" / "modelopt_state").exists():
+            raise RuntimeError(f"{path} is not a ModelOpt checkpoint; Qwen3-Next exports stream (see convert.py)")
+        return super().nemo_load(path, trainer=trainer, cpu=cpu)
+
     def apply(self, output_path: Path, **kwargs) -> Path:
         from .convert import convert_nemo_to_hf
 
