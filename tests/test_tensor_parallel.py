@@ -1,0 +1,44 @@
+"""TP=2 and TP=2+SP (two CPU processes, gloo) give the logits and loss of TP=1 for the same weights."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nemo_qwen3_next import load_hf
+from nemo_qwen3_next.testing import random_hf_model, tiny_hf_config
+
+WORKER = os.path.join(os.path.dirname(__file__), "tp_worker.py")
+
+
+def _tp1():
+    hf = random_hf_model(tiny_hf_config(), seed=1)
+    model = load_hf(hf, linear_attention_chunk_size=16)
+    torch.manual_seed(3)
+    ids = torch.randint(0, 256, (2, 38))
+    logits = model(ids, torch.arange(38).unsqueeze(0).expand_as(ids), None)
+    loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+    loss.backward()
+    return logits.detach(), loss.detach(), dict(model.named_parameters())
+
+
+@pytest.mark.parametrize("sp", [False, True], ids=["tp2", "tp2_sp"])
+def test_tp2_matches_tp1(tmp_path, sp):
+    out = tmp_path / "tp.pt"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
+           WORKER, str(out)] + (["--sp"] if sp else [])
+    env = dict(os.environ, TORCHDYNAMO_DISABLE="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    got = torch.load(out)
+    logits, loss, params = _tp1()
+    assert (got["logits"] - logits).abs().max().item() <= 1e-4
+    assert abs(got["loss"].item() - loss.item()) <= 1e-5
+    assert len(got["grads"]) == 5
+    for name, grad in got["grads"].items():  # replicated params: the full gradient on every rank
+        ref = params[name].grad
+        rel = ((grad - ref).norm() / ref.norm()).item()
+        assert rel <= 1e-4, (name, rel)
