@@ -11,7 +11,9 @@ Rerunning the same command resumes from the latest checkpoint in `run_dir`. A ba
 before anything is built, with one line on stderr naming the field (exit code 2).
 """
 
+import difflib
 import os
+import re
 import sys
 
 CONF_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "conf")
@@ -41,11 +43,29 @@ def _check_overrides(argv) -> None:
         with initialize_config_dir(config_dir=os.path.abspath(CONF_DIR), version_base=None):
             compose(config_name=config_name, overrides=overrides)
     except (HydraException, OmegaConfBaseException) as e:
-        first = " ".join(str(e).split("\n")[0:1]).strip()
-        key = next((line.split("full_key:")[1].strip() for line in str(e).splitlines() if "full_key:" in line), None)
-        if "Could not override" in str(e) and key:
-            _fail(f"{key} is not a config field (check the spelling; add new keys with +{key}=...)")
-        _fail(first or type(e).__name__)
+        m = re.match(r"Could not override '([^']+)'", str(e))
+        if m:
+            _fail(_unknown_key_message(config_name, m.group(1)))
+        _fail(" ".join(str(e).split()) or type(e).__name__)
+
+
+def _unknown_key_message(config_name: str, key: str) -> str:
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    parent, _, leaf = key.rpartition(".")
+    hint = f"add a new key with +{key}=..."
+    try:
+        with initialize_config_dir(config_dir=os.path.abspath(CONF_DIR), version_base=None):
+            base = compose(config_name=config_name)
+        node = OmegaConf.select(base, parent) if parent else base
+        if node is not None:
+            close = difflib.get_close_matches(leaf, list(node.keys()), n=1)
+            if close:
+                hint = f"did you mean {parent + '.' if parent else ''}{close[0]}?"
+    except Exception:
+        pass
+    return f"{key} is not a config field; {hint}"
 
 
 if __name__ == "__main__":  # the checkpoint writer spawns processes that re-import this file

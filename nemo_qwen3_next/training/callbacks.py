@@ -196,3 +196,16 @@ def plot_loss_curve(metrics_path: str, png_path: str) -> Optional[str]:
     plt.close(fig)
     os.replace(tmp, png_path)
     return png_path
+
+
+class SaveInitialCheckpoint(Callback):
+    """Write the weights as they are before the first step (a distributed checkpoint, so a run
+    with another parallel layout can start from exactly the same weights via
+    ``checkpoint.init_from``)."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def on_train_start(self, trainer, pl_module):
+        if trainer.global_step == 0 and not os.path.exists(self.path):
+            trainer.save_checkpoint(self.path, weights_only=True)

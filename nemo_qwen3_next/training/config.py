@@ -80,6 +80,8 @@ class CheckpointConfig:
     async_save: bool = False  # True on GPU; the CPU path fails at teardown with it
     resume: bool = True  # rerunning the same command resumes from the latest checkpoint
     save_optim_on_train_end: bool = True
+    save_initial: bool = False  # also write the initial weights to <run_dir>/init_checkpoint
+    init_from: Optional[str] = None  # start from these weights (a checkpoint dir); optimizer starts fresh
 
 
 @dataclass
@@ -158,13 +160,6 @@ def validate(raw: Dict[str, Any], world_size: int) -> PretrainConfig:
             raise ConfigError(f"{name}: {e}") from None
 
     model = dict(raw.get("model") or {})
-    known = _model_field_names()
-    for key in model:
-        if key in _MODEL_FIELDS_ELSEWHERE:
-            raise ConfigError(f"model.{key} is set by {_MODEL_FIELDS_ELSEWHERE[key]}.{key}; move it there.")
-        if key not in known:
-            raise _unknown("model", key, known)
-
     cfg = PretrainConfig(
         name=raw.get("name", PretrainConfig.name),
         run_dir=raw.get("run_dir", PretrainConfig.run_dir),
@@ -175,7 +170,17 @@ def validate(raw: Dict[str, Any], world_size: int) -> PretrainConfig:
     )
     _check_parallel_layout(cfg, world_size)
     _check_batch(cfg, world_size)
+    _check_model_keys(model)  # imports NeMo (slow), so after the cheap checks
     return cfg
+
+
+def _check_model_keys(model: Dict[str, Any]) -> None:
+    known = _model_field_names()
+    for key in model:
+        if key in _MODEL_FIELDS_ELSEWHERE:
+            raise ConfigError(f"model.{key} is set by {_MODEL_FIELDS_ELSEWHERE[key]}.{key}; move it there.")
+        if key not in known:
+            raise _unknown("model", key, known)
 
 
 def _check_parallel_layout(cfg: PretrainConfig, world_size: int) -> None:

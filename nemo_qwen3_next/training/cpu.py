@@ -114,6 +114,15 @@ def cpu_clip_grad_by_total_norm() -> None:
     optimizer.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_fp32
 
 
+def cpu_checkpoint_load() -> None:
+    """NeMo's checkpoint loader asserts ``torch.cuda.is_initialized()`` to move loaded tensors to
+    the current GPU (`nemo.lightning.io.pl._fix_tensors_device`), so resuming fails on CPU. On CPU
+    the loaded tensors are already where the model is: keep them."""
+    from nemo.lightning.io import pl as nemo_io_pl
+
+    nemo_io_pl._fix_tensors_device = lambda ckpt: ckpt
+
+
 def seed_megatron_rng_on_cpu() -> None:
     """NeMo seeds Megatron's tensor-parallel RNG tracker only when GPUs exist; without it the
     model's ``get_cuda_rng_tracker().fork()`` fails. Seed it (CPU generators) right after NeMo
@@ -196,6 +205,7 @@ def apply(force_cpu: bool = False) -> bool:
     treat_cuda_as_cpu()
     stub_cuda_streams_and_memory_stats()
     cpu_clip_grad_by_total_norm()
+    cpu_checkpoint_load()
     seed_megatron_rng_on_cpu()
     _APPLIED = True
     return True

@@ -188,6 +188,11 @@ def run(cfg: PretrainConfig) -> str:
         num_experts=(mcfg.num_moe_experts or 0) if cfg.logging.moe_metrics else 0,
         loss_curve_png=cfg.logging.loss_curve_png,
     )
+    callbacks = [metrics, checkpointing(cfg)]
+    if cfg.checkpoint.save_initial:
+        from .callbacks import SaveInitialCheckpoint
+
+        callbacks.append(SaveInitialCheckpoint(os.path.join(cfg.run_dir, "init_checkpoint")))
     plugins = []
     if cfg.trainer.precision not in ("32", "32-true", 32):
         plugins.append(nl.MegatronMixedPrecision(precision=cfg.trainer.precision))
@@ -206,15 +211,22 @@ def run(cfg: PretrainConfig) -> str:
         plugins=plugins,
         # The checkpoint callback goes in directly: NeMoLogger(ckpt=...) probes an optional
         # nvidia_resiliency_ext class that is not installed everywhere.
-        callbacks=[metrics, checkpointing(cfg)],
+        callbacks=callbacks,
         deterministic=cfg.trainer.deterministic,
     )
     logger = nl.NeMoLogger(
         explicit_log_dir=cfg.run_dir,
         use_datetime_version=False,
         ckpt=None,
-        tensorboard=TensorBoardLogger(save_dir=cfg.run_dir, name="tensorboard", version="") if cfg.logging.tensorboard else None,
+        # NeMoLogger re-roots the logger under run_dir: events land in <run_dir>/tensorboard.
+        tensorboard=TensorBoardLogger(save_dir="tensorboard", name="", version="") if cfg.logging.tensorboard else None,
     )
-    resume = nl.AutoResume(resume_if_exists=cfg.checkpoint.resume, resume_ignore_no_checkpoint=True)
+    restore = None
+    if cfg.checkpoint.init_from:
+        restore = nl.RestoreConfig(path=os.path.abspath(cfg.checkpoint.init_from), load_model_state=True,
+                                   load_optim_state=False, load_artifacts=False)
+    # A checkpoint of this run (rerun after a stop) wins over init_from.
+    resume = nl.AutoResume(resume_if_exists=cfg.checkpoint.resume, resume_ignore_no_checkpoint=True,
+                           restore_config=restore)
     llm.train(model=model, data=data, trainer=trainer, log=logger, resume=resume, optim=optim, tokenizer="data")
     return cfg.run_dir
