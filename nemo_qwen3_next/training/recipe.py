@@ -149,10 +149,10 @@ def checkpointing(cfg: PretrainConfig):
 
 def run(cfg: PretrainConfig) -> str:
     """Train; returns the run directory. Assumes `cfg` came from `config.validate`."""
-    from . import cpu as cpu_workarounds
+    from . import fixes
 
     cpu = on_cpu(cfg)
-    cpu_workarounds.apply(force_cpu=cpu)
+    fixes.apply(force_cpu=cpu)
     mcfg = model_config(cfg, cpu)
 
     import lightning.pytorch as pl
