@@ -345,12 +345,12 @@ def _tiny(hidden, layers, heads, groups, head_dim, lk, lv, dk, dv, experts, topk
 
 def qwen3_next_tiny_5m(**overrides) -> Qwen3NextConfig:
     """~5M parameters (byte-level vocab): trains on one CPU core in minutes."""
-    return _tiny(128, 4, 4, 2, 32, 2, 4, 32, 32, 8, 2, 128, 384, 512, **overrides)
+    return _tiny(192, 4, 4, 2, 48, 2, 4, 48, 48, 8, 2, 192, 576, 512, **overrides)
 
 
 def qwen3_next_tiny_10m(**overrides) -> Qwen3NextConfig:
     """~10M parameters."""
-    return _tiny(192, 6, 4, 2, 48, 2, 4, 48, 48, 8, 2, 192, 576, 512, **overrides)
+    return _tiny(192, 8, 4, 2, 48, 2, 4, 48, 48, 8, 2, 192, 576, 512, **overrides)
 
 
 def qwen3_next_tiny_50m(**overrides) -> Qwen3NextConfig:
