@@ -259,8 +259,9 @@ class Qwen3NextConfig(TransformerConfig):
             moe_aux_loss_coeff=float(hf.get("router_aux_loss_coef", 1e-3)) if num_experts else 0.0,
             init_method_std=hf.get("initializer_range", 0.02),
         )
-        if hf.get("num_nextn_predict_layers"):
-            kw["mtp_num_layers"] = hf["num_nextn_predict_layers"]
+        # `num_nextn_predict_layers` (MTP) is not turned on here: our decoder has no MTP block yet,
+        # and Megatron changes the loss when `mtp_num_layers` is set. MTP tensors are listed and
+        # skipped (`hf_mapping.skipped_hf_names`).
         kw.update(overrides)
         return cls(**kw)
 
@@ -301,7 +302,6 @@ class Qwen3NextConfig(TransformerConfig):
             "norm_topk_prob": self.moe_norm_topk_prob,
             "router_aux_loss_coef": self.moe_aux_loss_coeff if moe else 0.0,
             "mlp_only_layers": [i for i in self.mlp_only_layers] if moe else [],
-            "num_nextn_predict_layers": self.mtp_num_layers or 0,
         }
 
     def replace(self, **changes) -> "Qwen3NextConfig":
@@ -312,7 +312,9 @@ class Qwen3NextConfig(TransformerConfig):
 # ---------------------------------------------------------------------- presets
 def qwen3_next_80b_a3b(**overrides) -> Qwen3NextConfig:
     """Qwen3-Next-80B-A3B as published (48 layers, 3:1 GDN:attention, 512 experts top-10)."""
-    kw = dict(bf16=True, params_dtype=__import__("torch").bfloat16, mtp_num_layers=None)
+    import torch
+
+    kw = dict(bf16=True, params_dtype=torch.bfloat16)
     kw.update(overrides)
     return Qwen3NextConfig(**kw)
 
