@@ -11,10 +11,12 @@ Rerunning the same command resumes from the latest checkpoint in `run_dir`. A ba
 before anything is built, with one line on stderr naming the field (exit code 2).
 """
 
+import contextlib
 import difflib
 import os
 import re
 import sys
+import tempfile
 
 CONF_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "conf")
 
@@ -68,6 +70,55 @@ def _unknown_key_message(config_name: str, key: str) -> str:
     return f"{key} is not a config field; {hint}"
 
 
+class _BadConfig(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def _hold_stderr():
+    """Hold back what goes to stderr (fd 2) meanwhile; replay it only if the block succeeds."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as buf:
+        os.dup2(buf.fileno(), 2)
+        ok = False
+        try:
+            yield
+            ok = True
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            if ok:
+                buf.seek(0)
+                os.write(2, buf.read())
+
+
+def _validate(raw):
+    """The typed config and the recipe module; `_BadConfig` (one line) if anything is wrong.
+    Nothing is allocated here: configs are checked and the model config is constructed only."""
+    from nemo_qwen3_next.config import ConfigError
+
+    try:
+        from nemo_qwen3_next.training import config as train_config
+
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if raw.get("dry_run"):  # the layout the config describes, not this process
+            p = raw.get("parallelism") or {}
+            world = (p.get("devices") or 1) * ((raw.get("trainer") or {}).get("num_nodes") or 1)
+        tc = train_config.validate(raw, world)
+        from nemo_qwen3_next.training import recipe
+
+        if not tc.dry_run:
+            if tc.data.paths == "???":
+                raise ConfigError("data.paths is required for this config: give data.paths='[/path/prefix]' "
+                                  "(see docs/pretraining.md)")
+            recipe.model_config(tc, recipe.on_cpu(tc))
+        return tc, recipe
+    except ConfigError as e:
+        raise _BadConfig(str(e)) from None
+
+
 if __name__ == "__main__":  # the checkpoint writer spawns processes that re-import this file
     sys.argv = [("dry_run=true" if a == "--dry-run" else a) for a in sys.argv]
     _check_overrides(sys.argv[1:])
@@ -77,29 +128,17 @@ if __name__ == "__main__":  # the checkpoint writer spawns processes that re-imp
 
     @hydra.main(config_path=CONF_DIR, config_name="qwen3_next_tiny", version_base=None)
     def main(cfg: DictConfig) -> None:
-        from nemo_qwen3_next.config import ConfigError
-        from nemo_qwen3_next.training import config as train_config
-
         raw = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
-        world = int(os.environ.get("WORLD_SIZE", "1"))
         try:
-            if raw.get("dry_run"):
-                p = raw.get("parallelism") or {}
-                world = (p.get("devices") or 1) * ((raw.get("trainer") or {}).get("num_nodes") or 1)
-            tc = train_config.validate(raw, world)
-            from nemo_qwen3_next.training import recipe
-
-            if tc.dry_run:
-                from nemo_qwen3_next.training.dry_run import report
-
-                print(report(recipe.model_config(tc, cpu=True), tc), flush=True)
-                return
-            if tc.data.paths == "???":
-                raise ConfigError("data.paths is required for this config: give data.paths='[/path/prefix]' "
-                                  "(see docs/pretraining.md)")
-            recipe.model_config(tc, recipe.on_cpu(tc))  # validate the model before anything is built
-        except ConfigError as e:
+            with _hold_stderr():  # a bad config prints one line, not the imports' warnings
+                tc, recipe = _validate(raw)
+        except _BadConfig as e:
             _fail(str(e))
+        if tc.dry_run:
+            from nemo_qwen3_next.training.dry_run import report
+
+            print(report(recipe.model_config(tc, cpu=True), tc), flush=True)
+            return
         recipe.run(tc)
 
     main()

@@ -9,9 +9,10 @@ Per layer (h hidden, s sequence, C GDN chunk):
   scores + weighted values ``2·2·n·d·(s+1)/2`` (each token sees (s+1)/2 keys on average).
 * Gated DeltaNet (Hk key heads, Hv value heads, dims Dk, Dv, conv width W):
   in_proj ``2h(2·Hk·Dk + 2·Hv·Dv + 2·Hv)``, depthwise conv ``2W(2·Hk·Dk + Hv·Dv)``,
-  out_proj ``2·Hv·Dv·h``, and the chunked delta rule per value head: across chunks
-  ``6·Dk·Dv`` (read the state with q and with k, write it with kᵀv), within a chunk
-  ``2·(2·Dk + 2·Dv)·(C+1)/2`` (q·kᵀ and k·kᵀ, then the two products with values, causal).
+  out_proj ``2·Hv·Dv·h``, and the chunked delta rule per value head as the chunk kernel computes
+  it: across chunks ``6·Dk·Dv`` (read the state with q and with the WY keys w, write it with
+  kᵀ·v_new), within a chunk ``2·C·(3·Dk + 2·Dv)`` (k·kᵀ, w = A·k, u = A·v, q·kᵀ, attn·v_new; full
+  C x C products, as the kernel does them; the small triangular solve is not counted).
   Unlike attention this does not grow with s: that is the point of the layer.
 * MoE: router ``2hE``, top-k routed experts ``k·6·h·f`` (gated: fc1 h→2f, fc2 f→h), shared
   expert ``6·h·f_s`` plus its gate ``2h``; dense MLP ``6·h·F``.
@@ -45,7 +46,7 @@ def forward_flops_per_token(config, seq_length: int) -> Dict[str, float]:
         elif kind == LINEAR:
             proj = 2 * h * (2 * hk * dk + 2 * hv * dv + 2 * hv) + 2 * hv * dv * h
             conv = 2 * w * (2 * hk * dk + hv * dv)
-            rule = hv * (6 * dk * dv + 2 * (2 * dk + 2 * dv) * (chunk + 1) / 2)
+            rule = hv * (6 * dk * dv + 2 * chunk * (3 * dk + 2 * dv))
             out["gdn"] += proj + conv + rule
         if c.is_moe_layer(i):
             e, k, f = c.num_moe_experts, c.moe_router_topk, c.moe_ffn_hidden_size
