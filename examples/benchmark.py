@@ -195,6 +195,8 @@ def mcore_worker(args):
     from megatron.core.transformer import TransformerConfig
     from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
+    # its gated norm is torch.compile'd; the bwd-only timing re-runs backward (retain_graph)
+    torch._functorch.config.donated_buffer = False
     dist.init_process_group("nccl", init_method="tcp://127.0.0.1:29517", rank=0, world_size=1)
     parallel_state.initialize_model_parallel()
     model_parallel_cuda_manual_seed(0)

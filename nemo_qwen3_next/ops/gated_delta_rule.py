@@ -136,8 +136,8 @@ def gated_delta_rule(
                 stacklevel=2,
             )
 
-    # fla 0.6's fused_recurrent with the in-kernel gate disagreed with its chunk kernel on H200
-    # (rel. err 0.26), so decoding keeps the gate/beta in torch and the expanded heads.
+    # fused_recurrent (decoding) keeps the gate/beta in torch and the expanded heads: the path that
+    # was checked against the chunk kernel on the GPU machine.
     fused = use_fla and not use_recurrent and _fla_fused_features()
     if not fused:  # gate and beta in torch, exactly as the layer has always computed them
         if A_log is not None:
@@ -180,6 +180,8 @@ def gated_delta_rule(
         k = k.repeat_interleave(Hv // Hk, dim=2)
     if initial_state is not None:
         initial_state = initial_state.to(torch.float32)
+    if use_recurrent:  # fused_recurrent has no input guard: it reads strided views as if contiguous
+        q, k, v, g, beta = (t.contiguous() for t in (q, k, v, g, beta))
     fn = recurrent_fn if use_recurrent else chunk_fn
     o, final_state = fn(
         q,
