@@ -29,7 +29,7 @@ def _one_line_error(proc, run_dir):
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, proc.stderr[-3000:]
     assert lines[0].startswith("pretrain.py: config error: ")
-    assert not (run_dir / "checkpoints").exists() and not (run_dir / "metrics.jsonl").exists()
+    assert not (run_dir / "checkpoints").exists() and not (run_dir / "metrics").exists()
     return lines[0]
 
 

@@ -2,7 +2,8 @@
 
 `TrainingMetrics` owns one record per optimizer step (loss, lr, tokens/s, TFLOP/s per GPU, MoE
 load), prints a progress line, writes TensorBoard scalars and appends the record to
-``<run_dir>/metrics.jsonl`` (the loss curve a resumed run continues). Every rank runs the
+``<run_dir>/metrics/metrics.jsonl`` (the loss curve a resumed run continues; a directory, because
+NeMo moves the files at the top of a run directory into ``run_N/`` when a run restarts). Every rank runs the
 callback; the few collectives it issues (one broadcast, one all-reduce) are called by all ranks at
 the same steps, never by rank 0 alone.
 """
@@ -77,8 +78,8 @@ class TrainingMetrics(Callback):
     def __init__(self, run_dir: str, tokens_per_step: int, flops_per_step: float, log_every_n_steps: int = 1,
                  metrics_file: str = "metrics.jsonl", moe_layers: int = 0, num_experts: int = 0,
                  loss_curve_png: bool = True):
-        self.run_dir = run_dir
-        self.path = os.path.join(run_dir, metrics_file)
+        self.out_dir = os.path.join(run_dir, "metrics")
+        self.path = os.path.join(self.out_dir, metrics_file)
         self.tokens_per_step = tokens_per_step
         self.flops_per_step = flops_per_step
         self.every = max(1, log_every_n_steps)
@@ -119,7 +120,7 @@ class TrainingMetrics(Callback):
 
     def on_train_end(self, trainer, pl_module):
         if _world()[1] == 0 and self.loss_curve_png:
-            plot_loss_curve(self.path, os.path.join(self.run_dir, "loss_curve.png"))
+            plot_loss_curve(self.path, os.path.join(self.out_dir, "loss_curve.png"))
 
     # ------------------------------------------------------------------ helpers
     @staticmethod
@@ -146,7 +147,7 @@ class TrainingMetrics(Callback):
         return dict(record, loss=t[0].item(), lr=t[1].item())
 
     def _write(self, trainer, record):
-        os.makedirs(self.run_dir, exist_ok=True)
+        os.makedirs(self.out_dir, exist_ok=True)
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         for logger in trainer.loggers:
