@@ -224,3 +224,21 @@ def test_80b_dry_run_counts_and_memory_without_allocating(tmp_path):
     assert "TP=2 PP=4" in out and "EP=8" in out
     # 80B parameters in bf16 are 160 GB; the process stayed far below that (imports included).
     assert max(peak_kib, before) < 4 * 1024 * 1024, peak_kib
+
+
+def test_prepare_data_script_writes_readable_documents(tmp_path):
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    texts = ["first document, with ünïcode", "second\nline two", "third"]
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join('{"body": %s}\n' % __import__("json").dumps(t) for t in texts))
+    out = tmp_path / "out" / "docs_text_document"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "prepare_pretraining_data.py"),
+                           "--input", str(src), "--tokenizer", "byte", "--json-key", "body",
+                           "--output-prefix", str(out), "--workers", "2"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ds = IndexedDataset(str(out))
+    assert len(ds) == 3
+    for i, text in enumerate(texts):
+        ids = ds[i].tolist()
+        assert ids[-1] == 256 and bytes(ids[:-1]).decode("utf-8") == text

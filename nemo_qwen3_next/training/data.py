@@ -19,7 +19,7 @@ import sys
 import sysconfig
 import tempfile
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence
+from typing import Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -46,8 +46,12 @@ def stdlib_documents(stdlib_dir: Optional[str] = None) -> Iterator[str]:
             yield "\n\n".join(parts)
 
 
-def write_indexed_dataset(token_docs: Sequence[Sequence[int]], prefix: str, eod: Optional[int] = None) -> str:
-    """Write documents of token ids as `<prefix>.bin/.idx` (Megatron format), atomically."""
+def write_indexed_dataset(token_docs: Iterable[Sequence[int]], prefix: str, eod: Optional[int] = None,
+                          vocab_size: int = 65535) -> str:
+    """Write documents of token ids as `<prefix>.bin/.idx` (Megatron format), atomically.
+
+    `token_docs` is consumed lazily (a generator streams a corpus of any size); tokens are stored
+    as uint16 when the vocabulary fits, else int32. Returns the prefix."""
     import torch
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
@@ -55,7 +59,8 @@ def write_indexed_dataset(token_docs: Sequence[Sequence[int]], prefix: str, eod:
     os.makedirs(os.path.dirname(prefix), exist_ok=True)
     tmp = tempfile.mkdtemp(dir=os.path.dirname(prefix), prefix=".tmp_")
     tmp_prefix = os.path.join(tmp, "data")
-    builder = IndexedDatasetBuilder(tmp_prefix + ".bin", dtype=np.uint16)
+    dtype = np.uint16 if vocab_size <= 65535 else np.int32
+    builder = IndexedDatasetBuilder(tmp_prefix + ".bin", dtype=dtype)
     for ids in token_docs:
         ids = list(ids) + ([eod] if eod is not None else [])
         builder.add_document(torch.tensor(ids, dtype=torch.int64), [len(ids)])
@@ -88,7 +93,8 @@ def build_embedded_corpus(out_dir: str, tokenizer, max_bytes: int = 8_000_000) -
     if not docs:
         raise RuntimeError(f"found no standard-library sources under {stdlib} to build the embedded corpus; "
                            "set data.paths to an indexed dataset instead.")
-    write_indexed_dataset([tokenizer.text_to_ids(d) for d in docs], prefix, eod=tokenizer.eod)
+    write_indexed_dataset((tokenizer.text_to_ids(d) for d in docs), prefix, eod=tokenizer.eod,
+                          vocab_size=tokenizer.vocab_size)
     return prefix
 
 
@@ -101,7 +107,7 @@ def make_data_module(cfg, tokenizer, seq_length: int, micro_batch_size: int, glo
         paths = [build_embedded_corpus(cfg.cache_dir, tokenizer, cfg.embedded_max_bytes)]
     elif not isinstance(paths, (str, list, dict)):
         paths = _to_container(paths)
-    return PreTrainingDataModule(
+    module = PreTrainingDataModule(
         paths=paths,
         seq_length=seq_length,
         tokenizer=tokenizer,
@@ -116,10 +122,10 @@ def make_data_module(cfg, tokenizer, seq_length: int, micro_batch_size: int, glo
         reset_position_ids=cfg.reset_position_ids,
         reset_attention_mask=cfg.reset_attention_mask,
         eod_mask_loss=cfg.eod_mask_loss,
-        # Without TransformerEngine NeMo would ask for a dense [s, s] mask per sample; our core
-        # attention is causal on its own, so keep the batch small.
-        create_attention_mask=False,
     )
+    # Without TransformerEngine, NeMo's data module and forward step insist on a dense [1, s, s]
+    # causal mask per sample (an assert in gpt_forward_step); our SDPA core attention accepts it.
+    return module
 
 
 def _to_container(x):
