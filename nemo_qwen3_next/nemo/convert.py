@@ -19,6 +19,7 @@ distributed checkpoint with keys ``module.<GPTModel state-dict name>`` (loads at
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -172,23 +173,27 @@ def sharded_layout(model) -> Tuple[dict, Dict[str, List[_Piece]], Dict[str, torc
 
 # ---------------------------------------------------------------------- HF -> NeMo
 def _open_hf(hf_dir: str) -> SafetensorsReader:
+    """The HF weights, after checking every file is present, complete and lists what the index says."""
     from safetensors import safe_open
 
+    index = os.path.join(hf_dir, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            files = sorted({os.path.join(hf_dir, v) for v in json.load(f)["weight_map"].values()})
+    else:
+        files = sorted(glob.glob(os.path.join(hf_dir, "*.safetensors")))
+    for fn in files:
+        if not os.path.exists(fn):
+            raise ConversionError(f"{fn} is listed in model.safetensors.index.json but does not exist")
+        _check_complete(fn)
     try:
         reader = SafetensorsReader(hf_dir)
     except CheckpointError as e:
         raise ConversionError(str(e)) from None
-    except Exception as e:
-        raise ConversionError(f"{hf_dir}: cannot read safetensors index: {e}") from None
-    for fn in sorted(set(reader.index.values())):
-        if not os.path.exists(fn):
-            raise ConversionError(f"{fn} is listed in model.safetensors.index.json but does not exist")
+    for fn in files:
         try:
             with safe_open(fn, "pt") as f:
                 names = set(f.keys())
-                _check_complete(fn, f)
-        except ConversionError:
-            raise
         except Exception as e:
             raise ConversionError(f"{fn} is not a valid safetensors file (truncated or corrupt?): {e}") from None
         listed = {k for k, v in reader.index.items() if v == fn}
@@ -197,17 +202,22 @@ def _open_hf(hf_dir: str) -> SafetensorsReader:
     return reader
 
 
-def _check_complete(fn: str, handle) -> None:
-    """safetensors maps lazily: check the file really holds every byte its header promises."""
+def _check_complete(fn: str) -> None:
+    """The file holds every byte its header promises (a cut-off download fails here, by name)."""
     import struct
 
-    with open(fn, "rb") as f:
-        n = struct.unpack("<Q", f.read(8))[0]
-        header = json.loads(f.read(n))
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
     size = os.path.getsize(fn)
+    try:
+        with open(fn, "rb") as f:
+            n = struct.unpack("<Q", f.read(8))[0]
+            if n > size:
+                raise ValueError("header length exceeds the file size")
+            header = json.loads(f.read(n))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    except Exception as e:
+        raise ConversionError(f"{fn} is not a valid safetensors file (truncated or corrupt?): {e}") from None
     if size < 8 + n + end:
-        raise ConversionError(f"{fn} is truncated: header promises {8 + n + end} bytes, file has {size}; "
+        raise ConversionError(f"{fn} is truncated: its header promises {8 + n + end} bytes, the file has {size}; "
                               f"re-download or re-save it")
 
 
