@@ -70,6 +70,24 @@ def _unknown_key_message(config_name: str, key: str) -> str:
     return f"{key} is not a config field; {hint}"
 
 
+_VALUE_OPTIONS = {"--config-name", "-cn", "--config-path", "-cp", "--config-dir", "-cd", "--cfg", "-c",
+                  "--package", "-p", "--experimental-rerun"}
+
+
+def _options_first(args):
+    """Hydra's parser wants its options before the overrides; accept them in any order."""
+    options, overrides = [], []
+    it = iter(args)
+    for arg in it:
+        if arg in _VALUE_OPTIONS:
+            options += [arg, next(it, "")]
+        elif arg.startswith("-"):
+            options.append(arg)
+        else:
+            overrides.append(arg)
+    return options + overrides
+
+
 class _BadConfig(Exception):
     pass
 
@@ -110,6 +128,11 @@ def _validate(raw):
         from nemo_qwen3_next.training import recipe
 
         if not tc.dry_run:
+            import torch
+
+            if tc.trainer.accelerator == "gpu" and not torch.cuda.is_available():
+                raise ConfigError("trainer.accelerator=gpu but no CUDA device is visible; run on GPUs, set "
+                                  "trainer.accelerator=auto, or inspect the config with --dry-run.")
             if tc.data.paths == "???":
                 raise ConfigError("data.paths is required for this config: give data.paths='[/path/prefix]' "
                                   "(see docs/pretraining.md)")
@@ -120,7 +143,7 @@ def _validate(raw):
 
 
 if __name__ == "__main__":  # the checkpoint writer spawns processes that re-import this file
-    sys.argv = [("dry_run=true" if a == "--dry-run" else a) for a in sys.argv]
+    sys.argv = [sys.argv[0]] + _options_first([("dry_run=true" if a == "--dry-run" else a) for a in sys.argv[1:]])
     _check_overrides(sys.argv[1:])
 
     import hydra

@@ -1,7 +1,6 @@
 """Pretraining configs: bad configs fail early in one line; FLOPs; tokenizer; embedded corpus;
 the 80B config on the meta device."""
 
-import math
 import os
 import resource
 import subprocess

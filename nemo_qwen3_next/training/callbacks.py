@@ -14,7 +14,7 @@ import json
 import math
 import os
 import time
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
 import torch
 import torch.distributed as dist
@@ -39,7 +39,9 @@ class ExpertLoad:
             if index is None or router is None:
                 continue
 
-            def hook(_mod, _inp, out, index=index):
+            def hook(mod, _inp, out, index=index):
+                if not mod.training:  # count training batches only
+                    return
                 routing_map = out[1]  # [tokens, experts] bool
                 self.counts[index] += routing_map.detach().sum(0).to("cpu", torch.float64)
 

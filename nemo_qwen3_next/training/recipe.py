@@ -6,7 +6,6 @@ One function per part, named for what it builds: `model_config`, `tokenizer`, `s
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from typing import Any, Dict
 
@@ -14,10 +13,6 @@ import torch
 
 from ..config import ConfigError
 from .config import PretrainConfig
-
-
-def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def on_cpu(cfg: PretrainConfig) -> bool:
@@ -50,10 +45,9 @@ def model_config(cfg: PretrainConfig, cpu: bool):
     kw.setdefault("pipeline_dtype", kw["params_dtype"])  # Megatron requires it with PP > 1
     if cpu:
         kw.update(use_cpu_initialization=True, gradient_accumulation_fusion=False, moe_token_dispatcher_type="allgather")
-    if isinstance(kw.get("layer_types"), (list, tuple)) or kw.get("layer_types") is not None:
-        kw["layer_types"] = list(kw["layer_types"])
-    if kw.get("mlp_only_layers") is not None:
-        kw["mlp_only_layers"] = list(kw["mlp_only_layers"])
+    for key in ("layer_types", "mlp_only_layers"):  # YAML lists -> plain lists
+        if kw.get(key) is not None:
+            kw[key] = list(kw[key])
     try:
         return cfg_cls(**kw)
     except ConfigError:
