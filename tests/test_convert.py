@@ -22,8 +22,16 @@ ENV = dict(os.environ, TORCHDYNAMO_DISABLE="1", OMP_NUM_THREADS="1", TOKENIZERS_
 
 
 def _run(args, timeout=300):
-    proc = subprocess.run([sys.executable] + args, capture_output=True, text=True, timeout=timeout, env=ENV, cwd=ROOT)
-    return proc.returncode, proc.stdout + proc.stderr
+    """Run python with `args`; on timeout kill its whole process group (torchrun workers included)."""
+    proc = subprocess.Popen([sys.executable] + args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=ENV, cwd=ROOT, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+        out, _ = proc.communicate()
+        pytest.fail(f"timed out after {timeout} s: {' '.join(args)}\n{out[-3000:]}")
+    return proc.returncode, out
 
 
 def _free_port():

@@ -34,7 +34,8 @@ from ..config import ConfigError, Qwen3NextConfig
 from ..hf_mapping import skipped_hf_names, weight_plan
 from ..loading import CheckpointError, SafetensorsReader
 from ..model import build_model, init_single_process
-from .streaming import DistCheckpointReader, SafetensorsStreamWriter, save_dist_checkpoint_streaming
+from .streaming import (DistCheckpointReader, SafetensorsFileReader, SafetensorsStreamWriter,
+                        save_dist_checkpoint_streaming)
 
 # What NeMo's MegatronStrategy passes to `sharded_state_dict` (and stores as content metadata).
 NEMO_SHARDED_METADATA = {"singleton_local_shards": False, "chained_optim_avoid_prefix": True}
@@ -172,7 +173,7 @@ def sharded_layout(model) -> Tuple[dict, Dict[str, List[_Piece]], Dict[str, torc
 
 
 # ---------------------------------------------------------------------- HF -> NeMo
-def _open_hf(hf_dir: str) -> SafetensorsReader:
+def _open_hf(hf_dir: str) -> "_PlainReader":
     """The HF weights, after checking every file is present, complete and lists what the index says."""
     from safetensors import safe_open
 
@@ -199,7 +200,30 @@ def _open_hf(hf_dir: str) -> SafetensorsReader:
         listed = {k for k, v in reader.index.items() if v == fn}
         if listed - names:
             raise ConversionError(f"{fn} lacks tensor {sorted(listed - names)[0]!r} that the index lists")
-    return reader
+    return _PlainReader(reader.index)
+
+
+class _PlainReader:
+    """name -> tensor over a HF directory with plain file reads (safetensors' mmap would count every
+    page it touches in RSS); keeps one file open."""
+
+    def __init__(self, index):
+        self.index = index
+        self._file = None
+
+    def keys(self):
+        return self.index.keys()
+
+    def file(self, name) -> SafetensorsFileReader:
+        fn = self.index[name]
+        if self._file is None or self._file.path != fn:
+            if self._file:
+                self._file.close()
+            self._file = SafetensorsFileReader(fn)
+        return self._file
+
+    def __getitem__(self, name):
+        return self.file(name).get(name)
 
 
 def _check_complete(fn: str) -> None:
@@ -221,14 +245,7 @@ def _check_complete(fn: str) -> None:
                               f"re-download or re-save it")
 
 
-def _hf_shape(reader: SafetensorsReader, name: str) -> Tuple[int, ...]:
-    from safetensors import safe_open
-
-    with safe_open(reader.index[name], "pt") as f:
-        return tuple(f.get_slice(name).get_shape())
-
-
-def validate_hf(reader: SafetensorsReader, config: Qwen3NextConfig, model) -> Tuple[list, List[str]]:
+def validate_hf(reader: "_PlainReader", config: Qwen3NextConfig, model) -> Tuple[list, List[str]]:
     """Names and shapes of the HF checkpoint against `config`; returns (plan, skipped names)."""
     plan = weight_plan(config)
     names = set(reader.keys())
@@ -246,16 +263,7 @@ def validate_hf(reader: SafetensorsReader, config: Qwen3NextConfig, model) -> Tu
                               f"config.json and the weights disagree (e.g. num_hidden_layers, num_experts, "
                               f"layer_types)")
     params = dict(model.state_dict())
-    by_file = {}
-    for n in needed:
-        by_file.setdefault(reader.index[n], []).append(n)
-    from safetensors import safe_open
-
-    hf_shapes = {}
-    for fn, ns in by_file.items():
-        with safe_open(fn, "pt") as f:
-            for n in ns:
-                hf_shapes[n] = tuple(f.get_slice(n).get_shape())
+    hf_shapes = {n: reader.file(n).shape(n) for n in needed}
     for e in plan:
         if e.ours not in params:
             raise ConversionError(f"model has no tensor {e.ours!r}; check the config")
@@ -414,10 +422,13 @@ def dist_checkpoint_to_hf(weights_dir: str, config: Qwen3NextConfig, out_dir: st
         full = torch.empty(shapes[e.ours], dtype=dtype)
         for p in pieces[e.ours]:
             region = full.as_strided(p.size, p.stride, p.storage_offset)
-            buf = torch.empty(p.chunk, dtype=dtype)
-            reader.read(p.key, p.offsets, p.chunk, buf)
-            region.copy_(buf.reshape(p.size))
-            del buf
+            try:
+                reader.read(p.key, p.offsets, p.chunk, region.view(p.chunk))  # in place
+            except RuntimeError:  # region not viewable as the chunk shape: go through a buffer
+                buf = torch.empty(p.chunk, dtype=dtype)
+                reader.read(p.key, p.offsets, p.chunk, buf)
+                region.copy_(buf.reshape(p.size))
+                del buf
         for n, t in zip(e.hf, e.to_hf(full)):
             if left == 0:
                 writer.close()

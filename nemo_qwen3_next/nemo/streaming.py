@@ -145,6 +145,68 @@ def save_dist_checkpoint_streaming(sharded_state_dict, checkpoint_dir: str,
         raise RuntimeError(f"{len(unused)} converted tensors were not written, e.g. {unused[0]}")
 
 
+class _Window(io.RawIOBase):
+    """Read-only file object over bytes [offset, offset + length) of an open file."""
+
+    def __init__(self, f, offset: int, length: int):
+        self.f, self.start, self.length, self.pos = f, offset, length, 0
+
+    def readable(self):
+        return True
+
+    def seekable(self):
+        return True
+
+    def tell(self):
+        return self.pos
+
+    def seek(self, pos, whence=0):
+        self.pos = {0: pos, 1: self.pos + pos, 2: self.length + pos}[whence]
+        return self.pos
+
+    def readinto(self, b):
+        n = max(0, min(len(b), self.length - self.pos))
+        self.f.seek(self.start + self.pos)
+        got = self.f.readinto(memoryview(b)[:n])
+        self.pos += got
+        return got
+
+
+class SafetensorsFileReader:
+    """Plain-read (not mmap) access to one safetensors file: RSS holds only the tensor asked for."""
+
+    DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+
+    def __init__(self, path: str):
+        self.path = path
+        self._f = open(path, "rb")
+        n = struct.unpack("<Q", self._f.read(8))[0]
+        self.header = json.loads(self._f.read(n))
+        self.header.pop("__metadata__", None)
+        self.data_start = 8 + n
+
+    def keys(self):
+        return self.header.keys()
+
+    def shape(self, name: str) -> Tuple[int, ...]:
+        return tuple(self.header[name]["shape"])
+
+    def get(self, name: str) -> torch.Tensor:
+        h = self.header[name]
+        begin, end = h["data_offsets"]
+        t = torch.empty(h["shape"], dtype=self.DTYPES[h["dtype"]])
+        buf = t.view(-1).view(torch.uint8).numpy() if t.numel() else memoryview(bytearray(0))
+        self._f.seek(self.data_start + begin)
+        if self._f.readinto(buf) != end - begin:
+            raise ValueError(f"{self.path}: tensor {name} is cut short (file truncated?)")
+        return t
+
+    def close(self):
+        self._f.close()
+
+
 class DistCheckpointReader:
     """Region reads from a ``torch_dist`` checkpoint directory (any TP/EP layout it was saved at)."""
 
@@ -166,8 +228,8 @@ class DistCheckpointReader:
                 self._file.close()
             self._file_name = info.relative_path
             self._file = open(os.path.join(self.path, info.relative_path), "rb")
-        self._file.seek(info.offset)
-        return torch.load(io.BytesIO(self._file.read(info.length)), weights_only=True)
+        # torch.load straight from a window onto the file: no intermediate bytes copy
+        return torch.load(_Window(self._file, info.offset, info.length), weights_only=True)
 
     def read(self, key: str, offsets: Sequence[int], sizes: Sequence[int], out: torch.Tensor) -> None:
         """Fill `out` (shape `sizes`) with the region of tensor `key` starting at `offsets`."""
