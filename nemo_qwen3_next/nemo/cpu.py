@@ -59,7 +59,8 @@ import functools as _functools
 import os as _os
 
 _TRAINER_APPLIED = False
-_FACTORIES = ("tensor", "as_tensor", "zeros", "ones", "empty", "full", "arange", "randn", "rand", "randint")
+_FACTORIES = ("tensor", "as_tensor", "zeros", "ones", "empty", "full", "arange", "randn", "rand", "randint",
+              "empty_like", "zeros_like", "ones_like", "full_like")
 
 
 def _is_cuda(device) -> bool:
@@ -75,8 +76,9 @@ def _is_cuda(device) -> bool:
 def treat_cuda_as_cpu() -> None:
     """Map every explicit 'cuda' device request to the CPU.
 
-    megatron-core's optimizer (`found_inf`, loss scale), clip_grads, schedules (`total_num_tokens`)
-    and timers, and NeMo's strategy, sampler and loss reduction create small bookkeeping tensors
+    megatron-core's optimizer (`found_inf`, loss scale), clip_grads, schedules (`total_num_tokens`),
+    timers and data-parallel checkpoint-load exchange (`empty_like(..., device="cuda")`), and
+    NeMo's strategy, sampler and loss reduction create small bookkeeping tensors
     with ``device='cuda'``, ``.cuda()`` or ``pin_memory=True`` + ``.to('cuda')``. On a machine with
     no CUDA all of those would fail; here they land on the CPU, where the model already is.
     """
