@@ -24,7 +24,8 @@ PRETRAIN = os.path.join(ROOT, "examples", "pretrain.py")
 STEPS, EVERY = 16, 8
 # Same weights, data and schedule; TP=2 splits matmuls and reduces partial sums in another order
 # (and SP all-gathers), so fp32 rounding differs and can compound over steps. Measured max |diff|
-# over 16 steps: 4.8e-7 nats (OMP_NUM_THREADS=1) on a loss falling from 6.25 to ~3; 1e-3 leaves
+# over 16 steps: 4.8e-7 nats (OMP_NUM_THREADS=1; 1.8e-5 with 2 accumulated micro-batches) on a
+# loss falling from 6.25 to ~3; 1e-3 leaves
 # room for other BLAS builds and thread counts while still catching any real sharding error
 # (a wrong split or missing reduction moves the loss by > 0.01 within a step or two).
 TP2_ATOL = 1e-3
@@ -33,7 +34,8 @@ RESUME_ATOL = 1e-5  # same process layout and op order: identical up to rounding
 
 def _args(run_dir, cache_dir, *extra):
     return [f"run_dir={run_dir}", f"data.cache_dir={cache_dir}", f"trainer.max_steps={STEPS}",
-            f"checkpoint.every_n_steps={EVERY}", "trainer.val_check_interval=1000", "optim.warmup_steps=4", *extra]
+            f"checkpoint.every_n_steps={EVERY}", "trainer.val_check_interval=1000", "optim.warmup_steps=4",
+            "data.micro_batch_size=8", *extra]  # one micro-batch per step: the fastest CPU path
 
 
 def _env():
