@@ -241,3 +241,20 @@ def test_prepare_data_script_writes_readable_documents(tmp_path):
     for i, text in enumerate(texts):
         ids = ds[i].tolist()
         assert ids[-1] == 256 and bytes(ids[:-1]).decode("utf-8") == text
+
+
+def test_expert_load_metrics():
+    from nemo_qwen3_next.training.callbacks import ExpertLoad
+
+    load = ExpertLoad(num_layers=3, num_experts=4)
+    load.counts[0] = torch.tensor([8.0, 0, 0, 0])  # one expert takes every routed token
+    load.counts[1] = torch.tensor([2.0, 2, 2, 2])  # perfectly balanced
+    load.counts[2] = torch.tensor([3.0, 1, 0, 0])
+    m = load.collect()
+    assert m["moe/layer00_imbalance"] == pytest.approx(4.0) and m["moe/layer00_entropy"] == pytest.approx(0.0)
+    assert m["moe/layer01_imbalance"] == pytest.approx(1.0) and m["moe/layer01_entropy"] == pytest.approx(1.0)
+    p = torch.tensor([0.75, 0.25])
+    assert m["moe/layer02_imbalance"] == pytest.approx(3.0)
+    assert m["moe/layer02_entropy"] == pytest.approx(float(-(p * p.log()).sum() / torch.log(torch.tensor(4.0))))
+    assert m["moe/imbalance_max"] == pytest.approx(4.0)
+    assert load.counts.sum() == 0  # reset after collecting

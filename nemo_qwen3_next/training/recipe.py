@@ -171,6 +171,8 @@ def run(cfg: PretrainConfig) -> str:
 
     p = cfg.parallelism
     devices = p.devices or int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    # Under torchrun the launch decides the node count (--nnodes); the config's is for --dry-run.
+    num_nodes = int(os.environ["WORLD_SIZE"]) // devices if "WORLD_SIZE" in os.environ else cfg.trainer.num_nodes
     moe_layers = sum(mcfg.is_moe_layer(i) for i in range(mcfg.num_layers))
     metrics = TrainingMetrics(
         run_dir=cfg.run_dir,
@@ -193,7 +195,7 @@ def run(cfg: PretrainConfig) -> str:
     trainer = nl.Trainer(
         accelerator="cpu" if cpu else "gpu",
         devices=devices,
-        num_nodes=cfg.trainer.num_nodes,
+        num_nodes=num_nodes,
         max_steps=cfg.trainer.max_steps,
         val_check_interval=cfg.trainer.val_check_interval,
         limit_val_batches=cfg.trainer.limit_val_batches,
