@@ -419,8 +419,15 @@ def dist_checkpoint_to_hf(weights_dir: str, config: Qwen3NextConfig, out_dir: st
     shard_i, writer = 0, SafetensorsStreamWriter(os.path.join(out_dir, files[0]), shards[0])
     left = len(shards[0])
     for e in plan:
-        full = torch.empty(shapes[e.ours], dtype=dtype)
-        for p in pieces[e.ours]:
+        ps, shape = pieces[e.ours], shapes[e.ours]
+        full = None
+        if len(ps) == 1 and ps[0].size == tuple(shape) and ps[0].storage_offset == 0:
+            full = reader.read_exact(ps[0].key, ps[0].offsets, ps[0].chunk)  # no second copy
+            full = None if full is None else full.to(dtype).view(shape)
+            ps = [] if full is not None else ps
+        if full is None:
+            full = torch.empty(shape, dtype=dtype)
+        for p in ps:
             region = full.as_strided(p.size, p.stride, p.storage_offset)
             try:
                 reader.read(p.key, p.offsets, p.chunk, region.view(p.chunk))  # in place

@@ -231,6 +231,14 @@ class DistCheckpointReader:
         # torch.load straight from a window onto the file: no intermediate bytes copy
         return torch.load(_Window(self._file, info.offset, info.length), weights_only=True)
 
+    def read_exact(self, key: str, offsets: Sequence[int], sizes: Sequence[int]) -> Optional[torch.Tensor]:
+        """The stored chunk that is exactly this region (the common case), else None."""
+        md = self.metadata.state_dict_metadata.get(key)
+        for chunk in getattr(md, "chunks", ()):
+            if tuple(chunk.offsets) == tuple(offsets) and tuple(chunk.sizes) == tuple(sizes):
+                return self._read_chunk(key, chunk.offsets)
+        return None
+
     def read(self, key: str, offsets: Sequence[int], sizes: Sequence[int], out: torch.Tensor) -> None:
         """Fill `out` (shape `sizes`) with the region of tensor `key` starting at `offsets`."""
         md = self.metadata.state_dict_metadata.get(key)
