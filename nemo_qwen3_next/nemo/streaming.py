@@ -16,7 +16,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import pickle
 import struct
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
