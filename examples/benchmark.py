@@ -2,7 +2,8 @@
 
 Times forward, backward and forward+backward of
 
-* ``gdn``:   the Gated DeltaNet layer, side by side: ``ours`` (fused CUDA path), ``hf`` (transformers'
+* ``gdn``:   the Gated DeltaNet layer, side by side: ``ours`` (fused CUDA path; FlashQLA's chunk kernel
+  when installed), ``ours-fla`` (the same with fla's chunk kernel), ``hf`` (transformers'
   ``Qwen3NextGatedDeltaNet``), ``mcore`` (megatron-core 0.16.1's ``GatedDeltaNet`` with local linears,
   run in a child process with that version first on ``PYTHONPATH``: ``--anchor-path``) and ``ref``
   (our plain-torch reference path, only up to ``--ref-max-tokens``);
@@ -27,6 +28,7 @@ Example (what produced ``benchmarks/results/``)::
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import statistics
@@ -155,6 +157,21 @@ def our_forward(module: str, B: int, T: int):
     return (lambda x: m(x, None, rotary_pos_emb=emb)[0]), list(m.parameters())
 
 
+def with_chunk_kernel(kernel, fwd):
+    """fwd with `nemo_qwen3_next.ops.gated_delta_rule.CHUNK_KERNEL` set to `kernel` while it runs (and in its
+    backward, which reads no setting)."""
+    gdr = importlib.import_module("nemo_qwen3_next.ops.gated_delta_rule")  # the module, not the function
+
+    def run(x):
+        old, gdr.CHUNK_KERNEL = gdr.CHUNK_KERNEL, kernel
+        try:
+            return fwd(x)
+        finally:
+            gdr.CHUNK_KERNEL = old
+
+    return run
+
+
 def ref_forward(B, T):
     m = our_layer("gdn").self_attention
     return (lambda x: m._forward_reference(x, None)[0]), list(m.parameters())
@@ -233,7 +250,13 @@ def run_mcore_child(args):
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", "mcore", "--shapes", args.shapes,
            "--passes", ",".join(args.passes), "--warmup", str(args.warmup), "--rep", str(args.rep)]
     # run from /tmp so the checkout (nemo_qwen3_next) is not first on sys.path
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd="/tmp")
+    try:
+        p = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd="/tmp", timeout=args.mcore_timeout)
+    except subprocess.TimeoutExpired as e:
+        err = e.stderr.decode() if isinstance(e.stderr, bytes) else (e.stderr or "")
+        sys.stderr.write(err[-3000:])
+        print(f"mcore child timed out after {args.mcore_timeout} s", file=sys.stderr)
+        return []
     sys.stderr.write(p.stderr[-4000:])
     for line in p.stdout.splitlines():
         if line.startswith("MCORE_ROWS "):
@@ -349,9 +372,15 @@ def main():
     ap.add_argument("--check", action="store_true", help="numerics: fused bf16 vs fp32 reference")
     ap.add_argument("--out", default="benchmarks/results/benchmark.json")
     ap.add_argument("--visualize", action="store_true")
+    ap.add_argument("--mcore-timeout", type=float, default=420, help="seconds for the megatron-core child")
+    ap.add_argument("--baseline-flash-qla", action="store_true",
+                    help="let fla route HF's and megatron-core's kernel calls to FlashQLA too (default: off, "
+                         "FLA_FLASH_QLA=0, their stock fla Triton path; ours calls FlashQLA directly)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     args.passes = [p for p in args.passes.split(",") if p]
+    if not args.baseline_flash_qla:  # before fla is imported; inherited by the megatron-core child
+        os.environ["FLA_FLASH_QLA"] = "0"
     if args.worker == "mcore":
         return mcore_worker(args)
 
@@ -377,6 +406,27 @@ def main():
     except Exception as e:  # noqa: BLE001
         errors.append(f"versions: {e!r}")
 
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+
+    def save():
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+
+    try:
+        gdr = importlib.import_module("nemo_qwen3_next.ops.gated_delta_rule")  # the module, not the function
+
+        result["gdn_chunk_kernel_setting"] = gdr.CHUNK_KERNEL
+        result["flash_qla"] = not isinstance(gdr._load_flash_qla(), Exception)
+    except Exception as e:  # noqa: BLE001
+        errors.append(f"flash_qla: {e!r}")
+    result["baseline_flash_qla"] = args.baseline_flash_qla
+    if "gdn" in modules and "mcore" in impls:  # first: a time limit later in the ladder cannot lose it
+        new = run_mcore_child(args)
+        rows.extend(new)
+        for r in new:
+            print(f"gdn   {r['impl']} B={r['B']} T={r['T']:6d} {r['passes']:6s} {r['ms']:9.3f} ms", flush=True)
+        save()
+
     if args.check and "gdn" in modules:
         result["numerics"] = check_numerics()
         print("numerics:", json.dumps(result["numerics"]), flush=True)
@@ -393,6 +443,9 @@ def main():
                 try:
                     if impl == "ours":
                         fwd, params = our_forward(module, B, T)
+                    elif impl == "ours-fla":  # ours with fla's chunk kernel instead of FlashQLA
+                        fwd, params = our_forward(module, B, T)
+                        fwd = with_chunk_kernel("fla", fwd)
                     elif impl == "hf":
                         fwd, params = hf_forward()
                     elif impl == "ref":
@@ -403,6 +456,7 @@ def main():
                     res = bench(fwd, x, params, args)
                     new = rows_for(module, impl, B, T, res, device)
                     rows.extend(new)
+                    save()
                     print(" ".join(f"{r['module']:5s} {r['impl']:6s} B={B} T={T:6d} {r['passes']:6s} "
                                    f"{r['ms']:9.3f} ms {r['tflops']:7.1f} TFLOP/s\n" for r in new), end="",
                           flush=True)
@@ -415,17 +469,9 @@ def main():
                     for p in params:
                         p.grad = None
                     torch.cuda.empty_cache()
-    if "gdn" in modules and "mcore" in impls:
-        new = run_mcore_child(args)
-        rows.extend(new)
-        for r in new:
-            print(f"gdn   {r['impl']} B={r['B']} T={r['T']:6d} {r['passes']:6s} {r['ms']:9.3f} ms", flush=True)
-
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     if args.visualize:
         result["plots"] = visualize(rows, os.path.splitext(args.out)[0])
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
+    save()
     summary(rows)
 
 

@@ -95,6 +95,7 @@ class GatedDeltaNet(MegatronModule):
         self.chunk_size = c.linear_attention_chunk_size
         self.use_recurrent = c.linear_attention_use_recurrent
         self.backend = c.linear_attention_backend
+        self.split_in_proj = True  # fused path: in_proj as two GEMMs where safe (see _direct_in_proj_ok)
 
         proj_size = c.linear_num_key_heads * sum(self.group_split)
         self.in_proj = build_module(
@@ -200,32 +201,83 @@ class GatedDeltaNet(MegatronModule):
         o = o.reshape(b, s, -1).transpose(0, 1).contiguous()
         return self.out_proj(o)
 
+    def _direct_in_proj_ok(self) -> bool:
+        """Whether the fused path may run in_proj as two plain GEMMs on row-gathered weights.
+
+        Only where in_proj's own forward would be a bare ``x @ W.T``: one TP rank, no sequence
+        parallelism, no fused weight-gradient accumulation, no FP8, no bias.
+        """
+        c, lin = self.config, self.in_proj
+        w = getattr(lin, "weight", None)
+        return (
+            self.split_in_proj
+            and isinstance(w, torch.Tensor)
+            and w.dim() == 2
+            and self.pg_collection.tp.size() == 1
+            and not c.sequence_parallel
+            and not getattr(c, "gradient_accumulation_fusion", False)
+            and not getattr(c, "fp8", None)
+            and getattr(lin, "bias", None) is None
+        )
+
+    def _in_proj_rows(self, device) -> tuple:
+        """Row indices of in_proj's weight: per-key-head ``[q k v]`` (the conv's channel order), then
+        ``[z_all | b_all | a_all]`` in value-head order (so z reshapes to ``[.., Hv, Dv]`` as a view)."""
+        key = (device, self.num_key_heads)
+        cached = getattr(self, "_rows_cache", None)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        Hk, G, r, dk, dv = self.num_key_heads, sum(self.group_split), self.heads_per_key, self.key_head_dim, self.value_head_dim
+        base = torch.arange(Hk, device=device).unsqueeze(1) * G  # [Hk, 1]
+        qkv = (base + torch.arange(self.conv_group, device=device)).reshape(-1)
+        off = self.conv_group
+        z = (base + off + torch.arange(r * dv, device=device)).reshape(-1)
+        b = (base + off + r * dv + torch.arange(r, device=device)).reshape(-1)
+        a = (base + off + r * dv + r + torch.arange(r, device=device)).reshape(-1)
+        rows = (qkv, torch.cat([z, b, a]))
+        self._rows_cache = (key, rows)
+        return rows
+
     def _forward_fused(self, hidden_states: torch.Tensor, cu_seqlens: Optional[torch.Tensor]):
         """CUDA path: fla kernels in their layouts, fewest copies (see the module docstring)."""
         s, b = hidden_states.shape[:2]
         # Sequence parallelism gathers/scatters along dim 0 inside the linears: stay [s, b, *] there.
         batch_first = b > 1 and not self.config.sequence_parallel
         x = hidden_states.transpose(0, 1).contiguous() if batch_first else hidden_states
-        proj, _ = self.in_proj(x)
-        if not batch_first:
-            proj = proj.transpose(0, 1)  # a view; free when b == 1
         Hk, G, r = self.num_key_heads, sum(self.group_split), self.heads_per_key
         dk, dv, Hv = self.key_head_dim, self.value_head_dim, self.num_value_heads
-        proj = proj.view(b, -1, Hk, G)
-        s = proj.shape[1]
 
-        # One split node each (its backward is one cat), never several slices of one tensor: a slice's
-        # backward materialises a zero tensor of the full input size per slice.
-        q, k, v, z, beta, a = torch.split(proj, self.group_split, dim=-1)
-        qkv = torch.cat([q, k, v], dim=-1).view(b, s, Hk * self.conv_group)  # the one copy before the conv
+        if self._direct_in_proj_ok():
+            # Two GEMMs on row-gathered weights: the conv input [q k v] and [z | b | a] come out
+            # contiguous, with no activation-sized cat forward and no 12352-wide gradient cat backward.
+            rows_qkv, rows_zba = self._in_proj_rows(x.device)
+            w = self.in_proj.weight
+            qkv = F.linear(x, w.index_select(0, rows_qkv))
+            zba = F.linear(x, w.index_select(0, rows_zba))
+            if not batch_first:
+                qkv, zba = qkv.transpose(0, 1), zba.transpose(0, 1)  # views; free when b == 1
+            s = qkv.shape[1]
+            qkv = qkv.reshape(b, s, Hk * self.conv_group)  # a view (b == 1 or batch-first)
+            z, beta, a = torch.split(zba, [Hv * dv, Hv, Hv], dim=-1)
+            z = z.view(b, s, Hv, dv)  # a strided view, read in place by the fused norm
+        else:
+            proj, _ = self.in_proj(x)
+            if not batch_first:
+                proj = proj.transpose(0, 1)  # a view; free when b == 1
+            proj = proj.view(b, -1, Hk, G)
+            s = proj.shape[1]
+            # One split node each (its backward is one cat), never several slices of one tensor: a
+            # slice's backward materialises a zero tensor of the full input size per slice.
+            q, k, v, z, beta, a = torch.split(proj, self.group_split, dim=-1)
+            qkv = torch.cat([q, k, v], dim=-1).view(b, s, Hk * self.conv_group)  # the one copy before the conv
+            z = z.reshape(b, s, Hv, dv)  # a strided view, read in place by the fused norm
+            beta = beta.reshape(b, s, Hv)  # logits
+            a = a.reshape(b, s, Hv)  # raw gate input
         qkv, _ = causal_conv1d(
             qkv, self.conv1d.weight.squeeze(1), activation="silu", cu_seqlens=cu_seqlens, backend=self.backend
         )
         q, k, v = torch.split(qkv.view(b, s, Hk, self.conv_group), [dk, dk, r * dv], dim=-1)
         v = v.reshape(b, s, Hv, dv)  # a view
-        z = z.reshape(b, s, Hv, dv)  # a strided view, read in place by the fused norm
-        beta = beta.reshape(b, s, Hv)  # logits
-        a = a.reshape(b, s, Hv)  # raw gate input
 
         o, _ = gated_delta_rule(
             q,

@@ -21,12 +21,21 @@ fla facts this relies on (``fla.ops.gated_delta_rule``, fla-core 0.2-0.5):
   q/k to ``Hv`` heads (correct on every version; autograd sums the grads back).
 * ``fused_recurrent`` has no backward; it is for decoding only.  ``chunk`` uses chunk size 64
   internally, so ``chunk_size`` only affects the reference.
+
+FlashQLA (``pip install flash-qla``, Qwen's fused TileLang forward/backward for Hopper and Blackwell,
+K = V = 128 only): when importable, the chunked training path (no initial/final state) calls
+``flash_qla.chunk_gated_delta_rule`` directly, with the gate and ``sigmoid(beta)`` computed in torch
+(FlashQLA takes the log decay and post-sigmoid beta; it L2-normalises q/k itself and handles grouped
+value heads; with ``B == 1`` it splits long sequences across SMs, "intra-card CP").  Choose with the
+environment variable ``QWEN3_NEXT_GDN_KERNEL`` (or :data:`CHUNK_KERNEL`): ``auto`` (default: FlashQLA
+where it applies, else fla), ``fla`` or ``flash_qla`` (raise if it cannot be used).
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
+import os
 import warnings
 from typing import Optional, Tuple
 
@@ -44,6 +53,9 @@ FLA_INSTALL_HINT = (
 )
 
 _BACKENDS = ("auto", "torch", "fla")
+_CHUNK_KERNELS = ("auto", "fla", "flash_qla")
+#: which chunked kernel the fla backend uses for training-shaped calls (see the module docstring)
+CHUNK_KERNEL = os.environ.get("QWEN3_NEXT_GDN_KERNEL", "auto")
 
 
 @functools.lru_cache(maxsize=None)
@@ -66,6 +78,48 @@ def _fla_fused_features() -> bool:
         return "use_beta_sigmoid_in_kernel" in inspect.signature(fns[0]).parameters
     except (TypeError, ValueError):
         return False
+
+
+@functools.lru_cache(maxsize=None)
+def _load_flash_qla():
+    """Import FlashQLA lazily (it imports TileLang and queries the GPU). Returns the function or the error."""
+    try:
+        from flash_qla import chunk_gated_delta_rule
+    except Exception as e:  # ImportError, or no supported GPU
+        return e
+    return chunk_gated_delta_rule
+
+
+def _flash_qla_reason(q, k, v, initial_state, output_final_state, use_recurrent) -> Optional[str]:
+    """Why FlashQLA cannot run this call, or None if it can."""
+    if use_recurrent:
+        return "recurrent (decoding) kernel requested"
+    if initial_state is not None or output_final_state:
+        return "initial/final states are kept on fla's path"
+    if not q.is_cuda or torch.cuda.get_device_capability(q.device)[0] not in (9, 10):
+        return "needs an SM90/SM100 GPU"
+    if q.shape[-1] != 128 or v.shape[-1] != 128:
+        return f"needs K = V = 128, got K={q.shape[-1]}, V={v.shape[-1]}"
+    if v.dtype not in (torch.bfloat16, torch.float16):
+        return f"needs bf16/fp16, got {v.dtype}"
+    fn = _load_flash_qla()
+    if isinstance(fn, Exception):
+        return f"flash_qla is not importable ({fn!r})"
+    return None
+
+
+def chunk_kernel_for(q, k, v, *, initial_state=None, output_final_state=False, use_recurrent=False) -> str:
+    """The kernel :func:`gated_delta_rule` picks for these CUDA inputs: ``"flash_qla"`` or ``"fla"``."""
+    if CHUNK_KERNEL not in _CHUNK_KERNELS:
+        raise ValueError(f"QWEN3_NEXT_GDN_KERNEL must be one of {_CHUNK_KERNELS}, got {CHUNK_KERNEL!r}")
+    if CHUNK_KERNEL == "fla":
+        return "fla"
+    why = _flash_qla_reason(q, k, v, initial_state, output_final_state, use_recurrent)
+    if why is None:
+        return "flash_qla"
+    if CHUNK_KERNEL == "flash_qla":
+        raise RuntimeError(f"QWEN3_NEXT_GDN_KERNEL=flash_qla, but FlashQLA cannot run this call: {why}")
+    return "fla"
 
 
 def gdn_gate(a: torch.Tensor, A_log: torch.Tensor, dt_bias: Optional[torch.Tensor]) -> torch.Tensor:
@@ -136,6 +190,11 @@ def gated_delta_rule(
                 stacklevel=2,
             )
 
+    if use_fla and chunk_kernel_for(q, k, v, initial_state=initial_state, output_final_state=output_final_state,
+                                    use_recurrent=use_recurrent) == "flash_qla":
+        return _flash_qla_call(q, k, v, g, beta, scale=scale, cu_seqlens=cu_seqlens, use_qk_l2norm=use_qk_l2norm,
+                               A_log=A_log, dt_bias=dt_bias, beta_is_logits=beta_is_logits)
+
     # fused_recurrent (decoding) keeps the gate/beta in torch and the expanded heads: the path that
     # was checked against the chunk kernel on the GPU machine.
     fused = use_fla and not use_recurrent and _fla_fused_features()
@@ -197,3 +256,31 @@ def gated_delta_rule(
         **extra,
     )
     return o.to(v.dtype), (final_state if output_final_state else None)
+
+
+def _flash_qla_call(q, k, v, g, beta, *, scale, cu_seqlens, use_qk_l2norm, A_log, dt_bias, beta_is_logits):
+    """FlashQLA's chunked forward/backward; the gate (fp32) and sigmoid(beta) in torch, as it wants them."""
+    fn = _load_flash_qla()
+    Hk, Hv = k.shape[2], v.shape[2]
+    if Hv % Hk != 0:
+        raise ValueError(f"num value heads ({Hv}) must be a multiple of num key heads ({Hk})")
+    if cu_seqlens is not None:
+        if q.shape[0] != 1:
+            raise ValueError(f"with cu_seqlens the batch size must be 1 (packed sequences); got B={q.shape[0]}")
+        cu_seqlens = cu_seqlens.to(device=q.device, dtype=torch.long)
+    if A_log is not None:
+        g = gdn_gate(g, A_log, dt_bias)
+    if beta_is_logits:
+        beta = beta.sigmoid()
+    q, k = q.to(v.dtype), k.to(v.dtype)
+    o, _ = fn(
+        q=q,
+        k=k,
+        v=v,
+        g=g.float(),
+        beta=beta.to(v.dtype),
+        scale=k.shape[-1] ** -0.5 if scale is None else scale,
+        use_qk_l2norm_in_kernel=use_qk_l2norm,
+        cu_seqlens=cu_seqlens,
+    )
+    return o.to(v.dtype), None
