@@ -195,7 +195,9 @@ MTP_PATTERN = re.compile(r"^mtp\.")
 
 
 def skipped_hf_names(names: Iterable[str], config) -> List[str]:
-    """HF tensors we knowingly do not map: `mtp.*` (multi-token prediction head, not built yet)."""
+    """HF tensors we knowingly do not map into the model: `mtp.*` (multi-token prediction head, not
+    built yet). The NeMo converter carries them unchanged in `<nemo_dir>/extra/mtp.safetensors` and
+    writes them back on export (`nemo/convert.py`); `load_hf` just ignores them."""
     return sorted(n for n in names if MTP_PATTERN.match(n))
 
 

@@ -280,5 +280,5 @@ def test_existing_output_needs_overwrite(ckpts, tmp_path):
     from nemo_qwen3_next.nemo import convert_hf_to_nemo
 
     convert_hf_to_nemo(ckpts["hf"], str(out), overwrite=True, progress=False)
-    assert sorted(os.listdir(out)) == ["context", "weights"]
+    assert sorted(os.listdir(out)) == ["context", "extra", "weights"]  # extra/hf_config.json: config fields
     assert sorted(os.listdir(tmp_path)) == ["exists"]

@@ -8,13 +8,18 @@ inputs for the few tensors that concatenate two HF tensors).
 
 Validation happens *before* anything is written, from file headers only: config.json parses and
 is valid, every safetensors file is complete, every HF tensor is either consumed or explicitly
-skipped (``mtp.*``, listed in the report), and every HF tensor has exactly the shape the config
-implies. Output goes to a temporary directory beside the target, renamed into place at the end;
+carried/skipped (``mtp.*`` multi-token-prediction weights are carried unchanged in a side file,
+see below; a tied ``lm_head.weight`` is skipped), and every HF tensor has exactly the shape the
+config implies. Output goes to a temporary directory beside the target, renamed into place at the end;
 on any error it is removed, so a failed conversion leaves nothing behind.
 
 NeMo checkpoint layout (what `llm.import_ckpt` writes): ``<dir>/weights`` = Megatron ``torch_dist``
 distributed checkpoint with keys ``module.<GPTModel state-dict name>`` (loads at any TP/PP/EP),
-``<dir>/context`` = NeMo's serialised `Qwen3NextModel` (config + tokenizer).
+``<dir>/context`` = NeMo's serialised `Qwen3NextModel` (config + tokenizer), and ``<dir>/extra``
+(written by this converter; the model never reads it): ``mtp.safetensors`` = the HF ``mtp.*``
+tensors byte for byte (our Megatron model has no MTP block yet), ``hf_config.json`` = the input
+config.json fields the core config does not produce (e.g. ``num_nextn_predict_layers``,
+``bos_token_id``). Export writes both back, so an HF -> NeMo -> HF round trip keeps them.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ from ..hf_mapping import skipped_hf_names, weight_plan
 from ..loading import CheckpointError, SafetensorsReader
 from ..model import build_model, init_single_process
 from .streaming import (DistCheckpointReader, SafetensorsFileReader, SafetensorsStreamWriter,
-                        save_dist_checkpoint_streaming)
+                        copy_safetensors_tensors, save_dist_checkpoint_streaming)
 
 # What NeMo's MegatronStrategy passes to `sharded_state_dict` (and stores as content metadata).
 NEMO_SHARDED_METADATA = {"singleton_local_shards": False, "chained_optim_avoid_prefix": True}
@@ -44,6 +49,10 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "bfloat16": torch.bfloa
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                    "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja",
                    "generation_config.json")
+EXTRA_DIR = "extra"  # <nemo_dir>/extra: what the NeMo model does not use but an HF export needs back
+MTP_FILE = "mtp.safetensors"  # HF `mtp.*` tensors, unchanged
+HF_CONFIG_EXTRA = "hf_config.json"  # input config.json fields that `Qwen3NextConfig.to_hf_dict` lacks
+_NOT_CARRIED_CONFIG = ("torch_dtype", "dtype")  # export writes the dtype the checkpoint holds
 
 
 class ConversionError(CheckpointError):
@@ -57,10 +66,12 @@ class ConversionReport:
     bytes: int = 0
     seconds: float = 0.0
     skipped: List[str] = field(default_factory=list)
+    carried: List[str] = field(default_factory=list)  # HF tensors stored unchanged, not used by the model
+    carried_bytes: int = 0
 
     @property
     def gb_per_s(self) -> float:
-        return self.bytes / 1e9 / max(self.seconds, 1e-9)
+        return (self.bytes + self.carried_bytes) / 1e9 / max(self.seconds, 1e-9)
 
     def __str__(self):
         s = (f"wrote {self.output}: {self.tensors} tensors, {self.bytes / 1e9:.3f} GB in {self.seconds:.1f} s "
@@ -68,6 +79,10 @@ class ConversionReport:
         if self.skipped:
             s += f"; skipped {len(self.skipped)} HF tensors: {', '.join(self.skipped[:8])}" + (
                 " ..." if len(self.skipped) > 8 else "")
+        if self.carried:
+            s += (f"; carried, not used by the model: {len(self.carried)} tensors "
+                  f"({self.carried_bytes / 1e9:.3f} GB, {', '.join(self.carried[:4])}"
+                  + (" ..." if len(self.carried) > 4 else "") + ")")
         return s
 
 
@@ -118,7 +133,7 @@ def core_config_from_hf_dir(hf_dir: str, dtype: torch.dtype) -> Qwen3NextConfig:
         cfg = Qwen3NextConfig.from_hf(hf, **_dtype_kw(dtype))
     except (ConfigError, KeyError, ValueError, TypeError) as e:
         raise ConversionError(f"{path}: {e}") from None
-    return cfg.replace(mtp_num_layers=None)  # MTP weights are skipped (listed), see skipped_hf_names
+    return cfg.replace(mtp_num_layers=None)  # no MTP block: `mtp.*` weights are carried in extra/
 
 
 def _dtype_kw(dtype):
@@ -245,8 +260,9 @@ def _check_complete(fn: str) -> None:
                               f"re-download or re-save it")
 
 
-def validate_hf(reader: "_PlainReader", config: Qwen3NextConfig, model) -> Tuple[list, List[str]]:
-    """Names and shapes of the HF checkpoint against `config`; returns (plan, skipped names)."""
+def validate_hf(reader: "_PlainReader", config: Qwen3NextConfig, model) -> Tuple[list, List[str], List[str]]:
+    """Names and shapes of the HF checkpoint against `config`; returns (plan, skipped names,
+    carried names = the `mtp.*` tensors the model does not use, kept unchanged)."""
     plan = weight_plan(config)
     names = set(reader.keys())
     needed = [n for e in plan for n in e.hf]
@@ -254,10 +270,11 @@ def validate_hf(reader: "_PlainReader", config: Qwen3NextConfig, model) -> Tuple
     if missing:
         raise ConversionError(f"HF tensor {missing[0]!r} is missing ({len(missing)} missing in all); "
                               f"config.json and the weights disagree, or the checkpoint is incomplete")
-    skipped = skipped_hf_names(names, config)
+    carried = skipped_hf_names(names, config)  # mtp.*
+    skipped = []
     if config.tie_word_embeddings and "lm_head.weight" in names:
         skipped.append("lm_head.weight")  # tied: same tensor as the embedding
-    unknown = sorted(names - set(needed) - set(skipped))
+    unknown = sorted(names - set(needed) - set(skipped) - set(carried))
     if unknown:
         raise ConversionError(f"HF checkpoint has unexpected tensor {unknown[0]!r} ({len(unknown)} in all); "
                               f"config.json and the weights disagree (e.g. num_hidden_layers, num_experts, "
@@ -272,7 +289,12 @@ def validate_hf(reader: "_PlainReader", config: Qwen3NextConfig, model) -> Tuple
             if hf_shapes[n] != shp:
                 raise ConversionError(f"HF tensor {n!r} has shape {hf_shapes[n]}, config.json implies {shp}; "
                                       f"config.json and the weights disagree")
-    return plan, skipped
+    for n in carried:
+        try:
+            reader.file(n).dtype(n)
+        except ValueError as e:
+            raise ConversionError(str(e)) from None
+    return plan, skipped, carried
 
 
 class _Converter:
@@ -303,14 +325,20 @@ class _Converter:
 
 
 def hf_to_dist_checkpoint(hf_dir: str, weights_dir: str, dtype: Optional[torch.dtype] = None,
-                          progress: bool = True) -> Tuple[Qwen3NextConfig, ConversionReport]:
+                          progress: bool = True, extra_dir: Optional[str] = None
+                          ) -> Tuple[Qwen3NextConfig, ConversionReport]:
     """Validate a HF directory and write its weights as a Megatron distributed checkpoint in
-    `weights_dir` (must exist, empty). Megatron + torch only (no NeMo)."""
+    `weights_dir` (must exist, empty). Megatron + torch only (no NeMo).
+
+    `extra_dir`: where the `mtp.*` tensors go, unchanged (`extra_dir/mtp.safetensors`, streamed one
+    tensor at a time); None skips them (listed in the report)."""
     dtype = dtype or _hf_dtype(hf_dir)
     config = core_config_from_hf_dir(hf_dir, dtype)
     reader = _open_hf(hf_dir)
     model = meta_model(config)
-    plan, skipped = validate_hf(reader, config, model)
+    plan, skipped, carried = validate_hf(reader, config, model)
+    if extra_dir is None:
+        skipped, carried = sorted(skipped + carried), []
     sd, pieces, shapes = sharded_layout(model)
     planned = {e.ours for e in plan}
     unmapped = sorted(set(pieces) - planned)
@@ -319,7 +347,9 @@ def hf_to_dist_checkpoint(hf_dir: str, weights_dir: str, dtype: Optional[torch.d
     conv = _Converter(plan, reader, dtype, shapes)
     sources = {(p.key, p.offsets): conv.source(p) for ps in pieces.values() for p in ps}
     total = sum(shapes[o].numel() for o in planned) * torch.empty((), dtype=dtype).element_size()
-    report = ConversionReport(output=weights_dir, skipped=skipped)
+    total += sum(int(torch.Size(reader.file(n).shape(n)).numel()) * reader.file(n).dtype(n).itemsize
+                 for n in carried)
+    report = ConversionReport(output=weights_dir, skipped=skipped, carried=carried)
     bar = _progress(total, "hf->nemo", progress)
 
     def on_item(nbytes):
@@ -330,6 +360,10 @@ def hf_to_dist_checkpoint(hf_dir: str, weights_dir: str, dtype: Optional[torch.d
     t0 = time.perf_counter()
     save_dist_checkpoint_streaming(sd, weights_dir, sources, content_metadata=dict(NEMO_SHARDED_METADATA),
                                    on_item=on_item)
+    if carried:
+        os.makedirs(extra_dir, exist_ok=True)
+        report.carried_bytes = copy_safetensors_tensors(carried, reader.file, os.path.join(extra_dir, MTP_FILE),
+                                                        on_item=bar.update if bar else None)
     report.seconds = time.perf_counter() - t0
     if bar:
         bar.close()
@@ -364,12 +398,27 @@ def convert_hf_to_nemo(hf_dir: str, output: str, dtype: Optional[str] = None, ov
     with atomic_output_dir(output, overwrite) as tmp:
         weights = os.path.join(tmp, "weights")
         os.makedirs(weights)
-        config, report = hf_to_dist_checkpoint(hf_dir, weights, torch_dtype, progress)
+        extra = os.path.join(tmp, EXTRA_DIR)
+        config, report = hf_to_dist_checkpoint(hf_dir, weights, torch_dtype, progress, extra_dir=extra)
+        extra_cfg = _hf_config_extras(hf_dir, config)
+        if extra_cfg:
+            os.makedirs(extra, exist_ok=True)
+            with open(os.path.join(extra, HF_CONFIG_EXTRA), "w") as f:
+                json.dump(extra_cfg, f, indent=2)
         from .model import write_context
 
         write_context(config, hf_dir, os.path.join(tmp, "context"))
     report.output = os.path.abspath(output)
     return report
+
+
+def _hf_config_extras(hf_dir: str, config: Qwen3NextConfig) -> dict:
+    """The input config.json fields that `config.to_hf_dict()` does not produce (and not the dtype,
+    which export takes from the checkpoint), e.g. `num_nextn_predict_layers`, token ids."""
+    with open(os.path.join(hf_dir, "config.json")) as f:
+        hf = json.load(f)
+    ours = config.to_hf_dict()
+    return {k: v for k, v in hf.items() if k not in ours and k not in _NOT_CARRIED_CONFIG}
 
 
 # ---------------------------------------------------------------------- NeMo -> HF
@@ -388,8 +437,12 @@ def _shard_layout(entries: List[Tuple[str, torch.dtype, Tuple[int, ...]]], max_s
 
 
 def dist_checkpoint_to_hf(weights_dir: str, config: Qwen3NextConfig, out_dir: str,
-                          max_shard_bytes: int = 5 * 1024**3, progress: bool = True) -> ConversionReport:
-    """Stream a Megatron distributed checkpoint of Qwen3-Next into HF safetensors shards + index."""
+                          max_shard_bytes: int = 5 * 1024**3, progress: bool = True,
+                          extra_dir: Optional[str] = None) -> ConversionReport:
+    """Stream a Megatron distributed checkpoint of Qwen3-Next into HF safetensors shards + index.
+
+    `extra_dir` (a NeMo checkpoint's `extra/`, may be absent): its `mtp.safetensors` tensors are
+    written back unchanged after the model's, and its `hf_config.json` fields into config.json."""
     dtype = config.params_dtype
     model = meta_model(config)
     _, pieces, shapes = sharded_layout(model)
@@ -408,16 +461,33 @@ def dist_checkpoint_to_hf(weights_dir: str, config: Qwen3NextConfig, out_dir: st
     for e in plan:
         for n, t in zip(e.hf, e.to_hf(params[e.ours])):
             entries.append((n, dtype, tuple(t.shape)))
+    side, carried, extra_cfg = _open_extra(extra_dir, {n for n, _, _ in entries})
+    entries += [(n, side.dtype(n), side.shape(n)) for n in carried]
     shards = _shard_layout(entries, max_shard_bytes)
     files = ["model.safetensors"] if len(shards) == 1 else [
         f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     weight_map = {n: files[i] for i, s in enumerate(shards) for n, _, _ in s}
     total = sum(int(torch.Size(s).numel()) * torch.empty((), dtype=d).element_size() for _, d, s in entries)
-    report = ConversionReport(output=out_dir, tensors=len(entries))
+    report = ConversionReport(output=out_dir, tensors=len(entries) - len(carried), carried=carried)
     bar = _progress(total, "nemo->hf", progress)
     t0 = time.perf_counter()
     shard_i, writer = 0, SafetensorsStreamWriter(os.path.join(out_dir, files[0]), shards[0])
     left = len(shards[0])
+
+    def write(n, t):
+        nonlocal writer, shard_i, left
+        if left == 0:
+            writer.close()
+            shard_i += 1
+            writer = SafetensorsStreamWriter(os.path.join(out_dir, files[shard_i]), shards[shard_i])
+            left = len(shards[shard_i])
+        writer.write(n, t)
+        left -= 1
+        nbytes = t.numel() * t.element_size()
+        if bar:
+            bar.update(nbytes)
+        return nbytes
+
     for e in plan:
         ps, shape = pieces[e.ours], shapes[e.ours]
         full = None
@@ -437,18 +507,14 @@ def dist_checkpoint_to_hf(weights_dir: str, config: Qwen3NextConfig, out_dir: st
                 region.copy_(buf.reshape(p.size))
                 del buf
         for n, t in zip(e.hf, e.to_hf(full)):
-            if left == 0:
-                writer.close()
-                shard_i += 1
-                writer = SafetensorsStreamWriter(os.path.join(out_dir, files[shard_i]), shards[shard_i])
-                left = len(shards[shard_i])
-            writer.write(n, t.to(dtype))
-            left -= 1
-            nbytes = t.numel() * t.element_size()
-            report.bytes += nbytes
-            if bar:
-                bar.update(nbytes)
+            report.bytes += write(n, t.to(dtype))
         del full
+    for n in carried:  # unchanged: same name, dtype and bytes as in the HF input
+        t = side.get(n)
+        report.carried_bytes += write(n, t)
+        del t
+    if side:
+        side.close()
     writer.close()
     reader.close()
     if bar:
@@ -458,10 +524,43 @@ def dist_checkpoint_to_hf(weights_dir: str, config: Qwen3NextConfig, out_dir: st
         with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
     hf_cfg = config.to_hf_dict()
+    hf_cfg.update({k: v for k, v in extra_cfg.items() if k not in hf_cfg and k not in _NOT_CARRIED_CONFIG})
     hf_cfg["torch_dtype"] = {torch.bfloat16: "bfloat16", torch.float32: "float32", torch.float16: "float16"}[dtype]
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(hf_cfg, f, indent=2)
     return report
+
+
+def _open_extra(extra_dir: Optional[str], model_names) -> Tuple[Optional[SafetensorsFileReader], List[str], dict]:
+    """(reader of extra/mtp.safetensors or None, its tensor names, extra config.json fields)."""
+    side, carried, extra_cfg = None, [], {}
+    if not extra_dir:
+        return side, carried, extra_cfg
+    mtp = os.path.join(extra_dir, MTP_FILE)
+    if os.path.exists(mtp):
+        _check_complete(mtp)
+        side = SafetensorsFileReader(mtp)
+        carried = sorted(side.keys())
+        clash = sorted(set(carried) & set(model_names))
+        if clash:
+            side.close()
+            raise ConversionError(f"{mtp}: tensor {clash[0]!r} is also a model tensor; the side file is not ours")
+        try:
+            for n in carried:
+                side.dtype(n)
+        except ValueError as e:
+            side.close()
+            raise ConversionError(str(e)) from None
+    cfg_path = os.path.join(extra_dir, HF_CONFIG_EXTRA)
+    if os.path.exists(cfg_path):
+        try:
+            with open(cfg_path) as f:
+                extra_cfg = json.load(f)
+            if not isinstance(extra_cfg, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as e:
+            raise ConversionError(f"{cfg_path}: {e}") from None
+    return side, carried, extra_cfg
 
 
 def convert_nemo_to_hf(nemo_dir: str, output: str, overwrite: bool = False, progress: bool = True,
@@ -475,7 +574,8 @@ def convert_nemo_to_hf(nemo_dir: str, output: str, overwrite: bool = False, prog
         raise ConversionError(f"{nemo_dir} is not a NeMo 2 checkpoint (needs weights/ and context/)")
     config, tokenizer_dir = read_context(os.path.join(nemo_dir, "context"))
     with atomic_output_dir(output, overwrite) as tmp:
-        report = dist_checkpoint_to_hf(weights, config, tmp, parse_size(max_shard_size), progress)
+        report = dist_checkpoint_to_hf(weights, config, tmp, parse_size(max_shard_size), progress,
+                                       extra_dir=os.path.join(nemo_dir, EXTRA_DIR))
         if tokenizer_dir:
             for fn in os.listdir(tokenizer_dir):
                 if fn in TOKENIZER_FILES:

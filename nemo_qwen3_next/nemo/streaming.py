@@ -9,6 +9,8 @@
   was saved at, by reading only the stored chunks that overlap it.
 * `SafetensorsStreamWriter`: a safetensors file whose header is written first (shapes known up
   front) and whose tensors are then appended one by one.
+* `copy_safetensors_tensors`: tensors copied unchanged (names, dtypes, bytes), one at a time, from
+  safetensors files into one new safetensors file (how MTP weights are carried through NeMo).
 """
 
 from __future__ import annotations
@@ -176,7 +178,7 @@ class SafetensorsFileReader:
 
     DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64,
               "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-              "BOOL": torch.bool}
+              "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 
     def __init__(self, path: str):
         self.path = path
@@ -191,6 +193,12 @@ class SafetensorsFileReader:
 
     def shape(self, name: str) -> Tuple[int, ...]:
         return tuple(self.header[name]["shape"])
+
+    def dtype(self, name: str) -> torch.dtype:
+        st = self.header[name]["dtype"]
+        if st not in self.DTYPES:
+            raise ValueError(f"{self.path}: tensor {name} has safetensors dtype {st}, which is not supported")
+        return self.DTYPES[st]
 
     def get(self, name: str) -> torch.Tensor:
         h = self.header[name]
@@ -267,8 +275,7 @@ class DistCheckpointReader:
             self._file = None
 
 
-_ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64",
-              torch.int64: "I64", torch.int32: "I32", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
+_ST_DTYPES = {v: k for k, v in SafetensorsFileReader.DTYPES.items()}  # every dtype the reader reads
 
 
 class SafetensorsStreamWriter:
@@ -304,3 +311,23 @@ class SafetensorsStreamWriter:
         if self._next != len(self.expected):
             raise ValueError(f"{self.path}: {len(self.expected) - self._next} tensors were never written")
         self._f.close()
+
+
+def copy_safetensors_tensors(names: Sequence[str], file_of: Callable[[str], "SafetensorsFileReader"],
+                             path: str, on_item: Optional[Callable[[int], None]] = None) -> int:
+    """Copy tensors `names` (read with `file_of(name).get(name)`) unchanged into a new safetensors
+    file `path`, one tensor in memory at a time. Returns the bytes written."""
+    layout = [(n, file_of(n).dtype(n), file_of(n).shape(n)) for n in names]
+    writer = SafetensorsStreamWriter(path, layout)
+    try:
+        for n in names:
+            t = file_of(n).get(n)
+            writer.write(n, t)
+            if on_item:
+                on_item(t.numel() * t.element_size())
+            del t
+    except BaseException:
+        writer._f.close()  # the caller's temporary output directory is removed
+        raise
+    writer.close()
+    return writer.nbytes
