@@ -31,11 +31,13 @@ Two forward paths, one set of parameters:
   plain torch; the CPU parity tests against HF run this path.
 * `_forward_fused` (CUDA): works in the layouts the kernels want. The projections run batch-first
   (transposing the narrow `[s, b, H]` activations, not the 6x wider projection; kept sequence-first
-  under sequence parallelism, whose gather/scatter is along dim 0). Per key head `[q k v]` are
-  adjacent in `in_proj`'s output, so one strided copy feeds fla's Triton causal conv (or Dao's
-  `causal-conv1d`); z, b, a stay views. fla's chunk kernel takes q/k with `Hk` heads (grouped value
-  heads, no `repeat_interleave`), L2-normalises them, computes the decay from `A_log`/`dt_bias` and
-  `sigmoid(b)` in-kernel; fla's fused gated RMSNorm reads z in place.
+  under sequence parallelism, whose gather/scatter is along dim 0). Where in_proj is a bare GEMM
+  (TP=1, no SP/FP8/fused grad accumulation) it runs as two GEMMs on row-gathered weights, giving the
+  conv input `[q k v]` and `[z | b | a]` contiguous (no activation-sized cat); otherwise one strided
+  `cat` feeds fla's Triton causal conv (or Dao's `causal-conv1d`). The chunked rule is FlashQLA when
+  installed (see `ops.gated_delta_rule`), else fla's kernel with q/k at `Hk` heads (grouped value
+  heads, no `repeat_interleave`), L2-norm, decay from `A_log`/`dt_bias` and `sigmoid(b)` in-kernel;
+  fla's fused gated RMSNorm reads z in place.
 """
 
 from __future__ import annotations

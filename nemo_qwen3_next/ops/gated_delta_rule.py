@@ -242,12 +242,14 @@ def gated_delta_rule(
     if use_recurrent:  # fused_recurrent has no input guard: it reads strided views as if contiguous
         q, k, v, g, beta = (t.contiguous() for t in (q, k, v, g, beta))
     fn = recurrent_fn if use_recurrent else chunk_fn
+    # Keywords only: fla-core 0.6's fused_recurrent takes (q, k, v, g, gk, gv, beta, ...), so a positional
+    # beta lands in gk (a per-key decay it then reads out of bounds: NaN output).
     o, final_state = fn(
-        q,
-        k,
-        v,
-        g,
-        beta,
+        q=q,
+        k=k,
+        v=v,
+        g=g,
+        beta=beta,
         scale=scale,
         initial_state=initial_state,
         output_final_state=output_final_state,
