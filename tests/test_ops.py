@@ -304,7 +304,14 @@ def fake_fla(monkeypatch):
 
     ops = types.ModuleType("fla.ops.gated_delta_rule")
     ops.chunk_gated_delta_rule = fla_gdr(chunk_gated_delta_rule_ref)
-    ops.fused_recurrent_gated_delta_rule = fla_gdr(recurrent_gated_delta_rule_ref)
+    chunk_like = fla_gdr(recurrent_gated_delta_rule_ref)
+
+    def fused_recurrent(q, k, v, g=None, gk=None, gv=None, beta=None, **kw):
+        # fla-core 0.6's order: a positional beta would land in gk (per-key decay -> NaN on GPU)
+        assert gk is None and gv is None and beta is not None, "pass fused_recurrent's gates by keyword"
+        return chunk_like(q, k, v, g, beta, **kw)
+
+    ops.fused_recurrent_gated_delta_rule = fused_recurrent
     conv = types.ModuleType("fla.modules.convolution")
     conv.causal_conv1d = fla_conv
     for name, mod in {"fla": types.ModuleType("fla"), "fla.ops": types.ModuleType("fla.ops"),
