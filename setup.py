@@ -50,7 +50,10 @@ setup(
     extras_require={
         # GPU kernels: fla ops (fla-core, or flash-linear-attention<0.6: 0.6 needs transformers 5),
         # the Dao causal-conv1d kernel (optional; fla's Triton conv is the fallback) and TE.
-        "gpu": ["fla-core", "causal-conv1d", "transformer-engine[pytorch]"],
+        # flash-qla (Qwen's fused TileLang GDN chunk kernel): measured on H200 it cut the chunk
+        # kernels of one 80B-A3B GDN layer from ~3.9 to ~1.3 ms (B=4, T=4096; docs/gpu.md); used
+        # when importable, fla otherwise. tilelang also serves fla's Hopper backward (triton < 3.7.1).
+        "gpu": ["fla-core", "causal-conv1d", "transformer-engine[pytorch]", "flash-qla", "tilelang"],
         "nemo": NEMO,
         "test": ["pytest", "transformers~=4.57.0"],
     },
