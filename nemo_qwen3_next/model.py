@@ -64,16 +64,24 @@ def seed_all(seed: int) -> None:
 
 
 def build_model(config, backend: str = "auto", pre_process: bool = True, post_process: bool = True,
-                vp_stage: Optional[int] = None, parallel_output: bool = True):
-    """Megatron `GPTModel` with the Qwen3-Next decoder for `config` (a `Qwen3NextConfig`)."""
+                vp_stage: Optional[int] = None, parallel_output: bool = True, transformer_layer_spec=None,
+                **gpt_kwargs):
+    """Megatron `GPTModel` with the Qwen3-Next decoder for `config` (a `Qwen3NextConfig`).
+
+    The one recipe (block spec, partial RoPE, (un)tied embeddings) that NeMo's `configure_model`
+    uses too; it passes its own resolved `transformer_layer_spec` and extra `GPTModel` arguments.
+    """
     from megatron.core.models.gpt import GPTModel
 
     apply_cpu_compat()
+    if transformer_layer_spec is None:
+        transformer_layer_spec = get_qwen3_next_block_spec(config, backend, vp_stage=vp_stage)
+    kw = dict(max_sequence_length=config.max_position_embeddings)
+    kw.update(gpt_kwargs)
     return GPTModel(
         config=config,
-        transformer_layer_spec=get_qwen3_next_block_spec(config, backend, vp_stage=vp_stage),
+        transformer_layer_spec=transformer_layer_spec,
         vocab_size=config.vocab_size,
-        max_sequence_length=config.max_position_embeddings,
         pre_process=pre_process,
         post_process=post_process,
         parallel_output=parallel_output,
@@ -82,4 +90,5 @@ def build_model(config, backend: str = "auto", pre_process: bool = True, post_pr
         rotary_percent=config.rotary_percent,
         rotary_base=config.rotary_base,
         vp_stage=vp_stage,
+        **kw,
     )

@@ -11,6 +11,7 @@ can say ``transformer_layer_spec: megatron_qwen3_next``.
 from __future__ import annotations
 
 import inspect
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable, Optional, Union
 
@@ -62,11 +63,9 @@ class Qwen3NextNeMoConfig(Qwen3NextConfig, GPTConfig):
         """Megatron `GPTModel` for this config (this pipeline stage), on the meta device when
         `init_model_with_meta_device`."""
         from megatron.core import parallel_state
-        from megatron.core.models.gpt import GPTModel
 
-        from ..compat import apply_cpu_compat
+        from ..model import build_model
 
-        apply_cpu_compat()
         vp_stage = vp_stage or 0
         if self.vocab_size is None:
             raise ValueError("Qwen3NextNeMoConfig.vocab_size is None; set it (Qwen3-Next: 151936).")
@@ -74,32 +73,19 @@ class Qwen3NextNeMoConfig(Qwen3NextConfig, GPTConfig):
             pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
         if post_process is None:
             post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
-        device = torch.device("meta") if self.init_model_with_meta_device else None
-        with torch.device(device) if device is not None else _null():
-            return GPTModel(
+        device = torch.device("meta") if self.init_model_with_meta_device else nullcontext()
+        with device:
+            return build_model(
                 self,
                 transformer_layer_spec=self.block_spec(vp_stage),
-                vocab_size=self.vocab_size,
-                max_sequence_length=self.seq_length,
-                fp16_lm_cross_entropy=self.fp16_lm_cross_entropy,
-                parallel_output=self.parallel_output,
-                share_embeddings_and_output_weights=self.tie_word_embeddings,
-                position_embedding_type="rope",
-                rotary_percent=self.rotary_percent,
-                rotary_base=self.rotary_base,
                 pre_process=pre_process,
                 post_process=post_process,
-                scatter_embedding_sequence_parallel=self.scatter_embedding_sequence_parallel,
                 vp_stage=vp_stage,
+                parallel_output=self.parallel_output,
+                max_sequence_length=self.seq_length,
+                fp16_lm_cross_entropy=self.fp16_lm_cross_entropy,
+                scatter_embedding_sequence_parallel=self.scatter_embedding_sequence_parallel,
             )
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _as_nemo(core_config: Qwen3NextConfig, **overrides) -> Qwen3NextNeMoConfig:
