@@ -56,6 +56,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.utils import divide
 
 from ..ops import causal_conv1d, gated_delta_rule
+from ..ops.gated_delta_rule import gdn_gate
 from .norms import GatedRMSNorm
 
 
@@ -185,7 +186,7 @@ class GatedDeltaNet(MegatronModule):
 
         beta = beta.reshape(b, s, self.num_value_heads).sigmoid()
         a = a.reshape(b, s, self.num_value_heads)
-        g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias)
+        g = gdn_gate(a, self.A_log, self.dt_bias)
 
         o, _ = gated_delta_rule(
             q,

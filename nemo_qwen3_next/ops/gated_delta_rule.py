@@ -128,6 +128,17 @@ def gdn_gate(a: torch.Tensor, A_log: torch.Tensor, dt_bias: Optional[torch.Tenso
     return -A_log.float().exp() * F.softplus(x)
 
 
+def _kernel_cu_seqlens(q, Hk: int, Hv: int, cu_seqlens):
+    """Checks shared by the kernel paths; returns `cu_seqlens` as the int64 device tensor they take."""
+    if Hv % Hk != 0:
+        raise ValueError(f"num value heads ({Hv}) must be a multiple of num key heads ({Hk})")
+    if cu_seqlens is None:
+        return None
+    if q.shape[0] != 1:
+        raise ValueError(f"with cu_seqlens the batch size must be 1 (packed sequences); got B={q.shape[0]}")
+    return cu_seqlens.to(device=q.device, dtype=torch.long)
+
+
 def _require_fla():
     fns = _load_fla()
     if isinstance(fns, Exception):
@@ -218,12 +229,7 @@ def gated_delta_rule(
 
     chunk_fn, recurrent_fn = _require_fla()
     Hk, Hv = k.shape[2], v.shape[2]
-    if Hv % Hk != 0:
-        raise ValueError(f"num value heads ({Hv}) must be a multiple of num key heads ({Hk})")
-    if cu_seqlens is not None:
-        if q.shape[0] != 1:
-            raise ValueError(f"with cu_seqlens the batch size must be 1 (packed sequences); got B={q.shape[0]}")
-        cu_seqlens = cu_seqlens.to(device=q.device, dtype=torch.long)
+    cu_seqlens = _kernel_cu_seqlens(q, Hk, Hv, cu_seqlens)
     if scale is None:
         scale = k.shape[-1] ** -0.5
     # fla wants q, k, v in one dtype; the caller's normalised q/k may be fp32 next to bf16 v.
@@ -264,12 +270,7 @@ def _flash_qla_call(q, k, v, g, beta, *, scale, cu_seqlens, use_qk_l2norm, A_log
     """FlashQLA's chunked forward/backward; the gate (fp32) and sigmoid(beta) in torch, as it wants them."""
     fn = _load_flash_qla()
     Hk, Hv = k.shape[2], v.shape[2]
-    if Hv % Hk != 0:
-        raise ValueError(f"num value heads ({Hv}) must be a multiple of num key heads ({Hk})")
-    if cu_seqlens is not None:
-        if q.shape[0] != 1:
-            raise ValueError(f"with cu_seqlens the batch size must be 1 (packed sequences); got B={q.shape[0]}")
-        cu_seqlens = cu_seqlens.to(device=q.device, dtype=torch.long)
+    cu_seqlens = _kernel_cu_seqlens(q, Hk, Hv, cu_seqlens)
     if A_log is not None:
         g = gdn_gate(g, A_log, dt_bias)
     if beta_is_logits:
