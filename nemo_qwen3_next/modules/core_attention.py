@@ -60,6 +60,10 @@ class SDPAttention(MegatronModule):
             # Megatron masks are True where attention is *not* allowed.
             causal = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
             mask = causal & ~attention_mask
+            # NeMo without TransformerEngine sends a dense causal mask with every batch; an explicit
+            # mask rules out SDPA's flash kernel, so drop it when it adds nothing to `is_causal`.
+            if q.shape[2] == k.shape[2] and bool((mask == causal).all()):
+                mask = None
         out = F.scaled_dot_product_attention(
             q,
             k,
