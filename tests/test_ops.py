@@ -350,3 +350,17 @@ def test_fla_conv_path_state_width(fake_fla):
     torch.testing.assert_close(S, S_ref)
     with pytest.raises(ImportError, match="causal-conv1d"):
         causal_conv1d(x, w, b, backend="causal_conv1d")
+
+
+def test_usage_records_the_path_taken():
+    """Training logs report which implementation ran; on CPU that is the torch reference."""
+    from nemo_qwen3_next.ops import usage
+
+    usage.reset()
+    q, k, v, g, beta, _ = make_inputs(dtype=torch.float32)
+    gated_delta_rule(q, k, v, g, beta)
+    gated_delta_rule(q, k, v, g, beta, use_recurrent=True)
+    x = torch.randn(2, 9, 4)
+    causal_conv1d(x, torch.randn(4, 3), activation="silu")
+    assert usage.kernels_used() == ["causal_conv1d:torch", "gated_delta_rule:torch_chunk",
+                                    "gated_delta_rule:torch_recurrent"]

@@ -32,6 +32,8 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from .usage import record
+
 __all__ = ["causal_conv1d", "causal_conv1d_ref"]
 
 _BACKENDS = ("auto", "torch", "causal_conv1d", "fla")
@@ -199,6 +201,7 @@ def causal_conv1d(
     _check(x, weight, bias, activation, cu_seqlens, initial_state, check_values=not x.is_cuda)  # no GPU syncs
     args = (x, weight, bias, activation, cu_seqlens, initial_state, output_final_state)
     if backend == "torch" or (backend == "auto" and not x.is_cuda):
+        record("causal_conv1d", "torch")
         return causal_conv1d_ref(
             x, weight, bias, activation,
             cu_seqlens=cu_seqlens, initial_state=initial_state, output_final_state=output_final_state,
@@ -212,17 +215,20 @@ def causal_conv1d(
                 "backend='causal_conv1d' needs the causal-conv1d package: `pip install causal-conv1d`"
             )
         if fn is not None and dao_ok:
+            record("causal_conv1d", "causal_conv1d")
             return _dao_conv(fn, *args)
         if backend == "causal_conv1d":
             raise ValueError("causal_conv1d kernels cannot combine cu_seqlens with initial/final states")
     fn = _load_fla_conv()
     if fn is not None:
+        record("causal_conv1d", "fla")
         return _fla_conv(fn, *args)
     if backend == "fla":
         raise ImportError(
             "backend='fla' needs a recent fla: `pip install fla-core` or "
             "`pip install 'flash-linear-attention<0.6'`"
         )
+    record("causal_conv1d", "torch")
     return causal_conv1d_ref(
         x, weight, bias, activation,
         cu_seqlens=cu_seqlens, initial_state=initial_state, output_final_state=output_final_state,

@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from .gated_delta_rule_ref import chunk_gated_delta_rule_ref, recurrent_gated_delta_rule_ref
+from .usage import record
 
 __all__ = ["gated_delta_rule", "gdn_gate", "FLA_INSTALL_HINT"]
 
@@ -203,6 +204,7 @@ def gated_delta_rule(
 
     if use_fla and chunk_kernel_for(q, k, v, initial_state=initial_state, output_final_state=output_final_state,
                                     use_recurrent=use_recurrent) == "flash_qla":
+        record("gated_delta_rule", "flash_qla")
         return _flash_qla_call(q, k, v, g, beta, scale=scale, cu_seqlens=cu_seqlens, use_qk_l2norm=use_qk_l2norm,
                                A_log=A_log, dt_bias=dt_bias, beta_is_logits=beta_is_logits)
 
@@ -223,6 +225,7 @@ def gated_delta_rule(
             cu_seqlens=cu_seqlens,
             use_qk_l2norm=use_qk_l2norm,
         )
+        record("gated_delta_rule", "torch_recurrent" if use_recurrent else "torch_chunk")
         if use_recurrent:
             return recurrent_gated_delta_rule_ref(q, k, v, g, beta, **kwargs)
         return chunk_gated_delta_rule_ref(q, k, v, g, beta, chunk_size=chunk_size, **kwargs)
@@ -248,6 +251,7 @@ def gated_delta_rule(
     if use_recurrent:  # fused_recurrent has no input guard: it reads strided views as if contiguous
         q, k, v, g, beta = (t.contiguous() for t in (q, k, v, g, beta))
     fn = recurrent_fn if use_recurrent else chunk_fn
+    record("gated_delta_rule", "fla_recurrent" if use_recurrent else "fla_chunk")
     # Keywords only: fla-core 0.6's fused_recurrent takes (q, k, v, g, gk, gv, beta, ...), so a positional
     # beta lands in gk (a per-key decay it then reads out of bounds: NaN output).
     o, final_state = fn(

@@ -13,6 +13,8 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from .usage import record
+
 __all__ = ["gated_rms_norm", "gated_rms_norm_ref"]
 
 _BACKENDS = ("auto", "torch", "fla")
@@ -47,10 +49,13 @@ def gated_rms_norm(
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
     if backend == "torch" or (backend == "auto" and not x.is_cuda):
+        record("gated_rms_norm", "torch")
         return gated_rms_norm_ref(x, gate, weight, eps)
     fn = _load_fla_norm()
     if fn is None:
         if backend == "fla":
             raise ImportError("backend='fla' for the gated RMSNorm needs fla: `pip install fla-core`")
+        record("gated_rms_norm", "torch")
         return gated_rms_norm_ref(x, gate, weight, eps)
+    record("gated_rms_norm", "fla")
     return fn(x, gate, weight, None, activation="swish", eps=eps)

@@ -20,6 +20,8 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 
+from ..ops.usage import kernels_used
+
 
 def _world():
     return (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
@@ -90,6 +92,7 @@ class TrainingMetrics(Callback):
         self._t0: Optional[float] = None
         self._elapsed = 0.0
         self._steps = 0
+        self._kernels: Optional[list] = None
 
     # ------------------------------------------------------------------ hooks
     def on_train_start(self, trainer, pl_module):
@@ -117,6 +120,9 @@ class TrainingMetrics(Callback):
         self._elapsed, self._steps = 0.0, 0
         if self.expert_load is not None:
             record.update(self.expert_load.collect())
+        kernels = kernels_used()
+        if kernels != self._kernels:  # which path the sequence mixers took (kernel or torch reference)
+            record["kernels"] = self._kernels = kernels
         if rank == 0:
             self._write(trainer, record)
 
@@ -154,7 +160,10 @@ class TrainingMetrics(Callback):
             f.write(json.dumps(record) + "\n")
         for logger in trainer.loggers:
             if type(logger).__name__ == "TensorBoardLogger":
-                logger.log_metrics({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+                logger.log_metrics({k: v for k, v in record.items() if k not in ("step", "kernels")},
+                                   step=record["step"])
+        if "kernels" in record:
+            print(f"sequence-mixer implementations in use: {', '.join(record['kernels'])}", flush=True)
         moe = f" | moe imbalance {record['moe/imbalance_max']:.2f} entropy {record['moe/entropy_mean']:.3f}" \
             if "moe/imbalance_max" in record else ""
         print(
