@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# Issue 4's GPU pretraining runs (and issue 5's GPU tests) on the device machine, kind nvidia-h200-x2.
+# Usage (device, repo root): bash benchmarks/device_pretrain.sh STEP[:SECONDS] ...
+#
+# The NeMo stack and the kernel stack do not fit one 64 MiB carry, so a session makes two calls
+# back to back (the machine stays warm 30 s between calls):
+#   call 1, carry [".devwheels/nemo", ".devwheels/core"]:  install smoke:150 smoke2:150
+#   call 2, carry [".devwheels/bundle", ".devwheels/fq", ".devwheels/cache"]:  unpack one_gpu:480
+#   call 3, no carry:  two_gpu:540
+# Steps:
+#   install  pip-install the NeMo wheel set (benchmarks/stage_nemo_wheels.sh) into /tmp/nemosite and
+#            megatron-core 0.15.3 + hydra into /tmp/site
+#   smoke    3 steps of the tiny config on GPU 0 with the plain-torch GDN (the NeMo GPU path, no fla)
+#   smoke2   the same with TP=2+SP on both GPUs (torchrun, NCCL)
+#   unpack   the kernel stack: fla-core, TileLang, FlashQLA (benchmarks/device_run.sh's bundle)
+#   one_gpu  GPU 0: the ~1B model, one GPU.  GPU 1 meanwhile: tests/test_gpu_gdn.py, then the tiny model.
+#   two_gpu  both GPUs: the ~1B model with TP=2+SP, then the tiny model data-parallel (DP=2).
+# Each run's stdout, metrics.jsonl and loss_curve.png go into $OUT/pretrain_results.tgz.
+set -u
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" /tmp/res /tmp/runs
+export PYTHONUNBUFFERED=1
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export PYTHONPATH=/tmp/nemosite:/tmp/site:$PWD
+mkdir -p .tlcache/tl .tlcache/triton
+export TILELANG_CACHE_DIR=$PWD/.tlcache/tl TRITON_CACHE_DIR=$PWD/.tlcache/triton
+t0=$(date +%s)
+
+# 1B: seq 2048, 32 x 2048 = 65,536 tokens per step; checkpoints only at the end, weights only.
+ONEB="model=qwen3_next_1b trainer.precision=bf16-mixed data.seq_length=2048 data.micro_batch_size=4 \
+data.global_batch_size=32 optim.lr=1e-3 optim.warmup_steps=10 trainer.max_steps=${ONEB_STEPS:-80} \
+trainer.val_check_interval=1000 checkpoint.every_n_steps=1000 checkpoint.save_optim_on_train_end=false"
+TINY="trainer.precision=bf16-mixed trainer.max_steps=${TINY_STEPS:-200}"
+
+pretrain() {  # name, limit, gpus ("0" or "0,1"), args...
+  local name=$1 lim=$2 gpus=$3; shift 3
+  local n=$(( $(echo "$gpus" | tr -cd , | wc -c) + 1 ))
+  local launch="python3"
+  [ "$n" -gt 1 ] && launch="torchrun --standalone --nproc-per-node $n"
+  echo "[$name] CUDA_VISIBLE_DEVICES=$gpus $launch examples/pretrain.py $* run_dir=/tmp/runs/$name data.cache_dir=/tmp/runs/data_$name" \
+    | tee /tmp/res/$name.cmd
+  local s=$(date +%s)
+  CUDA_VISIBLE_DEVICES=$gpus timeout -k 10 "$lim" $launch examples/pretrain.py "$@" run_dir=/tmp/runs/$name \
+    data.cache_dir=/tmp/runs/data_$name > /tmp/res/$name.log 2>&1
+  local rc=$?
+  echo "[$name] rc=$rc took $(( $(date +%s) - s )) s" | tee -a /tmp/res/$name.cmd
+  cp /tmp/runs/$name/metrics/metrics.jsonl /tmp/res/$name.metrics.jsonl 2>/dev/null
+  cp /tmp/runs/$name/metrics/loss_curve.png /tmp/res/$name.loss_curve.png 2>/dev/null
+  grep -a "implementations\|^step " /tmp/res/$name.log | sed -n '1,3p;$p'
+  [ $rc -ne 0 ] && tail -25 /tmp/res/$name.log
+  return $rc
+}
+
+gpu_tests() {  # on GPU 1, the tiny-model and recurrent checks first (the earlier sessions never reached them)
+  CUDA_VISIBLE_DEVICES=1 timeout -k 5 "$1" python3 -m pytest -q -s -p no:cacheprovider \
+    "tests/test_gpu_gdn.py::test_tiny_model_gpu_bf16_logits_vs_cpu_fp32" \
+    "tests/test_gpu_gdn.py::test_recurrent_kernel_matches_chunk_forward" \
+    "tests/test_gpu_gdn.py::test_gdn_packed_equals_per_document" \
+    "tests/test_gpu_gdn.py::test_gdn_fused_bf16_vs_fp32_reference" > /tmp/res/gpu_tests.log 2>&1
+  echo "gpu tests rc=$?"; tail -30 /tmp/res/gpu_tests.log
+}
+
+for item in "$@"; do
+  step=${item%%:*}; lim=${item#*:}; [ "$lim" = "$item" ] && lim=300
+  s=$(date +%s); echo "===== $step (limit $lim s) at $(( s - t0 )) s"
+  case $step in
+    install)
+      python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/nemosite .devwheels/nemo/*.whl &&
+      python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .devwheels/core/*.whl &&
+      python3 -c "import transformers, huggingface_hub, lightning, megatron.core, nemo, torch; print('transformers', transformers.__version__, 'hub', huggingface_hub.__version__, 'lightning', lightning.__version__, 'mcore', megatron.core.__version__, 'nemo', nemo.__version__, 'torch', torch.__version__, 'gpus', torch.cuda.device_count())"
+      nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader ;;
+    smoke) pretrain smoke "$lim" 0 +model.linear_attention_backend=torch trainer.precision=bf16-mixed trainer.max_steps=3 ;;
+    smoke2) pretrain smoke2 "$lim" 0,1 parallelism=tp2_sp +model.linear_attention_backend=torch \
+              trainer.precision=bf16-mixed trainer.max_steps=3 ;;
+    unpack)
+      if [ ! -d /tmp/site/fla ]; then
+        tar -C /tmp -xJf .devwheels/bundle/bundle.tar.xz site || exit 1
+        for w in .devwheels/fq/*.whl; do python3 -m zipfile -e "$w" /tmp/site/ || exit 1; done
+      fi
+      [ -f .devwheels/cache/tlcache.tgz ] && tar -xzf .devwheels/cache/tlcache.tgz && echo "restored .tlcache"
+      python3 -c "import torch, triton, fla, tilelang, flash_qla; print('torch', torch.__version__, 'triton', triton.__version__, 'fla', fla.__version__, 'tilelang', tilelang.__version__, 'flash_qla', flash_qla.__version__)" ;;
+    one_gpu)
+      pretrain gpu1_1b "$lim" 0 $ONEB &
+      p0=$!
+      ( gpu_tests $(( lim / 2 )); pretrain gpu1_tiny $(( lim / 2 - 10 )) 1 $TINY ) &
+      p1=$!
+      wait $p0 $p1 ;;
+    two_gpu)
+      pretrain gpu2_1b_tp2 $(( lim * 7 / 10 )) 0,1 $ONEB parallelism=tp2_sp
+      pretrain gpu2_tiny_dp2 $(( lim * 3 / 10 - 10 )) 0,1 $TINY ;;
+  esac
+  echo "===== $step rc=$? took $(( $(date +%s) - s )) s"
+  tar -C /tmp -czf "$OUT/pretrain_results.tgz" res
+done
+echo "total $(( $(date +%s) - t0 )) s"
