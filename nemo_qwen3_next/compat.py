@@ -7,11 +7,12 @@ megatron-core assumes a GPU in a few spots that do not matter for the math (meas
   memory buffer used by sequence-parallel gathers, router buffers, the MoE router moving its
   weight "to the GPU"). Without CUDA we answer ``"cpu"``, which every such call site accepts.
 * `moe_utils.te_general_gemm` is an unbound name when TransformerEngine is absent (NameError
-  in the router); it must be ``None`` so the plain `torch.mm` path runs.
+  in the router); it must be ``None`` so the plain `torch.mm` path runs. This one is a bug of
+  every TE-less install, GPU too (seen on H200): `fix_te_less_router()` runs on any machine.
 * `model_parallel_cuda_manual_seed` needs CUDA RNG states; `seed_cpu` gives the same
   tensor-parallel RNG tracker with CPU generators.
 
-Nothing here runs when CUDA is available: `apply_cpu_compat()` is a no-op there.
+Apart from that router fix, nothing here runs when CUDA is available.
 """
 
 from __future__ import annotations
@@ -21,17 +22,22 @@ import torch
 _APPLIED = False
 
 
-def apply_cpu_compat() -> bool:
-    """Patch megatron-core for CPU use if (and only if) CUDA is unavailable. Idempotent."""
-    global _APPLIED
-    if _APPLIED or torch.cuda.is_available():
-        return _APPLIED
-    torch.cuda.current_device = lambda: "cpu"  # device-argument use only (see module doc)
-
+def fix_te_less_router() -> None:
+    """Bind `moe_utils.te_general_gemm = None` when TransformerEngine did not define it (any device)."""
     from megatron.core.transformer.moe import moe_utils
 
     if not hasattr(moe_utils, "te_general_gemm"):
         moe_utils.te_general_gemm = None
+
+
+def apply_cpu_compat() -> bool:
+    """Patch megatron-core for CPU use if (and only if) CUDA is unavailable; always fix the TE-less
+    router. Idempotent."""
+    global _APPLIED
+    fix_te_less_router()
+    if _APPLIED or torch.cuda.is_available():
+        return _APPLIED
+    torch.cuda.current_device = lambda: "cpu"  # device-argument use only (see module doc)
     _APPLIED = True
     return True
 
