@@ -27,11 +27,19 @@ def _world():
     return (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
 
 
+def _comm_device() -> torch.device:
+    """Where collective buffers must live: the current GPU under NCCL, else the CPU (gloo)."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 class ExpertLoad:
     """Counts tokens routed to each expert per MoE layer (forward hooks on Megatron's routers)."""
 
     def __init__(self, num_layers: int, num_experts: int):
-        self.counts = torch.zeros(num_layers, num_experts, dtype=torch.float64)
+        self.shape = (num_layers, num_experts)
+        self.counts: Optional[torch.Tensor] = None  # on the routers' device: no host sync per layer
         self.handles = []
 
     def attach(self, model: torch.nn.Module) -> int:
@@ -45,7 +53,9 @@ class ExpertLoad:
                 if not mod.training:  # count training batches only
                     return
                 routing_map = out[1]  # [tokens, experts] bool
-                self.counts[index] += routing_map.detach().sum(0).to("cpu", torch.float64)
+                if self.counts is None:
+                    self.counts = torch.zeros(self.shape, dtype=torch.float64, device=routing_map.device)
+                self.counts[index] += routing_map.detach().sum(0)
 
             self.handles.append(router.register_forward_hook(hook))
         return len(self.handles)
@@ -53,12 +63,13 @@ class ExpertLoad:
     def collect(self) -> Dict[str, float]:
         """Per-layer load imbalance (max / mean tokens per expert; 1 is perfect) and usage entropy
         (normalised to [0, 1]; 1 is uniform) over all ranks since the last call; then reset."""
-        counts = self.counts.clone()
-        if dist.is_initialized():
-            counts = counts.to(torch.float32)
+        counts = torch.zeros(self.shape, dtype=torch.float64) if self.counts is None else self.counts.clone()
+        if dist.is_initialized():  # every rank calls this at the same steps (see module doc)
+            counts = counts.to(_comm_device(), torch.float32)
             dist.all_reduce(counts)
-            counts = counts.double()
-        self.counts.zero_()
+        counts = counts.to("cpu", torch.float64)
+        if self.counts is not None:
+            self.counts.zero_()
         out, imbalances, entropies = {}, [], []
         num_experts = counts.shape[1]
         for i, row in enumerate(counts):
@@ -150,7 +161,7 @@ class TrainingMetrics(Callback):
         world, rank = _world()
         if world == 1:
             return record
-        t = torch.tensor([record["loss"], record["lr"]], dtype=torch.float64)
+        t = torch.tensor([record["loss"], record["lr"]], dtype=torch.float64, device=_comm_device())
         dist.broadcast(t, src=world - 1)
         return dict(record, loss=t[0].item(), lr=t[1].item())
 

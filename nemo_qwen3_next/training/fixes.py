@@ -53,11 +53,22 @@ def stub_missing_resiliency_ext() -> None:
     nemo_logger.lcp = _Namespace()
 
 
+def fix_numpy2_product() -> None:
+    """megatron-core 0.15.3 declares numpy<2 but is often installed next to numpy 2, where
+    `np.product` is gone; its fully-parallel checkpoint save (`exchange_utils._shard_size`) calls it
+    (AttributeError at the first multi-GPU save, seen on H200 with numpy 2.5). Alias it to `np.prod`."""
+    import numpy as np
+
+    if not hasattr(np, "product"):
+        np.product = np.prod
+
+
 def apply(force_cpu: bool = False) -> bool:
     """Apply the fixes, and the CPU workarounds when CUDA is unavailable. Idempotent.
     Returns True when the CPU workarounds are active."""
     fix_rank0_timer_allgather()
     stub_missing_resiliency_ext()
+    fix_numpy2_product()
     if torch.cuda.is_available():
         if force_cpu:
             raise RuntimeError("trainer.accelerator=cpu on a machine with CUDA is not supported; "
