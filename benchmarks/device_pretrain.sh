@@ -28,7 +28,7 @@ t0=$(date +%s)
 # 1B: seq 2048, 32 x 2048 = 65,536 tokens per step; checkpoints only at the end, weights only.
 ONEB="model=qwen3_next_1b trainer.precision=bf16-mixed data.seq_length=2048 data.micro_batch_size=4 \
 data.global_batch_size=32 optim.lr=1e-3 optim.warmup_steps=10 trainer.max_steps=${ONEB_STEPS:-80} \
-trainer.val_check_interval=1000 checkpoint.every_n_steps=1000 checkpoint.save_optim_on_train_end=false"
+trainer.val_check_interval=${ONEB_STEPS:-80} checkpoint.every_n_steps=1000 checkpoint.save_optim_on_train_end=false"
 TINY="trainer.precision=bf16-mixed trainer.max_steps=${TINY_STEPS:-200}"
 
 pretrain() {  # name, limit, gpus ("0" or "0,1"), args...
@@ -84,6 +84,16 @@ for item in "$@"; do
       ( gpu_tests $(( lim / 2 )); pretrain gpu1_tiny $(( lim / 2 - 10 )) 1 $TINY ) &
       p1=$!
       wait $p0 $p1 ;;
+    final)  # one call for what is left when device time is short: ~1B on 1 GPU (+ the tiny-model test on
+            # GPU 1 meanwhile), then ~1B with TP=2+SP and the tiny model DP=2 on both GPUs
+      pretrain gpu1_1b $(( lim * 4 / 10 )) 0 $ONEB &
+      p0=$!
+      CUDA_VISIBLE_DEVICES=1 timeout -k 5 $(( lim * 3 / 10 )) python3 -m pytest -q -s -p no:cacheprovider \
+        "tests/test_gpu_gdn.py::test_tiny_model_gpu_bf16_logits_vs_cpu_fp32" > /tmp/res/gpu_tests_tiny.log 2>&1
+      echo "tiny-model test rc=$?"; grep -a "tiny model\|passed\|failed\|Error" /tmp/res/gpu_tests_tiny.log | tail -5
+      wait $p0
+      pretrain gpu2_1b_tp2 $(( lim * 4 / 10 )) 0,1 $ONEB parallelism=tp2_sp
+      pretrain gpu2_tiny_dp2 $(( lim * 2 / 10 - 15 )) 0,1 $TINY ;;
     two_gpu)
       pretrain gpu2_1b_tp2 $(( lim * 7 / 10 )) 0,1 $ONEB parallelism=tp2_sp
       pretrain gpu2_tiny_dp2 $(( lim * 3 / 10 - 10 )) 0,1 $TINY ;;
