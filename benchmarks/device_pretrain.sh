@@ -88,9 +88,14 @@ for item in "$@"; do
             # GPU 1 meanwhile), then ~1B with TP=2+SP and the tiny model DP=2 on both GPUs
       pretrain gpu1_1b $(( lim * 4 / 10 )) 0 $ONEB &
       p0=$!
+      st=$(date +%s)
       CUDA_VISIBLE_DEVICES=1 timeout -k 5 $(( lim * 3 / 10 )) python3 -m pytest -q -s -p no:cacheprovider \
         "tests/test_gpu_gdn.py::test_tiny_model_gpu_bf16_logits_vs_cpu_fp32" > /tmp/res/gpu_tests_tiny.log 2>&1
       echo "tiny-model test rc=$?"; grep -a "tiny model\|passed\|failed\|Error" /tmp/res/gpu_tests_tiny.log | tail -5
+      left=$(( lim * 4 / 10 - ($(date +%s) - st) ))  # GPU 1 is free until the 1B run ends: the layer checks
+      [ $left -gt 30 ] && CUDA_VISIBLE_DEVICES=1 timeout -k 5 $left python3 -m pytest -q -s -p no:cacheprovider \
+        tests/test_gpu_gdn.py -k "packed or bf16_vs_fp32" > /tmp/res/gpu_tests_layer.log 2>&1
+      echo "layer tests rc=$?"; grep -a "err\|passed\|failed\|Error" /tmp/res/gpu_tests_layer.log | tail -8
       wait $p0
       pretrain gpu2_1b_tp2 $(( lim * 4 / 10 )) 0,1 $ONEB parallelism=tp2_sp
       pretrain gpu2_tiny_dp2 $(( lim * 2 / 10 - 15 )) 0,1 $TINY ;;
