@@ -137,3 +137,16 @@ def test_tp2_sp_reproduces_single_process_curve(reference, workdir):
     print("TP=2 vs TP=1 max |loss diff|:", max(diffs))
     assert max(diffs) < TP2_ATOL, diffs
     assert rec[1]["loss"] == pytest.approx(ref[1]["loss"], abs=1e-4)  # same initial weights
+
+
+def test_val_interval_longer_than_one_pass_over_the_data(tmp_path):
+    """val_check_interval counts steps over the whole run: an interval longer than one pass over a
+    small training split must not be refused at startup (it was, on the GPU machine, for the ~1B
+    config on the embedded corpus at seq 2048)."""
+    run_dir = tmp_path / "run"
+    # 200 kB of text at seq 128 and 4 sequences a batch: ~380 batches in one pass, interval 1000
+    cmd = [sys.executable, PRETRAIN, f"run_dir={run_dir}", f"data.cache_dir={tmp_path / 'data'}",
+           "trainer.max_steps=2", "trainer.val_check_interval=1000", "data.embedded_max_bytes=200000",
+           "checkpoint.every_n_steps=1000"]
+    _run(cmd, cwd=tmp_path)
+    assert sorted(_losses(str(run_dir))) == [1, 2]

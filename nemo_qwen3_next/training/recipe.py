@@ -198,6 +198,9 @@ def run(cfg: PretrainConfig) -> str:
         num_nodes=num_nodes,
         max_steps=cfg.trainer.max_steps,
         val_check_interval=cfg.trainer.val_check_interval,
+        # count val_check_interval in steps over the whole run, not within an "epoch" (one pass over
+        # the training split): otherwise an interval longer than one pass is refused at startup
+        check_val_every_n_epoch=None,
         limit_val_batches=cfg.trainer.limit_val_batches,
         log_every_n_steps=cfg.trainer.log_every_n_steps,
         num_sanity_val_steps=0,
