@@ -5,7 +5,8 @@ for `megatron.core.models.gpt.GPTModel(transformer_layer_spec=...)`. A backend o
 which classes fill the slots:
 
 * ``local``: Megatron's `ColumnParallelLinear` / `RowParallelLinear`, our `RMSNorm` and SDPA core
-  attention, `SequentialMLP` experts (or the legacy `GroupedMLP` with `moe_grouped_gemm`).
+  attention, `SequentialMLP` experts as `GroupedSequentialMLP` (same parameters; grouped GEMMs with
+  ``QWEN3_NEXT_MOE_EXPERTS=grouped_mm``), or the legacy `GroupedMLP` with `moe_grouped_gemm`.
   Runs on CPU and GPU.
 * ``te``: TransformerEngine linears, `TENorm` (zero-centred gamma from the config),
   `TEDotProductAttention`, `TEGroupedMLP` experts.
@@ -27,12 +28,14 @@ from megatron.core.transformer.attention import SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
+from megatron.core.transformer.moe.experts import SequentialMLP
 from megatron.core.transformer.moe.shared_experts import SharedExpertMLP
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
 from .layer import Qwen3NextLayerSubmodules, Qwen3NextTransformerLayer
 from .modules import GatedDeltaNet, GatedDeltaNetSubmodules, GatedSelfAttention, RMSNorm, SDPAttention
+from .modules.grouped_experts import GroupedSequentialMLP
 
 SPEC_NAME = "megatron_qwen3_next"
 
@@ -90,6 +93,8 @@ def get_qwen3_next_layer_spec(config, backend: str = "auto") -> ModuleSpec:
     moe = None
     if config.num_moe_experts:
         expert_module, expert_submodules = provider.grouped_mlp_modules(bool(config.moe_grouped_gemm), False)
+        if backend == "local" and expert_module is SequentialMLP:  # same parameters, optional grouped GEMMs
+            expert_module = GroupedSequentialMLP
         shared = None
         if config.moe_shared_expert_intermediate_size:
             shared = ModuleSpec(

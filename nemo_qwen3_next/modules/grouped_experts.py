@@ -1,0 +1,82 @@
+"""Routed experts without TransformerEngine: `SequentialMLP`'s parameters, optionally grouped GEMMs.
+
+megatron-core's local `SequentialMLP` runs each expert's MLP in a Python loop: with many small
+experts (64 per layer in our ~1B config, 512 in 80B-A3B) a training step becomes launch-bound
+(H200: ~10 TFLOP/s/GPU for the ~1B model, `benchmarks/results/h200x2_pretrain`). The legacy
+`GroupedMLP` needs the `grouped_gemm` package and another parameter layout; `TEGroupedMLP` needs TE.
+
+`GroupedSequentialMLP` keeps `SequentialMLP`'s parameters (`local_experts.{i}.linear_fc{1,2}`), so
+checkpoints, HF conversion and sharding are unchanged, and with ``QWEN3_NEXT_MOE_EXPERTS=grouped_mm``
+runs both projections of all local experts as one `torch._grouped_mm` each: the per-expert weights are
+stacked (one copy of the layer's expert weights, cheap next to the GEMMs) and gradients flow back
+to each expert's own parameters, so DDP's per-parameter hooks work as before.
+
+Default ``sequential`` (the parent's loop). ``grouped_mm`` is opt-in until it is measured on the GPU
+machine; it is checked against the loop on CPU (fp32) in `tests/test_grouped_experts.py`.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer.moe.experts import SequentialMLP
+
+IMPLS = ("sequential", "grouped_mm")
+
+
+def experts_impl() -> str:
+    impl = os.environ.get("QWEN3_NEXT_MOE_EXPERTS", "sequential")
+    if impl not in IMPLS:
+        raise ValueError(f"QWEN3_NEXT_MOE_EXPERTS={impl!r}; use one of {IMPLS}")
+    return impl
+
+
+def grouped_mm_unsupported(config) -> str:
+    """Why the grouped path cannot reproduce `SequentialMLP` for this config ('' when it can)."""
+    if not hasattr(torch, "_grouped_mm"):
+        return f"torch {torch.__version__} has no torch._grouped_mm (needs torch >= 2.8)"
+    if config.fp8:
+        return "fp8 experts (use TransformerEngine's TEGroupedMLP)"
+    if config.add_bias_linear:
+        return "expert biases (add_bias_linear=True)"
+    if not (config.gated_linear_unit and config.activation_func is F.silu):
+        return "experts other than SwiGLU (gated_linear_unit with silu)"
+    if getattr(config, "activation_func_clamp_value", None) is not None or getattr(config, "glu_linear_offset", 0):
+        return "clamped / offset GLU activations"
+    if getattr(config, "delay_wgrad_compute", False):
+        return "delay_wgrad_compute"
+    return ""
+
+
+class GroupedSequentialMLP(SequentialMLP):
+    """`SequentialMLP` whose forward can run all local experts as two grouped GEMMs (see module doc)."""
+
+    def __init__(self, num_local_experts, config, submodules, pg_collection=None):
+        super().__init__(num_local_experts, config, submodules, pg_collection=pg_collection)
+        self.impl = experts_impl()
+        if self.impl == "grouped_mm":
+            why = grouped_mm_unsupported(config)
+            if why:
+                raise ValueError(
+                    f"QWEN3_NEXT_MOE_EXPERTS=grouped_mm does not support {why}; unset it to use the loop."
+                )
+
+    def forward(self, permuted_local_hidden_states, tokens_per_expert, permuted_probs):
+        if self.impl != "grouped_mm" or self.num_local_experts == 1:
+            return super().forward(permuted_local_hidden_states, tokens_per_expert, permuted_probs)
+        x, probs = permuted_local_hidden_states, permuted_probs
+        if self.config.moe_apply_probs_on_input:  # as the parent: scale the input, then probs = 1
+            x = (probs.unsqueeze(-1) * x).to(x.dtype)
+            probs = torch.ones_like(probs)
+        # group ends; int32 on the tokens' device (no host sync, unlike the parent's .tolist())
+        offs = torch.cumsum(torch.as_tensor(tokens_per_expert, device=x.device), 0).to(torch.int32)
+        w1 = torch.stack([e.linear_fc1.weight for e in self.local_experts])  # [E, 2F/tp, H]
+        w2 = torch.stack([e.linear_fc2.weight for e in self.local_experts])  # [E, H, F/tp]
+        h = torch._grouped_mm(x, w1.to(x.dtype).transpose(1, 2), offs=offs)  # [T, 2F/tp]
+        gate, up = torch.chunk(h, 2, dim=-1)  # megatron's fc1 holds [gate; up] on every TP rank
+        act = F.silu(gate) * up
+        act = (act * probs.unsqueeze(-1)).to(x.dtype)  # same order and dtypes as megatron's MLP
+        out = torch._grouped_mm(act, w2.to(x.dtype).transpose(1, 2), offs=offs)  # [T, H]
+        return out, None

@@ -1,0 +1,95 @@
+"""`GroupedSequentialMLP` with QWEN3_NEXT_MOE_EXPERTS=grouped_mm: the same model as the expert loop.
+
+References: HF transformers' `Qwen3NextForCausalLM` (logits, loss and every gradient, through the
+same `load_hf` path as tests/test_parity.py) and megatron-core's own `SequentialMLP` loop on the same
+module (an expert that receives no token included). fp32 on CPU, where `torch._grouped_mm` runs too.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nemo_qwen3_next import load_hf
+from nemo_qwen3_next.hf_mapping import ours_to_hf
+from nemo_qwen3_next.modules.grouped_experts import GroupedSequentialMLP
+from nemo_qwen3_next.testing import random_hf_model, tiny_hf_config
+
+pytestmark = pytest.mark.skipif(not hasattr(torch, "_grouped_mm"), reason="needs torch._grouped_mm")
+
+
+@pytest.fixture
+def grouped(monkeypatch):
+    monkeypatch.setenv("QWEN3_NEXT_MOE_EXPERTS", "grouped_mm")
+
+
+def _experts(model):
+    mods = [m for m in model.modules() if isinstance(m, GroupedSequentialMLP)]
+    assert mods and all(m.impl == "grouped_mm" for m in mods)
+    return mods
+
+
+def test_grouped_experts_match_hf_logits_and_gradients(grouped):
+    hf = random_hf_model(tiny_hf_config(), seed=1)  # hybrid: MoE + gated shared expert + a dense layer
+    ours = load_hf(hf, linear_attention_chunk_size=16)
+    _experts(ours)
+    torch.manual_seed(3)
+    ids = torch.randint(0, hf.config.vocab_size, (2, 37))
+    pos = torch.arange(ids.shape[1]).unsqueeze(0).expand_as(ids)
+    logits_hf, logits = hf(ids, use_cache=False).logits, ours(ids, pos, None)
+    assert (logits - logits_hf).abs().max().item() <= 1e-4
+
+    def lm_loss(x):
+        return F.cross_entropy(x[:, :-1].reshape(-1, x.shape[-1]), ids[:, 1:].reshape(-1))
+
+    lm_loss(logits_hf).backward()
+    lm_loss(logits).backward()
+    grads = ours_to_hf({n: p.grad for n, p in ours.named_parameters()}, ours.config)
+    hf_params = dict(hf.named_parameters())
+    experts = 0
+    for name, g in grads.items():
+        ref = hf_params[name].grad
+        rel = ((g - ref).norm() / ref.norm().clamp_min(1e-12)).item()
+        assert rel <= 1e-4, f"{name}: relative gradient error {rel}"
+        experts += ".mlp.experts." in name
+    assert experts > 0
+
+
+def test_grouped_forward_equals_the_loop_with_an_idle_expert(grouped):
+    hf = random_hf_model(tiny_hf_config(), seed=2)
+    module = _experts(load_hf(hf))[0]
+    E, H = module.num_local_experts, module.config.hidden_size
+    counts = torch.tensor([5, 0] + [3] * (E - 2))  # expert 1 gets no token
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(int(counts.sum()), H, generator=gen)
+    probs = torch.rand(int(counts.sum()), generator=gen)
+    probe = torch.randn(int(counts.sum()), H, generator=gen)
+
+    def run(fn):
+        module.zero_grad(set_to_none=True)
+        xi = x.clone().requires_grad_(True)
+        out, bias = fn(xi, counts, probs)
+        assert bias is None
+        (out * probe).sum().backward()
+        return out.detach(), xi.grad, [p.grad.clone() if p.grad is not None else torch.zeros_like(p)
+                                      for p in module.parameters()]
+
+    out_g, dx_g, dw_g = run(module.forward)
+    out_l, dx_l, dw_l = run(lambda *a: super(GroupedSequentialMLP, module).forward(*a))
+    torch.testing.assert_close(out_g, out_l, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dx_g, dx_l, rtol=1e-5, atol=1e-5)
+    for a, b in zip(dw_g, dw_l):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert dw_g[2].abs().sum() == 0  # the idle expert's fc1 gets no gradient, as in the loop
+
+
+def test_unsupported_config_names_the_switch(monkeypatch):
+    from nemo_qwen3_next.config import qwen3_next_tiny_5m
+    from nemo_qwen3_next.model import build_model, init_single_process
+
+    init_single_process()
+    monkeypatch.setenv("QWEN3_NEXT_MOE_EXPERTS", "grouped_mm")
+    with pytest.raises(ValueError, match="QWEN3_NEXT_MOE_EXPERTS=grouped_mm does not support expert biases"):
+        build_model(qwen3_next_tiny_5m(add_bias_linear=True), backend="local")
+    monkeypatch.setenv("QWEN3_NEXT_MOE_EXPERTS", "grouped")
+    with pytest.raises(ValueError, match="QWEN3_NEXT_MOE_EXPERTS='grouped'"):
+        build_model(qwen3_next_tiny_5m(), backend="local")
