@@ -25,12 +25,16 @@ def _tp1():
     return logits.detach(), loss.detach(), dict(model.named_parameters())
 
 
-@pytest.mark.parametrize("sp", [False, True], ids=["tp2", "tp2_sp"])
-def test_tp2_matches_tp1(tmp_path, sp):
+@pytest.mark.parametrize("sp,experts", [(False, "sequential"), (True, "sequential"), (True, "grouped_mm")],
+                         ids=["tp2", "tp2_sp", "tp2_sp_grouped_experts"])
+def test_tp2_matches_tp1(tmp_path, sp, experts):
+    """TP=1 reference always runs the expert loop; the TP=2 run may use the grouped-GEMM experts."""
+    if experts == "grouped_mm" and not hasattr(torch, "_grouped_mm"):
+        pytest.skip("needs torch._grouped_mm")
     out = tmp_path / "tp.pt"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
            WORKER, str(out)] + (["--sp"] if sp else [])
-    env = dict(os.environ, TORCHDYNAMO_DISABLE="1", OMP_NUM_THREADS="1")
+    env = dict(os.environ, TORCHDYNAMO_DISABLE="1", OMP_NUM_THREADS="1", QWEN3_NEXT_MOE_EXPERTS=experts)
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     got = torch.load(out)
