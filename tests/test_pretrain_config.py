@@ -246,10 +246,28 @@ def test_prepare_data_script_writes_readable_documents(tmp_path):
 def test_expert_load_metrics():
     from nemo_qwen3_next.training.callbacks import ExpertLoad
 
+    class Router(torch.nn.Module):  # Megatron's router returns (probs, routing_map [tokens, experts])
+        def forward(self, routing_map):
+            return None, routing_map
+
+    class Layer(torch.nn.Module):
+        def __init__(self, index):
+            super().__init__()
+            self.layer_index, self.mlp = index, torch.nn.Module()
+            self.mlp.router = Router()
+
+    model = torch.nn.ModuleList(Layer(i) for i in range(3))
     load = ExpertLoad(num_layers=3, num_experts=4)
-    load.counts[0] = torch.tensor([8.0, 0, 0, 0])  # one expert takes every routed token
-    load.counts[1] = torch.tensor([2.0, 2, 2, 2])  # perfectly balanced
-    load.counts[2] = torch.tensor([3.0, 1, 0, 0])
+    assert load.attach(model) == 3
+
+    def route(layer, experts_of_tokens):  # one routed expert per token
+        model[layer].mlp.router(torch.nn.functional.one_hot(torch.tensor(experts_of_tokens), 4).bool())
+
+    route(0, [0] * 8)  # one expert takes every routed token
+    route(1, [0, 1, 2, 3] * 2)  # perfectly balanced
+    route(2, [0, 0, 0, 1])
+    model.eval()
+    route(2, [3] * 10)  # evaluation batches are not counted
     m = load.collect()
     assert m["moe/layer00_imbalance"] == pytest.approx(4.0) and m["moe/layer00_entropy"] == pytest.approx(0.0)
     assert m["moe/layer01_imbalance"] == pytest.approx(1.0) and m["moe/layer01_entropy"] == pytest.approx(1.0)
@@ -258,3 +276,4 @@ def test_expert_load_metrics():
     assert m["moe/layer02_entropy"] == pytest.approx(float(-(p * p.log()).sum() / torch.log(torch.tensor(4.0))))
     assert m["moe/imbalance_max"] == pytest.approx(4.0)
     assert load.counts.sum() == 0  # reset after collecting
+    assert load.collect() == {}
