@@ -14,12 +14,14 @@ import os
 import statistics
 import sys
 
+from nemo_qwen3_next.training.callbacks import read_metrics
+
 
 def summarize(folder: str) -> dict:
     runs = {}
     for path in sorted(glob.glob(os.path.join(folder, "*.metrics.jsonl"))):
         name = os.path.basename(path).split(".")[0]
-        recs = [json.loads(line) for line in open(path) if line.strip()]
+        recs = list(read_metrics(path).values())  # by step; a rerun's record wins, as in the run's own PNG
         if not recs:
             continue
         steady = [r for r in recs if r["step"] > 1] or recs
