@@ -48,10 +48,8 @@ def gated_rms_norm(
     """
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
-    if backend == "torch" or (backend == "auto" and not x.is_cuda):
-        record("gated_rms_norm", "torch")
-        return gated_rms_norm_ref(x, gate, weight, eps)
-    fn = _load_fla_norm()
+    use_ref = backend == "torch" or (backend == "auto" and not x.is_cuda)
+    fn = None if use_ref else _load_fla_norm()
     if fn is None:
         if backend == "fla":
             raise ImportError("backend='fla' for the gated RMSNorm needs fla: `pip install fla-core`")
