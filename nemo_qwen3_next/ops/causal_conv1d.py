@@ -200,12 +200,20 @@ def causal_conv1d(
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
     _check(x, weight, bias, activation, cu_seqlens, initial_state, check_values=not x.is_cuda)  # no GPU syncs
     args = (x, weight, bias, activation, cu_seqlens, initial_state, output_final_state)
-    if backend == "torch" or (backend == "auto" and not x.is_cuda):
-        record("causal_conv1d", "torch")
-        return causal_conv1d_ref(
-            x, weight, bias, activation,
-            cu_seqlens=cu_seqlens, initial_state=initial_state, output_final_state=output_final_state,
-        )
+    if not (backend == "torch" or (backend == "auto" and not x.is_cuda)):
+        out = _run_kernel(backend, args)
+        if out is not None:
+            return out
+    record("causal_conv1d", "torch")
+    return causal_conv1d_ref(
+        x, weight, bias, activation,
+        cu_seqlens=cu_seqlens, initial_state=initial_state, output_final_state=output_final_state,
+    )
+
+
+def _run_kernel(backend: str, args):
+    """Dao's kernel or fla's Triton conv for `backend`; None when `auto` finds neither usable."""
+    _, _, _, _, cu_seqlens, initial_state, output_final_state = args
     # Dao's kernel cannot mix seq_idx (packing) with initial/final states.
     dao_ok = cu_seqlens is None or (initial_state is None and not output_final_state)
     if backend in ("auto", "causal_conv1d"):
@@ -228,8 +236,4 @@ def causal_conv1d(
             "backend='fla' needs a recent fla: `pip install fla-core` or "
             "`pip install 'flash-linear-attention<0.6'`"
         )
-    record("causal_conv1d", "torch")
-    return causal_conv1d_ref(
-        x, weight, bias, activation,
-        cu_seqlens=cu_seqlens, initial_state=initial_state, output_final_state=output_final_state,
-    )
+    return None
