@@ -15,6 +15,12 @@
 #   unpack   the kernel stack: fla-core, TileLang, FlashQLA (benchmarks/device_run.sh's bundle)
 #   one_gpu  GPU 0: the ~1B model, one GPU.  GPU 1 meanwhile: tests/test_gpu_gdn.py, then the tiny model.
 #   two_gpu  both GPUs: the ~1B model with TP=2+SP, then the tiny model data-parallel (DP=2).
+#   tiny_dp2 both GPUs: only the tiny model data-parallel (DP=2).
+#   moe_ab   the ~1B model on one GPU each, at once: GPU 0 with QWEN3_NEXT_MOE_EXPERTS=grouped_mm,
+#            GPU 1 with the default expert loop (same command otherwise: tokens/s side by side).
+#   moe_bench GPU 1: examples/benchmark.py's MoE block and GDN+MoE layer at 80B-A3B widths (512 experts),
+#            loop vs grouped_mm.  GPU 0 meanwhile: the ~1B model, grouped_mm (MOE_AB_LONG=1 runs it).
+#   oneb_tp2 both GPUs: the ~1B model with TP=2+SP (QWEN3_NEXT_MOE_EXPERTS as exported by the caller).
 # Each run's stdout, metrics.jsonl and loss_curve.png go into $OUT/pretrain_results.tgz.
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" /tmp/res /tmp/runs
@@ -27,7 +33,7 @@ t0=$(date +%s)
 
 # 1B: seq 2048, 32 x 2048 = 65,536 tokens per step; checkpoints only at the end, weights only.
 ONEB="model=qwen3_next_1b trainer.precision=bf16-mixed data.seq_length=2048 data.micro_batch_size=4 \
-data.global_batch_size=32 optim.lr=1e-3 optim.warmup_steps=10 trainer.max_steps=${ONEB_STEPS:-80} \
+data.global_batch_size=32 optim.lr=${ONEB_LR:-3e-4} optim.warmup_steps=10 trainer.max_steps=${ONEB_STEPS:-80} \
 trainer.val_check_interval=${ONEB_STEPS:-80} checkpoint.every_n_steps=1000 checkpoint.save_optim_on_train_end=false"
 TINY="trainer.precision=bf16-mixed trainer.max_steps=${TINY_STEPS:-200}"
 
@@ -36,7 +42,7 @@ pretrain() {  # name, limit, gpus ("0" or "0,1"), args...
   local n=$(( $(echo "$gpus" | tr -cd , | wc -c) + 1 ))
   local launch="python3"
   [ "$n" -gt 1 ] && launch="torchrun --standalone --nproc-per-node $n"
-  echo "[$name] CUDA_VISIBLE_DEVICES=$gpus $launch examples/pretrain.py $* run_dir=/tmp/runs/$name data.cache_dir=/tmp/runs/data_$name" \
+  echo "[$name] QWEN3_NEXT_MOE_EXPERTS=${QWEN3_NEXT_MOE_EXPERTS:-sequential} CUDA_VISIBLE_DEVICES=$gpus $launch examples/pretrain.py $* run_dir=/tmp/runs/$name data.cache_dir=/tmp/runs/data_$name" \
     | tee /tmp/res/$name.cmd
   local s=$(date +%s)
   CUDA_VISIBLE_DEVICES=$gpus timeout -k 10 "$lim" $launch examples/pretrain.py "$@" run_dir=/tmp/runs/$name \
@@ -99,6 +105,24 @@ for item in "$@"; do
       wait $p0
       pretrain gpu2_1b_tp2 $(( lim * 4 / 10 )) 0,1 $ONEB parallelism=tp2_sp
       pretrain gpu2_tiny_dp2 $(( lim * 2 / 10 - 15 )) 0,1 $TINY ;;
+    tiny_dp2) pretrain gpu2_tiny_dp2 "$lim" 0,1 $TINY ;;
+    moe_ab)
+      QWEN3_NEXT_MOE_EXPERTS=grouped_mm pretrain gpu1_1b_grouped "$lim" 0 $ONEB &
+      p0=$!
+      QWEN3_NEXT_MOE_EXPERTS=sequential pretrain gpu1_1b_loop "$lim" 1 $ONEB &
+      p1=$!
+      wait $p0 $p1 ;;
+    moe_bench)
+      [ "${MOE_AB_LONG:-0}" = 1 ] && { QWEN3_NEXT_MOE_EXPERTS=grouped_mm pretrain gpu1_1b_grouped_long "$lim" 0 $ONEB & }
+      for impl in sequential grouped_mm; do
+        echo "QWEN3_NEXT_MOE_EXPERTS=$impl CUDA_VISIBLE_DEVICES=1 python3 examples/benchmark.py --modules moe,layer --impls ours --shapes 1x4096,4x4096 --out /tmp/res/moe_bench_$impl.json" | tee /tmp/res/moe_bench_$impl.cmd
+        QWEN3_NEXT_MOE_EXPERTS=$impl CUDA_VISIBLE_DEVICES=1 timeout -k 5 $(( lim / 2 - 5 )) python3 examples/benchmark.py \
+          --modules moe,layer --impls ours --shapes 1x4096,4x4096 --out /tmp/res/moe_bench_$impl.json \
+          > /tmp/res/moe_bench_$impl.log 2>&1
+        echo "moe_bench $impl rc=$?"; tail -12 /tmp/res/moe_bench_$impl.log
+      done
+      wait ;;
+    oneb_tp2) pretrain gpu2_1b_tp2_${QWEN3_NEXT_MOE_EXPERTS:-sequential} "$lim" 0,1 $ONEB parallelism=tp2_sp ;;
     two_gpu)
       pretrain gpu2_1b_tp2 $(( lim * 7 / 10 )) 0,1 $ONEB parallelism=tp2_sp
       pretrain gpu2_tiny_dp2 $(( lim * 3 / 10 - 10 )) 0,1 $TINY ;;

@@ -29,14 +29,18 @@ def _experts(model):
 
 
 def test_grouped_experts_match_hf_logits_and_gradients(grouped):
+    from nemo_qwen3_next.ops import usage
+
     hf = random_hf_model(tiny_hf_config(), seed=1)  # hybrid: MoE + gated shared expert + a dense layer
     ours = load_hf(hf, linear_attention_chunk_size=16)
     _experts(ours)
+    usage.reset()
     torch.manual_seed(3)
     ids = torch.randint(0, hf.config.vocab_size, (2, 37))
     pos = torch.arange(ids.shape[1]).unsqueeze(0).expand_as(ids)
     logits_hf, logits = hf(ids, use_cache=False).logits, ours(ids, pos, None)
     assert (logits - logits_hf).abs().max().item() <= 1e-4
+    assert "moe_experts:grouped_mm" in usage.kernels_used()  # what the training log reports
 
     def lm_loss(x):
         return F.cross_entropy(x[:, :-1].reshape(-1, x.shape[-1]), ids[:, 1:].reshape(-1))

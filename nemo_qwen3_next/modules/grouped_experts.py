@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer.moe.experts import SequentialMLP
 
+from ..ops.usage import record
+
 IMPLS = ("sequential", "grouped_mm")
 
 
@@ -65,7 +67,9 @@ class GroupedSequentialMLP(SequentialMLP):
 
     def forward(self, permuted_local_hidden_states, tokens_per_expert, permuted_probs):
         if self.impl != "grouped_mm" or self.num_local_experts == 1:
+            record("moe_experts", "sequential")
             return super().forward(permuted_local_hidden_states, tokens_per_expert, permuted_probs)
+        record("moe_experts", "grouped_mm")
         x, probs = permuted_local_hidden_states, permuted_probs
         if self.config.moe_apply_probs_on_input:  # as the parent: scale the input, then probs = 1
             x = (probs.unsqueeze(-1) * x).to(x.dtype)

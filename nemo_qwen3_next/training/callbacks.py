@@ -174,7 +174,7 @@ class TrainingMetrics(Callback):
                 logger.log_metrics({k: v for k, v in record.items() if k not in ("step", "kernels")},
                                    step=record["step"])
         if "kernels" in record:
-            print(f"sequence-mixer implementations in use: {', '.join(record['kernels'])}", flush=True)
+            print(f"implementations in use (sequence mixers, experts): {', '.join(record['kernels'])}", flush=True)
         moe = f" | moe imbalance {record['moe/imbalance_max']:.2f} entropy {record['moe/entropy_mean']:.3f}" \
             if "moe/imbalance_max" in record else ""
         print(
