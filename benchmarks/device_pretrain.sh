@@ -42,7 +42,7 @@ pretrain() {  # name, limit, gpus ("0" or "0,1"), args...
   local n=$(( $(echo "$gpus" | tr -cd , | wc -c) + 1 ))
   local launch="python3"
   [ "$n" -gt 1 ] && launch="torchrun --standalone --nproc-per-node $n"
-  echo "[$name] QWEN3_NEXT_MOE_EXPERTS=${QWEN3_NEXT_MOE_EXPERTS:-sequential} CUDA_VISIBLE_DEVICES=$gpus $launch examples/pretrain.py $* run_dir=/tmp/runs/$name data.cache_dir=/tmp/runs/data_$name" \
+  echo "[$name] QWEN3_NEXT_MOE_EXPERTS=${QWEN3_NEXT_MOE_EXPERTS:-auto} CUDA_VISIBLE_DEVICES=$gpus $launch examples/pretrain.py $* run_dir=/tmp/runs/$name data.cache_dir=/tmp/runs/data_$name" \
     | tee /tmp/res/$name.cmd
   local s=$(date +%s)
   CUDA_VISIBLE_DEVICES=$gpus timeout -k 10 "$lim" $launch examples/pretrain.py "$@" run_dir=/tmp/runs/$name \
@@ -122,7 +122,7 @@ for item in "$@"; do
         echo "moe_bench $impl rc=$?"; tail -12 /tmp/res/moe_bench_$impl.log
       done
       wait ;;
-    oneb_tp2) pretrain gpu2_1b_tp2_${QWEN3_NEXT_MOE_EXPERTS:-sequential} "$lim" 0,1 $ONEB parallelism=tp2_sp ;;
+    oneb_tp2) pretrain gpu2_1b_tp2_${QWEN3_NEXT_MOE_EXPERTS:-auto} "$lim" 0,1 $ONEB parallelism=tp2_sp ;;
     two_gpu)
       pretrain gpu2_1b_tp2 $(( lim * 7 / 10 )) 0,1 $ONEB parallelism=tp2_sp
       pretrain gpu2_tiny_dp2 $(( lim * 3 / 10 - 10 )) 0,1 $TINY ;;

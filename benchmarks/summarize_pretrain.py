@@ -25,7 +25,8 @@ def summarize(folder: str) -> dict:
         if not recs:
             continue
         steady = [r for r in recs if r["step"] > 1] or recs
-        kernels = next((r["kernels"] for r in recs if "kernels" in r), None)
+        # every implementation any segment ran (a resumed run may log a second set)
+        kernels = sorted(set().union(*(r["kernels"] for r in recs if "kernels" in r))) or None
         runs[name] = {
             "steps_logged": len(recs),
             "last_step": recs[-1]["step"],

@@ -5,8 +5,8 @@ for `megatron.core.models.gpt.GPTModel(transformer_layer_spec=...)`. A backend o
 which classes fill the slots:
 
 * ``local``: Megatron's `ColumnParallelLinear` / `RowParallelLinear`, our `RMSNorm` and SDPA core
-  attention, `SequentialMLP` experts as `GroupedSequentialMLP` (same parameters; grouped GEMMs with
-  ``QWEN3_NEXT_MOE_EXPERTS=grouped_mm``), or the legacy `GroupedMLP` with `moe_grouped_gemm`.
+  attention, `SequentialMLP` experts as `GroupedSequentialMLP` (same parameters; grouped GEMMs on sm90+ bf16,
+  ``QWEN3_NEXT_MOE_EXPERTS``), or the legacy `GroupedMLP` with `moe_grouped_gemm`.
   Runs on CPU and GPU.
 * ``te``: TransformerEngine linears, `TENorm` (zero-centred gamma from the config),
   `TEDotProductAttention`, `TEGroupedMLP` experts.

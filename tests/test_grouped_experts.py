@@ -97,3 +97,57 @@ def test_unsupported_config_names_the_switch(monkeypatch):
     monkeypatch.setenv("QWEN3_NEXT_MOE_EXPERTS", "grouped")
     with pytest.raises(ValueError, match="QWEN3_NEXT_MOE_EXPERTS='grouped'"):
         build_model(qwen3_next_tiny_5m(), backend="local")
+
+
+def test_auto_picks_grouped_only_where_torch_has_the_fast_kernel(monkeypatch):
+    """Default ``auto``: the loop on CPU / fp32 / pre-Hopper / misaligned widths, grouped GEMMs on sm90+ bf16."""
+    from nemo_qwen3_next.config import qwen3_next_tiny_5m
+    from nemo_qwen3_next.modules.grouped_experts import auto_uses_grouped
+
+    cfg = qwen3_next_tiny_5m()
+    cuda, bf16 = torch.device("cuda", 0), torch.bfloat16
+    assert not auto_uses_grouped(cfg, 64, torch.device("cpu"), bf16)
+    capability = {"cap": (9, 0)}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability["cap"])
+    assert auto_uses_grouped(cfg, 64, cuda, bf16)
+    assert not auto_uses_grouped(cfg, 64, cuda, torch.float32)
+    assert not auto_uses_grouped(cfg, 60, cuda, bf16)  # F/tp rows not 16-byte aligned
+    assert not auto_uses_grouped(qwen3_next_tiny_5m(add_bias_linear=True), 64, cuda, bf16)
+    capability["cap"] = (8, 0)
+    assert not auto_uses_grouped(cfg, 64, cuda, bf16)
+
+
+def test_default_is_auto_and_runs_the_loop_on_cpu(monkeypatch):
+    from nemo_qwen3_next.ops import usage
+
+    monkeypatch.delenv("QWEN3_NEXT_MOE_EXPERTS", raising=False)
+    hf = random_hf_model(tiny_hf_config(), seed=4)
+    ours = load_hf(hf)
+    mods = [m for m in ours.modules() if isinstance(m, GroupedSequentialMLP)]
+    assert mods and all(m.impl == "auto" for m in mods)
+    usage.reset()
+    ids = torch.randint(0, hf.config.vocab_size, (1, 11))
+    logits = ours(ids, torch.arange(11).unsqueeze(0), None)
+    torch.testing.assert_close(logits, hf(ids, use_cache=False).logits, rtol=1e-4, atol=1e-4)
+    assert "moe_experts:sequential" in usage.kernels_used()
+    assert "moe_experts:grouped_mm" not in usage.kernels_used()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_gpu_auto_grouped_equals_the_loop_in_bf16(monkeypatch):
+    """On sm90+ the default takes the grouped kernels; they give the loop's output to bf16 rounding."""
+    monkeypatch.delenv("QWEN3_NEXT_MOE_EXPERTS", raising=False)
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("auto uses the loop before sm90")
+    hf = random_hf_model(tiny_hf_config(), seed=5)
+    module = [m for m in load_hf(hf).modules() if isinstance(m, GroupedSequentialMLP)][0]
+    module = module.to("cuda", torch.bfloat16)
+    E, H = module.num_local_experts, module.config.hidden_size
+    counts = torch.tensor([7, 0] + [5] * (E - 2))
+    x = torch.randn(int(counts.sum()), H, device="cuda", dtype=torch.bfloat16)
+    probs = torch.rand(int(counts.sum()), device="cuda")
+    assert module._grouped(x)
+    out_g, _ = module(x, counts, probs)
+    out_l, _ = super(GroupedSequentialMLP, module).forward(x, counts, probs)
+    err = ((out_g.float() - out_l.float()).norm() / out_l.float().norm()).item()
+    assert err <= 1e-2, f"grouped vs loop relative error {err}"

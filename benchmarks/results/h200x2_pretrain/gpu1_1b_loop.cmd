@@ -1,0 +1,2 @@
+[gpu1_1b_loop] QWEN3_NEXT_MOE_EXPERTS=sequential CUDA_VISIBLE_DEVICES=1 python3 examples/pretrain.py model=qwen3_next_1b trainer.precision=bf16-mixed data.seq_length=2048 data.micro_batch_size=4 data.global_batch_size=32 optim.lr=3e-4 optim.warmup_steps=10 trainer.max_steps=40 trainer.val_check_interval=40 checkpoint.every_n_steps=1000 checkpoint.save_optim_on_train_end=false run_dir=/tmp/runs/gpu1_1b_loop data.cache_dir=/tmp/runs/data_gpu1_1b_loop
+[gpu1_1b_loop] rc=137 took 310 s

@@ -1,0 +1,2 @@
+[gpu2_1b_tp2_grouped_mm] QWEN3_NEXT_MOE_EXPERTS=grouped_mm CUDA_VISIBLE_DEVICES=0,1 torchrun --standalone --nproc-per-node 2 examples/pretrain.py model=qwen3_next_1b trainer.precision=bf16-mixed data.seq_length=2048 data.micro_batch_size=4 data.global_batch_size=32 optim.lr=3e-4 optim.warmup_steps=10 trainer.max_steps=40 trainer.val_check_interval=40 checkpoint.every_n_steps=1000 checkpoint.save_optim_on_train_end=false parallelism=tp2_sp run_dir=/tmp/runs/gpu2_1b_tp2_grouped_mm data.cache_dir=/tmp/runs/data_gpu2_1b_tp2_grouped_mm
+[gpu2_1b_tp2_grouped_mm] rc=0 took 195 s
