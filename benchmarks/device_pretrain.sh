@@ -18,8 +18,8 @@
 #   tiny_dp2 both GPUs: only the tiny model data-parallel (DP=2).
 #   moe_ab   the ~1B model on one GPU each, at once: GPU 0 with QWEN3_NEXT_MOE_EXPERTS=grouped_mm,
 #            GPU 1 with the default expert loop (same command otherwise: tokens/s side by side).
-#   moe_bench GPU 1: examples/benchmark.py's MoE block and GDN+MoE layer at 80B-A3B widths (512 experts),
-#            loop vs grouped_mm.  GPU 0 meanwhile: the ~1B model, grouped_mm (MOE_AB_LONG=1 runs it).
+#   moe_bench examples/benchmark.py's MoE block at 80B-A3B widths (512 experts), grouped_mm on GPU 0 and
+#            the loop on GPU 1 at once (what wrote benchmarks/results/h200_moe_*.json).
 #   oneb_tp2 both GPUs: the ~1B model with TP=2+SP (QWEN3_NEXT_MOE_EXPERTS as exported by the caller).
 # Each run's stdout, metrics.jsonl and loss_curve.png go into $OUT/pretrain_results.tgz.
 set -u
@@ -113,13 +113,12 @@ for item in "$@"; do
       p1=$!
       wait $p0 $p1 ;;
     moe_bench)
-      [ "${MOE_AB_LONG:-0}" = 1 ] && { QWEN3_NEXT_MOE_EXPERTS=grouped_mm pretrain gpu1_1b_grouped_long "$lim" 0 $ONEB & }
-      for impl in sequential grouped_mm; do
-        echo "QWEN3_NEXT_MOE_EXPERTS=$impl CUDA_VISIBLE_DEVICES=1 python3 examples/benchmark.py --modules moe,layer --impls ours --shapes 1x4096,4x4096 --out /tmp/res/moe_bench_$impl.json" | tee /tmp/res/moe_bench_$impl.cmd
-        QWEN3_NEXT_MOE_EXPERTS=$impl CUDA_VISIBLE_DEVICES=1 timeout -k 5 $(( lim / 2 - 5 )) python3 examples/benchmark.py \
-          --modules moe,layer --impls ours --shapes 1x4096,4x4096 --out /tmp/res/moe_bench_$impl.json \
-          > /tmp/res/moe_bench_$impl.log 2>&1
-        echo "moe_bench $impl rc=$?"; tail -12 /tmp/res/moe_bench_$impl.log
+      for gi in 0:grouped_mm 1:sequential; do
+        g=${gi%%:*} impl=${gi#*:}
+        cmd="python3 examples/benchmark.py --modules moe --impls ours --shapes 1x4096,4x4096,8x4096 --out /tmp/res/h200_moe_$impl.json"
+        echo "QWEN3_NEXT_MOE_EXPERTS=$impl CUDA_VISIBLE_DEVICES=$g $cmd" | tee /tmp/res/h200_moe_$impl.cmd
+        ( QWEN3_NEXT_MOE_EXPERTS=$impl CUDA_VISIBLE_DEVICES=$g timeout -k 5 "$lim" $cmd > /tmp/res/h200_moe_$impl.log 2>&1
+          echo "moe_bench $impl rc=$?"; grep -a "^ *moe " /tmp/res/h200_moe_$impl.log ) &
       done
       wait ;;
     oneb_tp2) pretrain gpu2_1b_tp2_${QWEN3_NEXT_MOE_EXPERTS:-auto} "$lim" 0,1 $ONEB parallelism=tp2_sp ;;

@@ -6,8 +6,7 @@ experts (64 per layer in our ~1B config, 512 in 80B-A3B) a training step becomes
 `GroupedMLP` needs the `grouped_gemm` package and another parameter layout; `TEGroupedMLP` needs TE.
 
 `GroupedSequentialMLP` keeps `SequentialMLP`'s parameters (`local_experts.{i}.linear_fc{1,2}`), so
-checkpoints, HF conversion and sharding are unchanged, and with ``QWEN3_NEXT_MOE_EXPERTS=grouped_mm``
-runs both projections of all local experts as one `torch._grouped_mm` each: the per-expert weights are
+checkpoints, HF conversion and sharding are unchanged, and when grouped (see below) runs both projections of all local experts as one `torch._grouped_mm` each: the per-expert weights are
 stacked (one copy of the layer's expert weights, cheap next to the GEMMs) and gradients flow back
 to each expert's own parameters, so DDP's per-parameter hooks work as before.
 
