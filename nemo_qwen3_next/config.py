@@ -78,6 +78,13 @@ class Qwen3NextConfig(TransformerConfig):
     # --- gated full attention
     attention_output_gate: bool = True
 
+    # --- speed (same math; see docs/performance.md)
+    # LM head + cross-entropy as one chunked op when labels are given: no fp32 logits for the batch.
+    fused_linear_cross_entropy: bool = True
+    # MoE token permutation from the top-k indices (sort-free, no host sync) instead of megatron's
+    # routing-map permute; used where the dispatcher needs no cross-rank exchange (TP*EP == 1).
+    moe_fast_permute: bool = True
+
     # --- MoE (HF: decoder_sparse_step, mlp_only_layers, norm_topk_prob, shared_expert_gate)
     decoder_sparse_step: int = 1
     mlp_only_layers: List[int] = field(default_factory=list)  # 0-based layers with a dense MLP
