@@ -8,6 +8,7 @@ built and run outside torchrun, e.g. in a notebook or a test.
 
 from __future__ import annotations
 
+import inspect
 import os
 import socket
 from typing import Optional
@@ -15,7 +16,10 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from megatron.core.models.gpt import GPTModel
+
 from .compat import apply_cpu_compat, seed_cpu
+from .modules.output_layer import FusedLossOutputLayer, is_fused_loss
 from .spec import get_qwen3_next_block_spec
 
 
@@ -63,6 +67,41 @@ def seed_all(seed: int) -> None:
         seed_cpu(seed)
 
 
+class Qwen3NextGPTModel(GPTModel):
+    """Megatron's `GPTModel`; with ``config.fused_linear_cross_entropy`` the loss skips the logits.
+
+    Same parameters, state dict and outputs (logits without labels; the [b, s] per-token loss with
+    them, from `ops.linear_cross_entropy` via `FusedLossOutputLayer`). Not used for MTP, whose extra
+    heads need their own shifted labels.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._fuse_loss = bool(getattr(self.config, "fused_linear_cross_entropy", False)) and not getattr(
+            self.config, "mtp_num_layers", None
+        )
+        if self.post_process and self._fuse_loss:
+            # the same module and parameters with one more forward mode (the subclass has no state)
+            self.output_layer.__class__ = FusedLossOutputLayer
+
+    def forward(self, *args, **kwargs):
+        if not (self.post_process and self._fuse_loss):
+            return super().forward(*args, **kwargs)
+        self.output_layer.pending_labels = _FORWARD_SIG.bind(self, *args, **kwargs).arguments.get("labels")
+        try:
+            return super().forward(*args, **kwargs)
+        finally:
+            self.output_layer.pending_labels = None
+
+    def compute_language_model_loss(self, labels, logits):
+        if is_fused_loss(logits):
+            return logits
+        return super().compute_language_model_loss(labels, logits)
+
+
+_FORWARD_SIG = inspect.signature(GPTModel.forward)
+
+
 def build_model(config, backend: str = "auto", pre_process: bool = True, post_process: bool = True,
                 vp_stage: Optional[int] = None, parallel_output: bool = True, transformer_layer_spec=None,
                 **gpt_kwargs):
@@ -71,14 +110,12 @@ def build_model(config, backend: str = "auto", pre_process: bool = True, post_pr
     The one recipe (block spec, partial RoPE, (un)tied embeddings) that NeMo's `configure_model`
     uses too; it passes its own resolved `transformer_layer_spec` and extra `GPTModel` arguments.
     """
-    from megatron.core.models.gpt import GPTModel
-
     apply_cpu_compat()
     if transformer_layer_spec is None:
         transformer_layer_spec = get_qwen3_next_block_spec(config, backend, vp_stage=vp_stage)
     kw = dict(max_sequence_length=config.max_position_embeddings)
     kw.update(gpt_kwargs)
-    return GPTModel(
+    return Qwen3NextGPTModel(
         config=config,
         transformer_layer_spec=transformer_layer_spec,
         vocab_size=config.vocab_size,
