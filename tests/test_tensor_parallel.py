@@ -25,6 +25,38 @@ def _tp1():
     return logits.detach(), loss.detach(), dict(model.named_parameters())
 
 
+def _tp1_fused_loss():
+    hf = random_hf_model(tiny_hf_config(), seed=1)
+    model = load_hf(hf, linear_attention_chunk_size=16)
+    torch.manual_seed(3)
+    ids = torch.randint(0, 256, (2, 38))
+    token_loss = model(ids, torch.arange(38).unsqueeze(0).expand_as(ids), None, labels=torch.roll(ids, -1, 1))
+    loss = token_loss.mean()
+    loss.backward()
+    return token_loss.detach(), loss.detach(), dict(model.named_parameters())
+
+
+def test_tp2_sp_fused_loss_matches_tp1(tmp_path):
+    """The vocab-parallel fused LM head + loss at TP=2+SP = TP=1: per-token loss, output-layer shard grad."""
+    out = tmp_path / "tp.pt"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
+           WORKER, str(out), "--sp", "--labels"]
+    env = dict(os.environ, TORCHDYNAMO_DISABLE="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    got = torch.load(out)
+    token_loss, loss, params = _tp1_fused_loss()
+    assert got["logits"].shape == token_loss.shape == (2, 38)
+    assert ((got["logits"] - token_loss).abs().max() / token_loss.abs().max()).item() <= 1e-5
+    assert abs(got["loss"].item() - loss.item()) <= 1e-5
+    assert len(got["grads"]) == 6
+    for name, grad in got["grads"].items():
+        ref = params[name].grad
+        ref = ref[: grad.shape[0]] if name == "output_layer.weight" else ref  # rank 0 holds the first half
+        rel = ((grad - ref).norm() / ref.norm()).item()
+        assert rel <= 1e-4, (name, rel)
+
+
 @pytest.mark.parametrize("sp,experts", [(False, "sequential"), (True, "sequential"), (True, "grouped_mm")],
                          ids=["tp2", "tp2_sp", "tp2_sp_grouped_experts"])
 def test_tp2_matches_tp1(tmp_path, sp, experts):

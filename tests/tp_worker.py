@@ -2,7 +2,9 @@
 
 Every rank builds the same random HF model (same seed), maps it to our global layout and keeps
 its own shard: the same global weights as the TP=1 run in the test process.
-Usage: torchrun --nproc-per-node 2 tests/tp_worker.py OUT.pt [--sp]
+With --labels the model computes the per-token loss itself (the fused LM head + cross-entropy,
+vocab-parallel) and the output layer's gradient shard is saved too.
+Usage: torchrun --nproc-per-node 2 tests/tp_worker.py OUT.pt [--sp] [--labels]
 """
 
 import os
@@ -36,7 +38,7 @@ def reduce_replicated_grads(model, config):
             torch.distributed.all_reduce(p.grad, group=group)
 
 
-def main(out_path: str, sp: bool):
+def main(out_path: str, sp: bool, labels: bool = False):
     from megatron.core import parallel_state
 
     from nemo_qwen3_next import Qwen3NextConfig, build_model, init_distributed
@@ -60,15 +62,20 @@ def main(out_path: str, sp: bool):
     torch.manual_seed(3)
     ids = torch.randint(0, config.vocab_size, (2, 38))  # divisible by TP for SP
     pos = torch.arange(ids.shape[1]).unsqueeze(0).expand_as(ids)
-    logits = model(ids, pos, None)
-    loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+    if labels:
+        token_loss = model(ids, pos, None, labels=torch.roll(ids, -1, 1))
+        loss, logits = token_loss.mean(), token_loss.detach()
+    else:
+        logits = model(ids, pos, None)
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
     loss.backward()
     reduce_replicated_grads(model, config)
-    grads = {n: p.grad for n, p in model.named_parameters() if n in REPLICATED}
+    names = REPLICATED + (["output_layer.weight"] if labels else [])
+    grads = {n: p.grad for n, p in model.named_parameters() if n in names}
     if rank == 0:
         torch.save({"logits": logits.detach(), "loss": loss.detach(), "grads": grads}, out_path)
     torch.distributed.barrier()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], "--sp" in sys.argv[2:])
+    main(sys.argv[1], "--sp" in sys.argv[2:], "--labels" in sys.argv[2:])
