@@ -27,7 +27,7 @@ from megatron.core.models.backends import LocalSpecProvider
 from megatron.core.transformer.attention import SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
-from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
+from megatron.core.transformer.moe.moe_layer import MoESubmodules
 from megatron.core.transformer.moe.experts import SequentialMLP
 from megatron.core.transformer.moe.shared_experts import SharedExpertMLP
 from megatron.core.transformer.spec_utils import ModuleSpec
@@ -36,6 +36,7 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from .layer import Qwen3NextLayerSubmodules, Qwen3NextTransformerLayer
 from .modules import GatedDeltaNet, GatedDeltaNetSubmodules, GatedSelfAttention, RMSNorm, SDPAttention
 from .modules.grouped_experts import GroupedSequentialMLP
+from .modules.moe import Qwen3NextMoELayer
 
 SPEC_NAME = "megatron_qwen3_next"
 
@@ -103,7 +104,7 @@ def get_qwen3_next_layer_spec(config, backend: str = "auto") -> ModuleSpec:
                 submodules=MLPSubmodules(linear_fc1=col, linear_fc2=row),
             )
         moe = ModuleSpec(
-            module=MoELayer,
+            module=Qwen3NextMoELayer,
             submodules=MoESubmodules(
                 experts=ModuleSpec(module=expert_module, submodules=expert_submodules), shared_experts=shared
             ),
