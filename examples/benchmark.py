@@ -10,6 +10,7 @@ Times forward, backward and forward+backward of
 * ``attn``:  our gated full-attention layer (SDPA core);
 * ``moe``:   the MoE block (512 experts, top-10, gated shared expert; local ``SequentialMLP``);
 * ``layer``: a whole decoder layer (RMSNorm + GDN + RMSNorm + MoE, residuals),
+* ``model``: a whole reduced model's training step, ours vs HF (``examples/bench_model.py`` says how),
 
 over a ladder of (B, T), and reports ms, tokens/s and achieved TFLOP/s (FLOP model below).
 ``--check`` compares the fused GDN path in bf16 with the fp32 reference path on the same weights
@@ -37,6 +38,8 @@ import sys
 import time
 
 import torch
+
+import bench_model  # the sibling script: --modules model
 
 DEFAULT_SHAPES = "1x1024,1x2048,1x4096,1x8192,1x16384,1x32768,1x65536,4x4096"
 PASSES = ("fwd", "bwd", "fwdbwd")
@@ -377,12 +380,15 @@ def main():
                     help="let fla route HF's and megatron-core's kernel calls to FlashQLA too (default: off, "
                          "FLA_FLASH_QLA=0, their stock fla Triton path; ours calls FlashQLA directly)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    bench_model.add_args(ap)
     args = ap.parse_args()
     args.passes = [p for p in args.passes.split(",") if p]
     if not args.baseline_flash_qla:  # before fla is imported; inherited by the megatron-core child
         os.environ["FLA_FLASH_QLA"] = "0"
     if args.worker == "mcore":
         return mcore_worker(args)
+    if args.worker == "hf-model":
+        return bench_model.run(args, os.path.abspath(__file__), {}, lambda: None)
 
     from nemo_qwen3_next.model import init_distributed
 
@@ -431,7 +437,12 @@ def main():
         result["numerics"] = check_numerics()
         print("numerics:", json.dumps(result["numerics"]), flush=True)
 
-    for module in modules:
+    if "model" in modules:
+        bench_model.run(args, os.path.abspath(__file__), result, save)
+        if args.visualize:
+            result["plots"] = bench_model.visualize(result, os.path.splitext(args.out)[0])
+        save()
+    for module in [m for m in modules if m != "model"]:
         for B, T in shapes:
             cands = ["ours"] if module != "gdn" else [i for i in impls if i != "mcore"]
             for impl in cands:
@@ -469,8 +480,8 @@ def main():
                     for p in params:
                         p.grad = None
                     torch.cuda.empty_cache()
-    if args.visualize:
-        result["plots"] = visualize(rows, os.path.splitext(args.out)[0])
+    if args.visualize and rows:
+        result["plots"] = result.get("plots", []) + visualize(rows, os.path.splitext(args.out)[0])
     save()
     summary(rows)
 

@@ -1,0 +1,384 @@
+"""Whole-model training step of a reduced Qwen3-Next, ours vs Hugging Face (``benchmark.py --modules model``).
+
+The reduced model has 80B-A3B widths (hidden 2048; GDN 16/32 heads of 128; attention 16 heads of
+256, 2 KV groups, partial RoPE; top-10 routed experts of 512 + a gated shared expert of 512;
+vocab 151936) and ``--model-layers`` layers (default 4 = 3 GDN + 1 gated attention) with
+``--experts`` experts (default 64): per-token compute is the 80B-A3B one, parameters fit one GPU.
+
+One training step = forward, per-token loss, mean, backward (gradients set to None first; no
+optimizer), bf16, random token ids, labels = the ids shifted by one. ``ours`` is
+``nq.build_model(..., backend="local")`` (kernel path); ``hf`` is transformers'
+``Qwen3NextForCausalLM`` in a child process (its own CUDA context, so peak memory is its own).
+Reported: median step ms over ``--rep`` steps after ``--warmup``, tokens/s, achieved TFLOP/s and
+MFU, peak allocated memory, and for ours a per-module breakdown.
+
+FLOP model (`nemo_qwen3_next.training.flops.forward_flops_per_token`, x3 for forward + backward):
+matmuls 2·in·out per token; GDN chunk rule Hv·(6·Dk·Dv + 2·C·(3·Dk + 2·Dv)) and its conv; causal
+attention 2·2·n·d·(T+1)/2; MoE router 2·h·E + top-k·6·h·f + shared 6·h·f_s; LM head 2·h·V.
+At T=4096 this is 3.61 GFLOP/token for the default model. MFU = achieved / peak, against both the
+bf16 dense peak of the data sheet (``--peak-tflops``, H200 SXM: 989.4) and the matmul peak measured in
+the same run (an 8192³ bf16 GEMM, ~790 TFLOP/s on H200), the ceiling a real step can approach.
+
+Breakdown: CUDA events at forward pre/post hooks and at backward pre-hooks of the embedding, each
+layer's mixer and MLP, the final norm and the LM head (+ loss). A module's backward time runs from its
+backward pre-hook to the next one's (norms and residual adds between them are attributed to the
+module after them in forward order); what no module covers is ``other``.
+
+``--variants`` times ours with speed levers switched off one at a time, in the same process:
+``base`` (all on), ``no_fused_ce``, ``no_fast_permute``, ``seq_experts``, ``all_off``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+VOCAB = 151936
+REDUCED = dict(hidden_size=2048, num_attention_heads=16, num_query_groups=2, kv_channels=256,
+               moe_ffn_hidden_size=512, moe_shared_expert_intermediate_size=512, moe_router_topk=10)
+VARIANTS = {
+    "base": {},
+    "no_fused_ce": dict(fused_linear_cross_entropy=False),
+    "no_fast_permute": dict(moe_fast_permute=False),
+    "all_off": dict(fused_linear_cross_entropy=False, moe_fast_permute=False),
+}
+
+
+def reduced_config(layers: int = 4, experts: int = 64, **overrides):
+    from nemo_qwen3_next.config import qwen3_next_80b_a3b
+
+    kw = dict(REDUCED, num_layers=layers, num_moe_experts=experts, moe_router_dtype="fp32", vocab_size=VOCAB)
+    kw.update(overrides)
+    return qwen3_next_80b_a3b(**kw)
+
+
+def hf_config(layers: int = 4, experts: int = 64):
+    from transformers import Qwen3NextConfig
+
+    return Qwen3NextConfig(vocab_size=VOCAB, hidden_size=2048, intermediate_size=5120, num_hidden_layers=layers,
+                           num_attention_heads=16, num_key_value_heads=2, head_dim=256, partial_rotary_factor=0.25,
+                           linear_num_key_heads=16, linear_num_value_heads=32, linear_key_head_dim=128,
+                           linear_value_head_dim=128, linear_conv_kernel_dim=4, num_experts=experts,
+                           num_experts_per_tok=10, moe_intermediate_size=512, shared_expert_intermediate_size=512,
+                           full_attention_interval=4)
+
+
+def flops_per_token(layers, experts, T) -> float:
+    """Training (fwd + bwd) FLOPs per token of the reduced model at sequence length T."""
+    from nemo_qwen3_next.training.flops import forward_flops_per_token
+
+    return 3.0 * forward_flops_per_token(reduced_config(layers, experts), T)["total"]
+
+
+def step_times(step, warmup: int, rep: int):
+    """Per-step ms (CUDA events), after warm-up; the first step's wall time is returned too."""
+    t0 = time.perf_counter()
+    step()
+    torch.cuda.synchronize()
+    first = time.perf_counter() - t0
+    for _ in range(max(0, warmup - 1)):
+        step()
+    times = []
+    for _ in range(rep):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        step()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return times, first
+
+
+def matmul_peak_tflops(n: int = 8192, rep: int = 20) -> float:
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    times, _ = step_times(lambda: a @ b, 3, rep)
+    return 2 * n ** 3 / statistics.median(times) / 1e9
+
+
+def _batch(B, T, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    ids = torch.randint(0, VOCAB, (B, T + 1), device="cuda", generator=g)
+    return ids[:, :-1].contiguous(), ids[:, 1:].contiguous()
+
+
+# ----------------------------------------------------------------------------- breakdown
+class Breakdown:
+    """CUDA events at module boundaries, forward and backward (see the module doc)."""
+
+    def __init__(self, named_modules):
+        self.names = [n for n, _ in named_modules]
+        self.fwd, self.bwd, self.handles = {}, {}, []
+        for name, m in named_modules:
+            self.handles.append(m.register_forward_pre_hook(self._ev(self.fwd, name, 0)))
+            self.handles.append(m.register_forward_hook(self._ev(self.fwd, name, 1)))
+            self.handles.append(m.register_full_backward_pre_hook(self._ev(self.bwd, name, 0)))
+        self.start = self.end = None
+
+    @staticmethod
+    def _ev(store, name, slot):
+        def hook(*_):
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            store.setdefault(name, [None, None])[slot] = e
+
+        return hook
+
+    def run(self, step_fwd, step_bwd):
+        self.fwd.clear(), self.bwd.clear()
+        s, mid, e = (torch.cuda.Event(enable_timing=True) for _ in range(3))
+        s.record()
+        loss = step_fwd()
+        mid.record()
+        step_bwd(loss)
+        e.record()
+        e.synchronize()
+        out = {"forward_total": s.elapsed_time(mid), "backward_total": mid.elapsed_time(e)}
+        for n in self.names:
+            out[f"fwd/{n}"] = self.fwd[n][0].elapsed_time(self.fwd[n][1])
+        # backward runs in reverse forward order: module i ends where module i-1's backward starts
+        seen = [n for n in self.names if n in self.bwd]
+        for i, n in enumerate(seen):
+            stop = self.bwd[seen[i - 1]][0] if i > 0 else e
+            out[f"bwd/{n}"] = self.bwd[n][0].elapsed_time(stop)
+        return out
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+def _module_list(model):
+    mods = [("embedding", model.embedding)]
+    for i, layer in enumerate(model.decoder.layers):
+        kind = "gdn" if layer.layer_type.startswith("linear") else "attn"
+        mods.append((f"layer{i}.{kind}", layer.self_attention))
+        mods.append((f"layer{i}.{'moe' if hasattr(layer.mlp, 'router') else 'mlp'}", layer.mlp))
+    mods.append(("final_norm", model.decoder.final_layernorm))
+    mods.append(("lm_head+loss", model.output_layer))
+    return mods
+
+
+# ----------------------------------------------------------------------------- ours
+def run_ours(args, B, T, variant: str):
+    import nemo_qwen3_next as nq
+    from nemo_qwen3_next.ops import usage
+
+    usage.reset()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    cfg = reduced_config(args.model_layers, args.experts, **VARIANTS[variant])
+    torch.manual_seed(0)
+    model = nq.build_model(cfg, backend="local").cuda()
+    ids, labels = _batch(B, T)
+    pos = torch.arange(T, device="cuda")[None].expand(B, T)
+
+    def fwd():
+        return model(ids, pos, None, labels=labels)
+
+    def bwd(loss):
+        loss.mean().backward()
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        bwd(fwd())
+
+    times, first = step_times(step, args.warmup, args.rep)
+    res = dict(impl="ours", variant=variant, B=B, T=T, first_step_s=round(first, 2),
+               params=sum(p.numel() for p in model.parameters()))
+    res.update(_summary(times, B, T, args))
+    res["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)
+    res["impls"] = usage.kernels_used()
+    if variant == "base" and not args.no_breakdown:
+        bd = Breakdown(_module_list(model))
+        try:
+            runs = []
+            for _ in range(max(3, args.rep // 2)):
+                model.zero_grad(set_to_none=True)
+                runs.append(bd.run(fwd, bwd))
+            res["breakdown_ms"] = {k: round(statistics.median(r[k] for r in runs), 3) for k in runs[0]}
+        except Exception as e:  # noqa: BLE001 - the timing above stands without it
+            res["breakdown_error"] = f"{type(e).__name__}: {e}"[:300]
+        finally:
+            bd.remove()
+    del model
+    torch.cuda.empty_cache()
+    return res
+
+
+def _summary(times, B, T, args):
+    ms = statistics.median(times)
+    fl = flops_per_token(args.model_layers, args.experts, T) * B * T
+    tflops = fl / ms / 1e9
+    out = dict(step_ms=round(ms, 3), step_ms_all=[round(t, 3) for t in times], tokens_per_s=round(B * T / ms * 1e3),
+               tflops=round(tflops, 1), mfu_spec=round(tflops / args.peak_tflops, 4))
+    if args.matmul_peak:
+        out["mfu_measured_peak"] = round(tflops / args.matmul_peak, 4)
+    return out
+
+
+# ----------------------------------------------------------------------------- HF (child process)
+def hf_worker(args):
+    from transformers import Qwen3NextForCausalLM
+
+    rows = []
+    torch.manual_seed(0)
+    m = Qwen3NextForCausalLM(hf_config(args.model_layers, args.experts)).to("cuda", torch.bfloat16).train()
+    import transformers
+
+    for B, T in args.shape_list:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        ids, labels = _batch(B, T)
+
+        def step():  # HF's own loss path (it shifts the labels itself): as its users train
+            m.zero_grad(set_to_none=True)
+            m(ids, labels=ids, use_cache=False).loss.backward()
+
+        try:
+            times, first = step_times(step, args.warmup, args.rep)
+        except torch.OutOfMemoryError:
+            rows.append(dict(impl="hf", B=B, T=T, error="OOM"))
+            continue
+        r = dict(impl="hf", variant=f"transformers-{transformers.__version__}", B=B, T=T, first_step_s=round(first, 2))
+        r.update(_summary(times, B, T, args))
+        r["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)
+        rows.append(r)
+        print(json.dumps(r), file=sys.stderr, flush=True)
+    print("HF_ROWS " + json.dumps(rows), flush=True)
+
+
+def run_hf_child(args, script):
+    cmd = [sys.executable, script, "--modules", "model", "--worker", "hf-model", "--shapes", args.shapes,
+           "--model-layers", str(args.model_layers), "--experts", str(args.experts), "--warmup", str(args.warmup),
+           "--rep", str(args.rep), "--peak-tflops", str(args.peak_tflops), "--matmul-peak", str(args.matmul_peak or 0)]
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.hf_timeout)
+    except subprocess.TimeoutExpired:
+        return [dict(impl="hf", error=f"timed out after {args.hf_timeout} s")]
+    for line in p.stdout.splitlines():
+        if line.startswith("HF_ROWS "):
+            return json.loads(line[len("HF_ROWS "):])
+    return [dict(impl="hf", error=f"rc={p.returncode}: {p.stderr[-1500:]}")]
+
+
+# ----------------------------------------------------------------------------- driver
+def add_args(ap):
+    g = ap.add_argument_group("--modules model")
+    g.add_argument("--model-layers", type=int, default=4, help="layers of the reduced model (every 4th is attention)")
+    g.add_argument("--experts", type=int, default=64, help="routed experts per layer (top-10)")
+    g.add_argument("--model-impls", default="ours,hf", help="ours, hf")
+    g.add_argument("--variants", default="base", help="ours with levers off: " + ",".join(VARIANTS))
+    g.add_argument("--peak-tflops", type=float, default=989.4, help="data-sheet bf16 dense peak (H200 SXM)")
+    g.add_argument("--matmul-peak", type=float, default=None, help=argparse.SUPPRESS)
+    g.add_argument("--hf-timeout", type=float, default=600)
+    g.add_argument("--no-breakdown", action="store_true")
+
+
+def run(args, script, result, save):
+    """Fills result["model"] (rows) for the shapes in args.shapes; calls save() after each row."""
+    from benchmark import parse_shapes  # noqa: the sibling script
+
+    args.shape_list = parse_shapes(args.shapes)
+    if args.worker == "hf-model":
+        return hf_worker(args)
+    args.matmul_peak = args.matmul_peak or matmul_peak_tflops()
+    rows = result.setdefault("model_rows", [])
+    result["matmul_peak_tflops"] = round(args.matmul_peak, 1)
+    result["flop_model_gflop_per_token"] = {f"T={T}": round(flops_per_token(args.model_layers, args.experts, T) / 1e9, 3)
+                                            for _, T in args.shape_list}
+    impls = [i for i in args.model_impls.split(",") if i]
+    if "ours" in impls:
+        for B, T in args.shape_list:
+            for v in [v for v in args.variants.split(",") if v]:
+                try:
+                    r = run_ours(args, B, T, v)
+                except Exception as e:  # noqa: BLE001
+                    r = dict(impl="ours", variant=v, B=B, T=T, error=f"{type(e).__name__}: {e}"[:400])
+                rows.append(r)
+                save()
+                print(_line(r), flush=True)
+    if "hf" in impls:
+        for r in run_hf_child(args, script):
+            rows.append(r)
+            print(_line(r), flush=True)
+        save()
+    _acceptance(rows)
+
+
+def _line(r):
+    if "error" in r:
+        return f"model {r.get('impl')} {r.get('variant', '')} B={r.get('B')} T={r.get('T')}: ERROR {r['error'][:300]}"
+    return (f"model {r['impl']:4s} {r['variant']:18s} B={r['B']} T={r['T']}: {r['step_ms']:8.2f} ms  "
+            f"{r['tokens_per_s'] / 1e3:6.1f}K tok/s  {r['tflops']:6.1f} TFLOP/s  MFU {100 * r['mfu_spec']:.1f}% "
+            f"(of measured peak {100 * r.get('mfu_measured_peak', float('nan')):.1f}%)  peak {r['peak_mem_gib']} GiB  "
+            f"first step {r['first_step_s']} s")
+
+
+def _acceptance(rows):
+    """ours (all levers on) vs HF per shape, printed last."""
+    best = {(r["impl"], r["B"], r["T"]): r for r in rows
+            if "error" not in r and (r["impl"] == "hf" or r.get("variant") == "base")}
+    for (impl, B, T), r in sorted(best.items()):
+        h = best.get(("hf", B, T))
+        if impl == "ours" and h:
+            print(f"B={B} T={T}: ours {r['step_ms']:.1f} ms vs HF {h['step_ms']:.1f} ms = "
+                  f"{h['step_ms'] / r['step_ms']:.2f}x; MFU {100 * r['mfu_spec']:.1f}% of spec, "
+                  f"{100 * r.get('mfu_measured_peak', 0):.1f}% of measured peak; "
+                  f"peak memory {r['peak_mem_gib']} vs {h['peak_mem_gib']} GiB")
+
+
+def visualize(result, prefix):
+    """PNG: step time ours vs HF per shape, and our per-module breakdown (stacked fwd/bwd)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in result.get("model_rows", []) if "error" not in r]
+    if not rows:
+        return []
+    paths = []
+    fig, ax = plt.subplots(figsize=(7, 4))
+    labels = sorted({(r["impl"], r["variant"]) for r in rows})
+    shapes = sorted({(r["B"], r["T"]) for r in rows})
+    w = 0.8 / len(labels)
+    for i, lab in enumerate(labels):
+        vals = [next((r["step_ms"] for r in rows if (r["impl"], r["variant"]) == lab and (r["B"], r["T"]) == s), 0)
+                for s in shapes]
+        ax.bar([j + i * w for j in range(len(shapes))], vals, w, label=f"{lab[0]} {lab[1]}")
+    ax.set_xticks([j + 0.4 - w / 2 for j in range(len(shapes))], [f"B={b} T={t}" for b, t in shapes])
+    ax.set_ylabel("training step (ms, lower is better)")
+    ax.set_title(f"Reduced Qwen3-Next step on {result.get('device', '?')}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    p = prefix + "_model_step.png"
+    fig.savefig(p, dpi=120)
+    plt.close(fig)
+    paths.append(p)
+    bds = [r for r in rows if r.get("breakdown_ms")]
+    if bds:
+        fig, axes = plt.subplots(1, len(bds), figsize=(6 * len(bds), 4.5), squeeze=False)
+        for ax, r in zip(axes[0], bds):
+            bd = r["breakdown_ms"]
+            names = [k[4:] for k in bd if k.startswith("fwd/")]
+            f = [bd[f"fwd/{n}"] for n in names]
+            b = [bd.get(f"bwd/{n}", 0) for n in names]
+            ax.barh(names, f, label="forward")
+            ax.barh(names, b, left=f, label="backward")
+            ax.invert_yaxis()
+            ax.set_xlabel("ms")
+            ax.set_title(f"ours B={r['B']} T={r['T']}: {r['step_ms']:.1f} ms/step")
+            ax.legend()
+        fig.tight_layout()
+        p = prefix + "_model_breakdown.png"
+        fig.savefig(p, dpi=120)
+        plt.close(fig)
+        paths.append(p)
+    return paths
