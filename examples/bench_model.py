@@ -207,9 +207,24 @@ def run_ours(args, B, T, variant: str):
             res["breakdown_error"] = f"{type(e).__name__}: {e}"[:300]
         finally:
             bd.remove()
+    if variant == "base" and args.profile:
+        _profile(step, args.profile + f".B{B}T{T}.txt")
     del model
     torch.cuda.empty_cache()
     return res
+
+
+def _profile(step, path):
+    """Kernel time per op over 3 steps (torch.profiler), sorted by CUDA time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+    with open(path, "w") as f:
+        f.write("per 3 steps\n")
+        f.write(prof.key_averages().table(sort_by="cuda_time_total", row_limit=60, max_name_column_width=90))
 
 
 def _summary(times, B, T, args):
@@ -279,6 +294,7 @@ def add_args(ap):
     g.add_argument("--matmul-peak", type=float, default=None, help=argparse.SUPPRESS)
     g.add_argument("--hf-timeout", type=float, default=600)
     g.add_argument("--no-breakdown", action="store_true")
+    g.add_argument("--profile", default=None, help="write torch.profiler's kernel table of ours (base) here")
 
 
 def run(args, script, result, save):

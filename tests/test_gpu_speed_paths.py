@@ -1,0 +1,74 @@
+"""GPU numerics of the whole-model speed paths (skipped without CUDA): fused LM head + loss with fla's
+kernels vs the plain unfused definition, and the top-k MoE permutation vs Megatron's, in bf16.
+
+The yardstick for bf16 is the unfused path's own error against fp32 (same inputs): the fused path
+must be no worse than 1.5x that plus a small floor.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+pytestmark = [
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+    pytest.mark.skipif(importlib.util.find_spec("fla") is None, reason="needs fla (fla-core)"),
+]
+
+
+def _rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def test_fused_linear_cross_entropy_kernel_bf16():
+    from nemo_qwen3_next.ops.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_ref
+    from nemo_qwen3_next.ops.usage import kernels_used, reset
+
+    torch.manual_seed(0)
+    N, H, V = 4096, 1024, 151936
+    x32 = torch.randn(N, H, device="cuda")
+    w32 = 0.02 * torch.randn(V, H, device="cuda")
+    t = torch.randint(0, V, (N,), device="cuda")
+    g = torch.rand(N, device="cuda") / N
+
+    def run(fn, x, w):
+        x, w = x.clone().requires_grad_(), w.clone().requires_grad_()
+        loss = fn(x, w, t)
+        (loss * g).sum().backward()
+        return loss.detach(), x.grad, w.grad
+
+    ref = run(linear_cross_entropy_ref, x32, w32)  # fp32 truth
+    plain = run(linear_cross_entropy_ref, x32.bfloat16(), w32.bfloat16())  # unfused bf16
+    reset()
+    fused = run(linear_cross_entropy, x32.bfloat16(), w32.bfloat16())
+    assert "linear_cross_entropy:fla" in kernels_used()
+    for i, name in enumerate(("loss", "dx", "dw")):
+        e_plain, e_fused = _rel(plain[i], ref[i]), _rel(fused[i], ref[i])
+        print(f"{name}: fused {e_fused:.2e}, unfused bf16 {e_plain:.2e}")
+        assert e_fused <= 1.5 * e_plain + 1e-3, (name, e_fused, e_plain)
+
+
+def test_topk_permute_equals_megatron_permute_bf16():
+    from nemo_qwen3_next.config import qwen3_next_tiny_10m
+    from nemo_qwen3_next.model import build_model, init_single_process
+    from nemo_qwen3_next.modules.moe import TopKPermuteDispatcher
+
+    init_single_process()
+    out = {}
+    for fast in (True, False):
+        torch.manual_seed(0)
+        cfg = qwen3_next_tiny_10m(moe_fast_permute=fast, bf16=True, params_dtype=torch.bfloat16)
+        m = build_model(cfg, backend="local").cuda()
+        assert isinstance(m.decoder.layers[0].mlp.token_dispatcher, TopKPermuteDispatcher) == fast
+        ids = torch.randint(0, cfg.vocab_size, (2, 256), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+        pos = torch.arange(256, device="cuda")[None].expand(2, -1)
+        loss = m(ids, pos, None, labels=ids).mean()
+        loss.backward()
+        out[fast] = loss.item(), {n: p.grad.float() for n, p in m.named_parameters() if p.grad is not None}
+    (lf, gf), (ls, gs) = out[True], out[False]
+    assert abs(lf - ls) <= 1e-2 * abs(ls)
+    worst = max(_rel(gf[n], gs[n]) for n in gs)
+    print(f"loss {lf:.5f} vs {ls:.5f}; worst grad rel {worst:.2e}")
+    assert worst <= 3e-2
