@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# One device call for the whole-model speed work (issue 10): run the named steps, each under its limit.
+# Usage (device, repo root, after the stage-a install call of ../shared/device/README.md):
+#   bash benchmarks/device_model.sh [install] STEP[:SECONDS] ...      (carry .devwheels/b for install)
+# Steps: tests (GPU numerics of the speed paths), model (ours with lever variants + HF, B=2/1 T=4096,
+# breakdown, profile), second (a new process on the warm machine: time to its first step), gdn (our GDN layer
+# at the acceptance shapes), cache (tar of the kernel cache into $OUT). Logs and JSON go to $OUT.
+set -u
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+t0=$(date +%s)
+if [ "${1:-}" = install ]; then
+  shift
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .devwheels/b/*.whl || exit 1
+fi
+[ -f .devwheels/cache/kcache.tgz ] && tar -xzf .devwheels/cache/kcache.tgz && echo "restored .kcache"
+mkdir -p .kcache/tl .kcache/triton
+export PYTHONPATH=/tmp/site:$PWD TILELANG_CACHE_DIR=${TILELANG_CACHE_DIR:-$PWD/.kcache/tl} TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$PWD/.kcache/triton}
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+python3 -c "import torch, triton, fla, tilelang, flash_qla, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'fla', fla.__version__, 'tilelang', tilelang.__version__, 'flash_qla', flash_qla.__version__, 'transformers', transformers.__version__)"
+for item in "$@"; do
+  step=${item%%:*}; lim=${item#*:}; [ "$lim" = "$item" ] && lim=300
+  s=$(date +%s); echo "===== $step (limit $lim s)"
+  case $step in
+    tests) timeout -k 5 "$lim" python3 -m pytest -q -s -p no:cacheprovider tests/test_gpu_speed_paths.py 2>&1 | tee "$OUT/gpu_speed_tests.log" ;;
+    model) timeout -k 5 "$lim" python3 examples/benchmark.py --modules model --shapes "${MODEL_SHAPES:-2x4096,1x4096}" \
+             --variants "${MODEL_VARIANTS:-base,no_fused_ce,no_fast_permute,all_off}" --rep "${MODEL_REP:-10}" \
+             --profile "$OUT/h200_model_profile" --out "$OUT/h200_model.json" --visualize 2>&1 | tee "$OUT/model.log" ;;
+    second) timeout -k 5 "$lim" python3 examples/benchmark.py --modules model --model-impls ours --shapes 1x4096 \
+             --rep 3 --no-breakdown --out "$OUT/h200_model_second_process.json" 2>&1 | tee "$OUT/second.log" ;;
+    gdn) timeout -k 5 "$lim" python3 examples/benchmark.py --modules gdn --impls ours --shapes 1x4096,4x4096,1x32768 \
+             --rep 10 --out "$OUT/h200_gdn_now.json" 2>&1 | tee "$OUT/gdn.log" ;;
+    cache) du -sh .kcache/*; tar -czf /tmp/kcache.tgz .kcache && ls -la /tmp/kcache.tgz && split -b 15m -d /tmp/kcache.tgz "$OUT/kcache.tgz." ;;
+  esac
+  echo "===== $step rc=${PIPESTATUS[0]} took $(( $(date +%s) - s )) s"
+done
+echo "total $(( $(date +%s) - t0 )) s"
