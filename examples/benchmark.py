@@ -362,6 +362,8 @@ def parse_shapes(s):
 
 
 def main():
+    from nemo_qwen3_next.kernel_cache import configure_kernel_cache, describe
+    print(describe(configure_kernel_cache()), flush=True)  # before any kernel compiles; children inherit it
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--modules", default="gdn,attn,moe,layer")
     ap.add_argument("--impls", default="ours,hf,mcore,ref", help="GDN implementations to compare")
