@@ -10,6 +10,9 @@ history (``t - (W-1) + j < 0``) taken from ``initial_state`` or zeros.  This is 
 * states ``[N, D, W-1]``: the last ``W-1`` inputs of each sequence (its left context for the
   next call).  Chaining calls through the state equals one call on the concatenation.
 
+``causal_conv1d_update`` is the one-token form for decoding: it reads and advances the state in
+place (fixed addresses, no allocation that depends on data), so a CUDA graph can capture it.
+
 Backends ("auto" on CUDA, tried in order; imports are lazy since both need a GPU stack):
 
 1. ``causal_conv1d`` (Dao-AILab): ``causal_conv1d_fn(x [B, D, T], weight [D, W], bias,
@@ -34,7 +37,7 @@ import torch.nn.functional as F
 
 from .usage import record
 
-__all__ = ["causal_conv1d", "causal_conv1d_ref"]
+__all__ = ["causal_conv1d", "causal_conv1d_ref", "causal_conv1d_update"]
 
 _BACKENDS = ("auto", "torch", "causal_conv1d", "fla")
 _ACTIVATIONS = (None, "silu", "swish")
@@ -237,3 +240,36 @@ def _run_kernel(backend: str, args):
             "`pip install 'flash-linear-attention<0.6'`"
         )
     return None
+
+
+def causal_conv1d_update(
+    x: torch.Tensor,
+    conv_state: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    activation: Optional[str] = "silu",
+) -> torch.Tensor:
+    """One decoding step: ``x [B, D]`` with left context ``conv_state [B, D, W-1]`` -> ``y [B, D]``.
+
+    ``conv_state`` is shifted in place (drops its oldest column, appends ``x``), so that the next
+    call continues the sequence; ``causal_conv1d(x[:, None], ..., initial_state=conv_state)`` gives
+    the same ``y``. Plain torch on every device: three small element-wise kernels, which a CUDA
+    graph of the decode step replays without launch overhead (no kernel is needed for speed).
+    """
+    B, D = x.shape
+    W = weight.shape[1]
+    if weight.shape[0] != D or conv_state.shape != (B, D, W - 1):
+        raise ValueError(
+            f"x [B, D] = {tuple(x.shape)}, weight [D, W] = {tuple(weight.shape)} and conv_state [B, D, W-1] "
+            f"= {tuple(conv_state.shape)} do not fit together"
+        )
+    if activation not in _ACTIVATIONS:
+        raise ValueError(f"activation must be one of {_ACTIVATIONS}, got {activation!r}")
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    window = torch.cat([conv_state.to(dtype), x.to(dtype).unsqueeze(-1)], dim=-1)  # [B, D, W]
+    y = (window * weight.to(dtype)).sum(-1)
+    if bias is not None:
+        y = y + bias.to(dtype)
+    conv_state.copy_(window[..., 1:])
+    record("causal_conv1d_update", "torch")
+    return (F.silu(y) if activation is not None else y).to(x.dtype)

@@ -1,0 +1,173 @@
+"""The model's forward with generation state: packed prefill and one-token decode steps.
+
+The walk is `GPTModel`'s own (embedding, per layer ``x + mixer(norm(x))`` then ``x + mlp(norm(x))``,
+final norm, LM head) over the model's own modules; only the two sequence mixers are called here
+differently, because their training forward keeps no state:
+
+* prefill: every prompt packed into one row (``cu_seqlens``, no padding computed): the GDN layer runs
+  the chunked rule and the conv with ``output_final_state`` (one state per prompt), attention runs
+  the layer's core attention over the packed documents and writes each prompt's K/V into its cache
+  rows. Per-document RoPE positions restart at 0, so a prompt's result does not depend on its
+  neighbours (= HF's left-padded batch, whose positions count real tokens only).
+* decode: one token per sequence at its own position: `ops.causal_conv1d_update` and the recurrent
+  rule (fla's fused recurrent kernel on CUDA) on the GDN state, attention of the new query over the
+  cache under the mask ``slot <= position``.
+
+Everything a decode step does has fixed shapes and no host synchronisation when ``sync_free=True``
+(the MoE then routes with a sort instead of Megatron's dispatcher, whose permutation sizes are
+read on the host): that step is what `inference.cuda_graph` captures.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core.models.common.embeddings.rotary_pos_embedding import apply_rotary_pos_emb
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.transformer.moe.moe_layer import MoELayer
+
+from ..config import LINEAR
+from ..ops import causal_conv1d, causal_conv1d_update, gated_delta_rule
+from .state import GDNSlot, InferenceState, KVSlot
+
+
+class Batch:
+    """Where each token of one forward call belongs.
+
+    prefill: ``positions [T, 1]`` (per-document 0..n-1), ``cu_seqlens [N+1]`` (int32) over the packed row;
+    decode: ``positions [1, B]``, the cache slot of each sequence's new token; ``cu_seqlens`` None.
+    """
+
+    def __init__(self, positions: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None, max_seqlen: int = 0):
+        self.positions, self.cu_seqlens, self.max_seqlen = positions, cu_seqlens, max_seqlen
+        self.bounds = None if cu_seqlens is None else cu_seqlens.tolist()  # prefill only (host values)
+
+    @property
+    def prefill(self) -> bool:
+        return self.cu_seqlens is not None
+
+
+def _add(residual, out_with_bias):
+    out, bias = out_with_bias if isinstance(out_with_bias, tuple) else (out_with_bias, None)
+    return residual + out if bias is None else residual + out + bias
+
+
+def forward(model, state: InferenceState, tokens: torch.Tensor, batch: Batch, rope: torch.Tensor,
+            sync_free: bool = False) -> torch.Tensor:
+    """``tokens [s, b]`` (packed prompts ``[T, 1]`` or one token per sequence ``[1, B]``) -> logits
+    ``[N, V]`` of each sequence's last token (full vocabulary, gathered over TP).
+
+    ``rope`` is the model's RoPE table ``[L, 1, 1, d]`` (`rope_table`).
+    """
+    h = model.embedding(input_ids=tokens.t(), position_ids=batch.positions.t())  # [s, b, H]
+    freqs = rope[:, 0, 0][batch.positions].unsqueeze(2)  # [s, b, 1, d]
+    for layer, slot in zip(model.decoder.layers, state.slots):
+        x = layer.input_layernorm(h)
+        if layer.layer_type == LINEAR:
+            h = _add(h, gdn_forward(layer.self_attention, x, slot, batch))
+        else:
+            h = _add(h, attention_forward(layer.self_attention, x, slot, batch, freqs))
+        x = layer.pre_mlp_layernorm(h)
+        if sync_free and isinstance(layer.mlp, MoELayer):
+            h = h + moe_forward_sync_free(layer.mlp, x)
+        else:
+            h = _add(h, layer.mlp(x))
+    if batch.prefill:  # only each prompt's last token goes through the LM head
+        h = h[batch.cu_seqlens[1:].long() - 1].transpose(0, 1)  # [1, N, H]
+    h = model.decoder.final_layernorm(h)
+    weight = model.shared_embedding_or_output_weight() if model.share_embeddings_and_output_weights else None
+    logits, _ = model.output_layer(h, weight=weight, runtime_gather_output=True)
+    return logits[0]
+
+
+def rope_table(model, max_length: int) -> torch.Tensor:
+    """The model's RoPE angles for positions ``0..max_length-1`` (``[L, 1, 1, d]``)."""
+    return model.rotary_pos_emb(max_length)
+
+
+def gdn_forward(m, x: torch.Tensor, slot: GDNSlot, batch: Batch):
+    """`GatedDeltaNet` with state: ``x [s, b, H]`` -> its ``(out, bias)``; updates ``slot``.
+
+    The module's own projections, conv weight, gates and norm; its per-key-head in_proj layout is
+    read through `GatedDeltaNet._in_proj_rows` (conv channels ``[q k v]``, then ``[z | b | a]``).
+    """
+    proj, _ = m.in_proj(x)
+    proj = proj.transpose(0, 1)  # [b, s, Hk·G]
+    rows_qkv, rows_zba = m._in_proj_rows(proj.device)
+    qkv, zba = proj.index_select(-1, rows_qkv), proj.index_select(-1, rows_zba)
+    b, s = qkv.shape[:2]
+    w = m.conv1d.weight.squeeze(1)
+    if batch.prefill:
+        qkv, conv_state = causal_conv1d(qkv, w, activation="silu", cu_seqlens=batch.cu_seqlens,
+                                        output_final_state=True, backend=m.backend)
+        slot.conv.copy_(conv_state)
+    else:
+        qkv = causal_conv1d_update(qkv[:, 0], slot.conv, w, activation="silu").unsqueeze(1)
+    Hv, dk, dv = m.num_value_heads, m.key_head_dim, m.value_head_dim
+    q, k, v = torch.split(qkv.view(b, s, m.num_key_heads, m.conv_group), [dk, dk, m.heads_per_key * dv], dim=-1)
+    z, beta, a = torch.split(zba, [Hv * dv, Hv, Hv], dim=-1)
+    o, final = gated_delta_rule(
+        q, k, v.reshape(b, s, Hv, dv), a, beta,
+        use_qk_l2norm=True, A_log=m.A_log, dt_bias=m.dt_bias, beta_is_logits=True,
+        initial_state=None if batch.prefill else slot.recurrent, output_final_state=True,
+        cu_seqlens=batch.cu_seqlens, use_recurrent=not batch.prefill, chunk_size=m.chunk_size, backend=m.backend,
+    )
+    slot.recurrent.copy_(final)
+    o = m.out_norm(o, z.reshape(b, s, Hv, dv)).reshape(b, s, Hv * dv)
+    return m.out_proj(o.transpose(0, 1).contiguous())
+
+
+def attention_forward(m, x: torch.Tensor, slot: KVSlot, batch: Batch, freqs: torch.Tensor):
+    """`GatedSelfAttention` with a KV cache: ``x [s, b, H]`` -> its ``(out, bias)``; writes K/V into ``slot``."""
+    query, key, value, gate = m.get_query_key_value_tensors(x)  # [s, b, n|g, d]
+    query = apply_rotary_pos_emb(query, freqs, config=m.config)
+    key = apply_rotary_pos_emb(key, freqs, config=m.config)
+    if batch.prefill:  # the layer's own core attention over the packed prompts, then fill the cache
+        params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=batch.cu_seqlens, cu_seqlens_kv=batch.cu_seqlens,
+                                 max_seqlen_q=batch.max_seqlen, max_seqlen_kv=batch.max_seqlen)
+        out = m.core_attention(query.squeeze(1), key.squeeze(1), value.squeeze(1), None,
+                               attn_mask_type=m.attn_mask_type, packed_seq_params=params)
+        out = out.reshape(out.shape[0], 1, -1)
+        for n, (s0, e0) in enumerate(zip(batch.bounds[:-1], batch.bounds[1:])):
+            slot.k[n, :, : e0 - s0] = key[s0:e0, 0].transpose(0, 1)
+            slot.v[n, :, : e0 - s0] = value[s0:e0, 0].transpose(0, 1)
+    else:
+        pos = batch.positions[0]  # [B]
+        rows = torch.arange(pos.numel(), device=pos.device)
+        slot.k[rows, :, pos] = key[0]
+        slot.v[rows, :, pos] = value[0]
+        visible = torch.arange(slot.k.shape[2], device=pos.device) <= pos[:, None]  # [B, L]
+        q = query.permute(1, 2, 0, 3)  # [B, n, 1, d]
+        scale = getattr(m.config, "softmax_scale", None) or q.shape[-1] ** -0.5
+        out = F.scaled_dot_product_attention(q, slot.k, slot.v, attn_mask=visible[:, None, None, :], scale=scale,
+                                             enable_gqa=q.shape[1] != slot.k.shape[1])
+        out = out.permute(2, 0, 1, 3).reshape(1, q.shape[0], -1)  # [1, B, n·d]
+    if gate is not None:
+        out = out * torch.sigmoid(gate)
+    return m.linear_proj(out)
+
+
+def moe_forward_sync_free(mlp: MoELayer, x: torch.Tensor) -> torch.Tensor:
+    """Megatron's `MoELayer` output (router, experts, gated shared expert) without host syncs.
+
+    Megatron's dispatcher reads the tokens-per-expert counts on the host to size its permutation; here
+    the ``N·k`` (token, expert) pairs are sorted by expert on the device, and the layer's own experts
+    (`GroupedSequentialMLP`: two grouped GEMMs on sm90+ bf16) take them in the dispatcher's format.
+    One process, TP = EP = 1 (other layouts use the dispatcher).
+    """
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    probs, _ = mlp.router(x2)  # [N, E], zero outside each token's top-k
+    weights, experts = probs.topk(mlp.router.topk, dim=-1)  # [N, k]
+    flat = experts.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    token = order // mlp.router.topk
+    counts = torch.zeros(probs.shape[-1], dtype=torch.long, device=x.device)
+    counts.scatter_add_(0, flat, torch.ones_like(flat))
+    y, _ = mlp.experts(x2[token], counts, weights.reshape(-1)[order])
+    out = torch.zeros_like(x2).index_add_(0, token, y.to(x2.dtype))
+    if mlp.use_shared_expert:
+        out = out + mlp.shared_experts(x2)
+    return out.view(shape)
