@@ -7,8 +7,12 @@
     torchrun --nproc-per-node 8 --nnodes 4 --node-rank R --rdzv-endpoint HOST:29500 \\
         examples/pretrain.py --config-name qwen3_next_80b_a3b data.paths='[/data/qwen3next_text_document]'
 
-Rerunning the same command resumes from the latest checkpoint in `run_dir`. A bad config stops
-before anything is built, with one line on stderr naming the field (exit code 2).
+Rerunning the same command resumes from the latest checkpoint in `run_dir` (the first line says
+whether it resumes, starts fresh, or has nothing to do). A bad config stops before anything is built,
+with one line on stderr naming the field (exit code 2). The console shows a progress bar on a terminal
+(one line per logged step in a log file: `logging.progress`), validation losses and a closing summary
+(median step time and tokens/s after `logging.timing_warmup_steps`); `logging.verbose=true` adds the
+libraries' info logs.
 """
 
 import contextlib
@@ -137,6 +141,7 @@ def _validate(raw):
                 raise ConfigError("data.paths is required for this config: give data.paths='[/path/prefix]' "
                                   "(see docs/pretraining.md)")
             recipe.model_config(tc, recipe.on_cpu(tc))
+            recipe.progress_mode(tc)
         return tc, recipe
     except ConfigError as e:
         raise _BadConfig(str(e)) from None
@@ -162,6 +167,12 @@ if __name__ == "__main__":  # the checkpoint writer spawns processes that re-imp
 
             print(report(recipe.model_config(tc, cpu=True), tc), flush=True)
             return
-        recipe.run(tc)
+        from hydra.core.hydra_config import HydraConfig
+
+        from nemo_qwen3_next.kernel_cache import configure_kernel_cache
+
+        # before anything compiles: TileLang/Triton kernels persist per machine (docs/performance.md)
+        cache = configure_kernel_cache()
+        recipe.run(tc, label=HydraConfig.get().runtime.choices.get("model", ""), kernel_cache=cache)
 
     main()

@@ -1,11 +1,12 @@
-"""Lightning callbacks for pretraining: progress + throughput, MoE expert load, loss-curve PNG.
+"""Lightning callbacks for pretraining: throughput and step timing, progress bar, MoE expert load,
+validation loss, loss-curve PNG, closing summary.
 
-`TrainingMetrics` owns one record per optimizer step (loss, lr, tokens/s, TFLOP/s per GPU, MoE
-load), prints a progress line, writes TensorBoard scalars and appends the record to
-``<run_dir>/metrics/metrics.jsonl`` (the loss curve a resumed run continues; a directory, because
-NeMo moves the files at the top of a run directory into ``run_N/`` when a run restarts). Every rank runs the
-callback; the few collectives it issues (one broadcast, one all-reduce) are called by all ranks at
-the same steps, never by rank 0 alone.
+`TrainingMetrics` owns one record per logged optimizer step (loss, lr, tokens/s, TFLOP/s per GPU, MoE
+load, val_loss after a validation), prints a progress line (or feeds `ProgressBar`), writes TensorBoard
+scalars and appends the record to ``<run_dir>/metrics/metrics.jsonl`` (the loss curve a resumed run
+continues; a directory, because NeMo moves the files at the top of a run directory into ``run_N/`` when
+a run restarts). Every rank runs the callback; the few collectives it issues (broadcasts, one
+all-reduce) are called by all ranks at the same steps, never by rank 0 alone.
 """
 
 from __future__ import annotations
@@ -13,12 +14,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import statistics
+import sys
 import time
 from typing import Dict, Optional
 
 import torch
 import torch.distributed as dist
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, TQDMProgressBar
 
 from ..ops.usage import kernels_used
 
@@ -89,10 +92,32 @@ class ExpertLoad:
         return out
 
 
+def _cuda_sync() -> None:
+    """Step times on GPU are the work's, not the launches': wait for the queue to drain."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+def format_seconds(s: float) -> str:
+    s = int(round(s))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else (f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s")
+
+
 class TrainingMetrics(Callback):
+    """Per-step timing (CUDA-synchronised on GPU) and the run's record: metrics.jsonl, TensorBoard,
+    the console (a line per logged step, or the progress bar's fields), validation loss, the loss
+    PNG and the closing summary (also ``metrics/summary.json``).
+
+    metrics.jsonl holds one record per logged step: a resumed run first drops the records past its
+    checkpoint (they are logged again), and a validation adds ``val_loss`` to its step's record. The
+    throughput summary is the median over this process's steps after `warmup_steps` (the first steps
+    hold kernel compilation: its time is reported separately as ``first_step_time_s``)."""
+
     def __init__(self, run_dir: str, tokens_per_step: int, flops_per_step: float, log_every_n_steps: int = 1,
                  metrics_file: str = "metrics.jsonl", moe_layers: int = 0, num_experts: int = 0,
-                 loss_curve_png: bool = True):
+                 loss_curve_png: bool = True, warmup_steps: int = 5, print_lines: bool = True,
+                 title: str = "", model_line=None, on_end=None):
+        self.run_dir = run_dir
         self.out_dir = os.path.join(run_dir, "metrics")
         self.path = os.path.join(self.out_dir, metrics_file)
         self.tokens_per_step = tokens_per_step
@@ -100,48 +125,141 @@ class TrainingMetrics(Callback):
         self.every = max(1, log_every_n_steps)
         self.expert_load = ExpertLoad(moe_layers, num_experts) if num_experts else None
         self.loss_curve_png = loss_curve_png
+        self.warmup_steps = warmup_steps
+        self.print_lines = print_lines
+        self.title = title
+        self.model_line = model_line  # (pl_module) -> str, printed once at the start
+        self.on_end = on_end  # () -> [extra summary lines]
+        self.latest: Dict[str, float] = {}  # the last logged record (the progress bar shows it)
+        self.step_times: list = []  # (step, seconds) of every step this process ran
         self._t0: Optional[float] = None
         self._elapsed = 0.0
         self._steps = 0
         self._kernels: Optional[list] = None
+        self._start_step = 0
+        self._last_offset: Optional[int] = None  # where the last written record starts in metrics.jsonl
+        self._logged_step: Optional[int] = None  # step of the last record (known on every rank)
+        self._val: Optional[tuple] = None  # (step, val_loss) of the latest validation
 
     # ------------------------------------------------------------------ hooks
     def on_train_start(self, trainer, pl_module):
         if self.expert_load is not None:
             self.expert_load.attach(pl_module)
+        self._start_step = trainer.global_step
+        if _world()[1] == 0:
+            drop_records_after(self.path, self._start_step)  # a resumed run logs these steps again
+            if self.model_line is not None:
+                _say(self.model_line(pl_module))
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        _cuda_sync()
         self._t0 = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        _cuda_sync()
         dt = time.perf_counter() - (self._t0 or time.perf_counter())
+        self.step_times.append((trainer.global_step, dt))
         self._elapsed += dt
         self._steps += 1
         step = trainer.global_step
-        last = step >= trainer.max_steps
-        if step % self.every and not last:
+        if step % self.every and step < trainer.max_steps:
             return
+        self._log(trainer, self._record(trainer, outputs))
+
+    def on_validation_end(self, trainer, pl_module):
+        if trainer.sanity_checking:
+            return
+        value = trainer.callback_metrics.get("val_loss")
+        t = torch.tensor([float(value) if value is not None else float("nan")], dtype=torch.float64,
+                         device=_comm_device())
         world, rank = _world()
+        if world > 1:  # the loss lives on the last pipeline stage
+            dist.broadcast(t, src=world - 1)
+        step, val = trainer.global_step, t.item()
+        self._val = (step, val)
+        merge = self._logged_step == step  # the step's record is the file's last: add val_loss to it
+        record = dict(self.latest if merge else self._record(trainer, None), val_loss=val)
+        self.latest, self._logged_step = record, step
+        if rank == 0:
+            self._write(trainer, record, replace_last=merge)
+            _say(f"validation at step {step}/{trainer.max_steps} | val loss {val:.4f}")
+
+    def on_train_end(self, trainer, pl_module):
+        if _world()[1] != 0:
+            return
+        summary = self.summary(trainer)
+        os.makedirs(self.out_dir, exist_ok=True)
+        with open(os.path.join(self.out_dir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=1)
+        png = None
+        if self.loss_curve_png:
+            png = plot_loss_curve(self.path, os.path.join(self.out_dir, "loss_curve.png"), self.title)
+        _say(summary_text(summary, png, self.on_end() if self.on_end else []))
+
+    # ------------------------------------------------------------------ timing summary
+    def summary(self, trainer) -> dict:
+        """Steps, final losses and the median step time / tokens/s over the steps after warm-up."""
+        times = [t for _, t in self.step_times]
+        measured = times[self.warmup_steps:]
+        out = {"run_dir": self.run_dir, "first_step": self._start_step + 1, "last_step": trainer.global_step,
+               "max_steps": trainer.max_steps, "loss": self.latest.get("loss"),
+               "loss_step": self.latest.get("step"),
+               "val_loss": self._val[1] if self._val else None, "val_loss_step": self._val[0] if self._val else None,
+               "first_step_time_s": times[0] if times else None, "warmup_steps": self.warmup_steps,
+               "measured_steps": len(measured), "tokens_per_step": self.tokens_per_step}
+        if measured:
+            med = statistics.median(measured)
+            out.update(median_step_time_s=med, median_tokens_per_s=self.tokens_per_step / med,
+                       median_tflops_per_gpu=self.flops_per_step / med / _world()[0] / 1e12)
+        return out
+
+    # ------------------------------------------------------------------ helpers
+    def _record(self, trainer, outputs) -> dict:
+        """The step's record over the steps since the last one; every rank calls it (collectives)."""
+        world, _ = _world()
+        step = trainer.global_step
         record = {"step": step, "loss": self._loss(trainer, outputs), "lr": self._lr(trainer)}
         record = self._from_last_rank(record)  # the loss lives on the last pipeline stage
-        secs = self._elapsed / self._steps
-        record["step_time_s"] = secs
-        record["tokens_per_s"] = self.tokens_per_step / secs
-        record["tflops_per_gpu"] = self.flops_per_step / secs / world / 1e12
+        if self._steps:
+            secs = self._elapsed / self._steps
+            record["step_time_s"] = secs
+            record["tokens_per_s"] = self.tokens_per_step / secs
+            record["tflops_per_gpu"] = self.flops_per_step / secs / world / 1e12
+            record["eta_s"] = secs * max(0, trainer.max_steps - step)
         self._elapsed, self._steps = 0.0, 0
         if self.expert_load is not None:
             record.update(self.expert_load.collect())
         kernels = kernels_used()
         if kernels != self._kernels:  # which path the sequence mixers took (kernel or torch reference)
             record["kernels"] = self._kernels = kernels
-        if rank == 0:
-            self._write(trainer, record)
+        return record
 
-    def on_train_end(self, trainer, pl_module):
-        if _world()[1] == 0 and self.loss_curve_png:
-            plot_loss_curve(self.path, os.path.join(self.out_dir, "loss_curve.png"))
+    def _log(self, trainer, record):
+        self.latest, self._logged_step = record, record["step"]
+        if _world()[1] != 0:
+            return
+        self._write(trainer, record)
+        if "kernels" in record:
+            _say(f"implementations in use (sequence mixers, experts): {', '.join(record['kernels'])}")
+        if self.print_lines and "tokens_per_s" in record:
+            moe = f" | moe imbalance {record['moe/imbalance_max']:.2f} entropy {record['moe/entropy_mean']:.3f}" \
+                if "moe/imbalance_max" in record else ""
+            _say(f"step {record['step']}/{trainer.max_steps} | loss {record['loss']:.4f} | lr {record['lr']:.3e} | "
+                 f"{record['tokens_per_s']:.0f} tok/s | {record['tflops_per_gpu']:.4f} TFLOP/s/GPU{moe} | "
+                 f"eta {format_seconds(record['eta_s'])}")
 
-    # ------------------------------------------------------------------ helpers
+    def _write(self, trainer, record, replace_last: bool = False):
+        os.makedirs(self.out_dir, exist_ok=True)
+        with open(self.path, "a") as f:
+            if replace_last and self._last_offset is not None:
+                f.truncate(self._last_offset)
+            self._last_offset = f.tell()
+            f.write(json.dumps(record) + "\n")
+        for logger in trainer.loggers:  # val_loss reaches TensorBoard through NeMo's own self.log
+            if type(logger).__name__ == "TensorBoardLogger" and not replace_last:
+                logger.log_metrics({k: v for k, v in record.items() if k not in ("step", "kernels", "val_loss")},
+                                   step=record["step"])
+
     @staticmethod
     def _loss(trainer, outputs) -> float:
         value = trainer.callback_metrics.get("reduced_train_loss")
@@ -165,23 +283,79 @@ class TrainingMetrics(Callback):
         dist.broadcast(t, src=world - 1)
         return dict(record, loss=t[0].item(), lr=t[1].item())
 
-    def _write(self, trainer, record):
-        os.makedirs(self.out_dir, exist_ok=True)
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        for logger in trainer.loggers:
-            if type(logger).__name__ == "TensorBoardLogger":
-                logger.log_metrics({k: v for k, v in record.items() if k not in ("step", "kernels")},
-                                   step=record["step"])
-        if "kernels" in record:
-            print(f"implementations in use (sequence mixers, experts): {', '.join(record['kernels'])}", flush=True)
-        moe = f" | moe imbalance {record['moe/imbalance_max']:.2f} entropy {record['moe/entropy_mean']:.3f}" \
-            if "moe/imbalance_max" in record else ""
-        print(
-            f"step {record['step']}/{trainer.max_steps} | loss {record['loss']:.4f} | lr {record['lr']:.3e} | "
-            f"{record['tokens_per_s']:.0f} tok/s | {record['tflops_per_gpu']:.4f} TFLOP/s/GPU{moe}",
-            flush=True,
-        )
+
+def _say(msg: str) -> None:
+    """Print above an active progress bar (tqdm.write), else a plain line."""
+    from tqdm import tqdm
+
+    tqdm.write(msg, file=sys.stdout)
+    sys.stdout.flush()
+
+
+def summary_text(s: dict, png: Optional[str], extra=()) -> str:
+    """The closing summary: what ran, where it ended, how fast, where the outputs are."""
+    run = s["run_dir"]
+    lines = [f"done: steps {s['first_step']}-{s['last_step']} of {s['max_steps']}"
+             + (f" | train loss {s['loss']:.4f} (step {s['loss_step']})" if s.get("loss") is not None else "")
+             + (f" | val loss {s['val_loss']:.4f} (step {s['val_loss_step']})" if s.get("val_loss") is not None else "")]
+    if s.get("median_step_time_s"):
+        lines.append(f"speed: median step {s['median_step_time_s'] * 1e3:.1f} ms = {s['median_tokens_per_s']:.0f} tokens/s, "
+                     f"{s['median_tflops_per_gpu']:.3f} TFLOP/s/GPU over {s['measured_steps']} steps after "
+                     f"{s['warmup_steps']} warm-up; first step {s['first_step_time_s']:.1f} s (compilation, warm-up)")
+    elif s.get("first_step_time_s") is not None:
+        lines.append(f"speed: first step {s['first_step_time_s']:.1f} s; too few steps after {s['warmup_steps']} "
+                     "warm-up for a median (raise trainer.max_steps)")
+    lines += [f"checkpoints: {os.path.join(run, 'checkpoints')}",
+              f"tensorboard: tensorboard --logdir {os.path.join(run, 'tensorboard')}",
+              f"metrics: {os.path.join(run, 'metrics', 'metrics.jsonl')} (summary.json beside it)"
+              + (f" | plot: {png}" if png else "")]
+    return "\n".join(lines + list(extra))
+
+
+def drop_records_after(path: str, step: int) -> None:
+    """Keep only the records up to `step` (atomically): a run resumed from step N logs N+1.. again."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = [line for line in f if line.strip()]
+    kept = [line for line in lines if int(json.loads(line)["step"]) <= step]
+    if len(kept) != len(lines):
+        with open(path + ".tmp", "w") as f:
+            f.writelines(kept)
+        os.replace(path + ".tmp", path)
+
+
+class ProgressBar(TQDMProgressBar):
+    """Lightning's TQDM bar counted in optimizer steps (from the resumed step to max_steps, so its ETA
+    is right after a resume), showing `TrainingMetrics.latest`: loss, lr, tokens/s, TFLOP/s/GPU."""
+
+    BAR_FORMAT = "{desc} {n_fmt}/{total_fmt} |{bar:20}| [{elapsed}<{remaining}{postfix}]"
+
+    def __init__(self, metrics: TrainingMetrics):
+        super().__init__()
+        self.metrics = metrics
+
+    def init_train_tqdm(self):
+        bar = super().init_train_tqdm()
+        bar.bar_format, bar.smoothing = self.BAR_FORMAT, 0.3  # ETA from recent steps, not the first one
+        return bar
+
+    def on_train_epoch_start(self, trainer, *_):
+        self.train_progress_bar.reset(trainer.max_steps)
+        self.train_progress_bar.initial = self.train_progress_bar.n = trainer.global_step
+        self.train_progress_bar.set_description("train")
+
+    def on_train_batch_end(self, trainer, pl_module, *_, **__):
+        bar = self.train_progress_bar
+        bar.set_postfix(self.get_metrics(trainer, pl_module), refresh=False)
+        bar.update(trainer.global_step - bar.n)
+
+    def get_metrics(self, trainer, pl_module):
+        r = self.metrics.latest
+        if "tokens_per_s" not in r:
+            return {}
+        return {"loss": f"{r['loss']:.4f}", "lr": f"{r['lr']:.2e}", "tok/s": f"{r['tokens_per_s']:.0f}",
+                "TFLOP/s/GPU": f"{r['tflops_per_gpu']:.3g}"}
 
 
 def read_metrics(path: str) -> Dict[int, dict]:
@@ -197,23 +371,42 @@ def read_metrics(path: str) -> Dict[int, dict]:
     return dict(sorted(out.items()))
 
 
-def plot_loss_curve(metrics_path: str, png_path: str) -> Optional[str]:
-    records = read_metrics(metrics_path)
-    if not records:
-        return None
+def loss_figure(records: Dict[int, dict], title: str = ""):
+    """Train loss and validation loss (left axis), learning rate (right axis), titled with the run."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    steps = list(records)
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(steps, [records[s]["loss"] for s in steps], label="train loss")
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    train = [(s, r["loss"]) for s, r in records.items() if "loss" in r]
+    val = [(s, r["val_loss"]) for s, r in records.items() if "val_loss" in r]
+    lr = [(s, r["lr"]) for s, r in records.items() if "lr" in r]
+    handles = ax.plot(*zip(*train), label="train loss") if train else []
+    if val:
+        handles += ax.plot(*zip(*val), "o-", color="tab:orange", label="val loss")
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats/token)")
     ax.grid(alpha=0.3)
-    ax.legend()
+    if lr:
+        ax_lr = ax.twinx()
+        handles += ax_lr.plot(*zip(*lr), "--", color="tab:gray", alpha=0.7, label="learning rate")
+        ax_lr.set_ylabel("learning rate")
+        ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
+    ax.legend(handles=handles, labels=[h.get_label() for h in handles], loc="upper right")
+    if title:
+        ax.set_title(title)
     fig.tight_layout()
+    return fig
+
+
+def plot_loss_curve(metrics_path: str, png_path: str, title: str = "") -> Optional[str]:
+    records = read_metrics(metrics_path)
+    if not records:
+        return None
+    import matplotlib.pyplot as plt
+
+    fig = loss_figure(records, title)
     tmp = png_path + ".tmp.png"
     fig.savefig(tmp, dpi=100)
     plt.close(fig)

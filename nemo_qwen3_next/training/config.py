@@ -32,6 +32,7 @@ class TrainerConfig:
 @dataclass
 class DataConfig:
     paths: Any = None  # None/[] -> embedded corpus; else a prefix, a blend [w1, p1, w2, p2] or {train,validation,test}
+    mock: bool = False  # random tokens at the model's vocab size, no files (data=mock; throughput runs)
     tokenizer: str = "byte"  # "byte" or a Hugging Face tokenizer name/path (real data)
     seq_length: int = 128
     micro_batch_size: int = 4
@@ -91,6 +92,9 @@ class LoggingConfig:
     loss_curve_png: bool = True
     moe_metrics: bool = True
     metrics_file: str = "metrics.jsonl"
+    progress: str = "auto"  # bar (Lightning's TQDM) | lines (one per logged step) | auto: bar on a terminal
+    verbose: bool = False  # also NeMo/Megatron/Lightning info logs and the model summary on the console
+    timing_warmup_steps: int = 5  # steps left out of the closing median step time (kernel compilation)
 
 
 @dataclass

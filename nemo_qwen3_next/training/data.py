@@ -1,5 +1,5 @@
 """Training data: Megatron indexed datasets (`.bin/.idx`, blends) through NeMo's
-`PreTrainingDataModule`, and the embedded corpus that needs no download.
+`PreTrainingDataModule`, the embedded corpus that needs no download, and random tokens (`data=mock`).
 
 The embedded corpus is real English prose already on every machine that runs Python: the
 docstrings of the Python standard library (module, class and function docstrings, one document
@@ -98,10 +98,65 @@ def build_embedded_corpus(out_dir: str, tokenizer, max_bytes: int = 8_000_000) -
     return prefix
 
 
+class MockDataset:
+    """Uniform random token ids in [0, vocab_size): sample `i` of split `s` comes from
+    ``np.random.default_rng([seed, s, i])``, so batches depend only on (seed, split, index), never on
+    the rank, worker or a resume. The attention mask is one ``False`` (nothing padded; causality is
+    the attention's own): a dense ``[1, s, s]`` mask would be 16 MB per sample at s = 4096, copied to
+    the GPU with every batch, which a throughput run must not time."""
+
+    SPLITS = {"train": 0, "validation": 1, "test": 2}
+
+    def __init__(self, vocab_size: int, seq_length: int, num_samples: int, seed: int, split: str):
+        import torch
+
+        self.vocab_size, self.seq_length, self.num_samples = vocab_size, seq_length, num_samples
+        self.seed, self.split = seed, self.SPLITS[split]
+        self.loss_mask = torch.ones(seq_length, dtype=torch.float)
+        self.position_ids = torch.arange(seq_length, dtype=torch.int64)
+        self.attention_mask = torch.zeros(1, 1, 1, dtype=torch.bool)
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __getitem__(self, idx: int):
+        import torch
+
+        rng = np.random.default_rng([self.seed, self.split, int(idx)])
+        tokens = torch.from_numpy(rng.integers(self.vocab_size, size=self.seq_length + 1, dtype=np.int64))
+        return {"tokens": tokens[:-1], "labels": tokens[1:], "loss_mask": self.loss_mask,
+                "position_ids": self.position_ids, "attention_mask": self.attention_mask}
+
+    @staticmethod
+    def collate_fn(batch):
+        from torch.utils.data import default_collate
+
+        return default_collate(batch)
+
+
+def make_mock_data_module(cfg, tokenizer, seq_length: int, micro_batch_size: int, global_batch_size: int, seed: int):
+    """NeMo's `MockDataModule` (Megatron sampler, resume by consumed samples) over `MockDataset`."""
+    import torch
+    from nemo.collections.llm.gpt.data.mock import MockDataModule
+
+    class _Module(MockDataModule):
+        def setup(self, stage: str = "") -> None:  # NeMo's passes its mask flag into the seed slot
+            sizes = {"train": self.num_train_samples, "validation": self.num_val_samples, "test": self.num_test_samples}
+            self._train_ds, self._validation_ds, self._test_ds = (
+                MockDataset(tokenizer.vocab_size, self.seq_length, sizes[s], seed, s) for s in sizes)
+
+    return _Module(seq_length=seq_length, tokenizer=tokenizer, micro_batch_size=micro_batch_size,
+                   global_batch_size=global_batch_size, num_workers=cfg.num_workers,
+                   pin_memory=cfg.pin_memory and torch.cuda.is_available(), persistent_workers=False)
+
+
 def make_data_module(cfg, tokenizer, seq_length: int, micro_batch_size: int, global_batch_size: int, seed: int):
-    """NeMo `PreTrainingDataModule` for `cfg.data` (embedded corpus when `cfg.data.paths` is empty)."""
+    """NeMo `PreTrainingDataModule` for `cfg.data` (embedded corpus when `cfg.data.paths` is empty),
+    or random tokens with `cfg.data.mock`."""
     from nemo.collections.llm.gpt.data.pre_training import PreTrainingDataModule
 
+    if cfg.mock:
+        return make_mock_data_module(cfg, tokenizer, seq_length, micro_batch_size, global_batch_size, seed)
     paths = cfg.paths
     if not paths:
         paths = [build_embedded_corpus(cfg.cache_dir, tokenizer, cfg.embedded_max_bytes)]

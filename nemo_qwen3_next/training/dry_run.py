@@ -48,8 +48,14 @@ def count_parameters(mcfg) -> Dict[str, float]:
     """Exact parameter counts of the whole model (built on the meta device)."""
     model, full = _meta_model(mcfg)
     assert all(p.device.type == "meta" for p in model.parameters()), "dry run allocated real tensors"
+    return count_named_parameters(model.named_parameters(), full)
+
+
+def count_named_parameters(named_parameters, full) -> Dict[str, float]:
+    """Total / expert / embedding / active-per-token counts of these parameters (a whole model, or
+    one rank's shards of a training model)."""
     total = expert = embed = 0
-    for name, p in model.named_parameters():
+    for name, p in named_parameters:
         n = p.numel()
         total += n
         if ".experts." in name:

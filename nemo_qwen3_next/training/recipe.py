@@ -7,7 +7,9 @@ One function per part, named for what it builds: `model_config`, `tokenizer`, `s
 from __future__ import annotations
 
 import os
-from typing import Any, Dict
+import re
+import sys
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 
@@ -141,20 +143,125 @@ def checkpointing(cfg: PretrainConfig):
     )
 
 
-def run(cfg: PretrainConfig) -> str:
-    """Train; returns the run directory. Assumes `cfg` came from `config.validate`."""
+def progress_mode(cfg: PretrainConfig) -> str:
+    """`bar` or `lines` for `logging.progress` (auto: the bar only on a terminal; a log file gets lines)."""
+    mode = str(cfg.logging.progress)
+    if mode not in ("auto", "bar", "lines"):
+        raise ConfigError(f"logging.progress = {mode!r} is not one of auto, bar, lines; set logging.progress=auto.")
+    if mode == "auto":
+        return "bar" if sys.stdout.isatty() else "lines"
+    return mode
+
+
+def latest_checkpoint(run_dir: str) -> Optional[Tuple[str, Optional[int]]]:
+    """The checkpoint NeMo's `AutoResume` resumes from (the newest finished ``*last`` directory in
+    ``run_dir/checkpoints``; unfinished ones carry a ``<name>-unfinished`` marker) and the optimizer
+    steps it holds: its name's ``step=`` is the step index NeMo logged, counted from 0."""
+    try:
+        entries = [e for e in os.scandir(os.path.join(run_dir, "checkpoints"))
+                   if e.is_dir() and e.name.endswith("last") and not os.path.exists(e.path + "-unfinished")]
+    except FileNotFoundError:
+        return None
+    if not entries:
+        return None
+    newest = max(entries, key=lambda e: e.stat(follow_symlinks=False).st_mtime)
+    m = re.match(r"step=(\d+)", newest.name)
+    return newest.path, int(m.group(1)) + 1 if m else None
+
+
+def plan(cfg: PretrainConfig) -> Tuple[str, bool]:
+    """What this (re)run does, as one line, and whether there is anything to train."""
+    found = latest_checkpoint(cfg.run_dir) if cfg.checkpoint.resume else None
+    max_steps = cfg.trainer.max_steps
+    if found:
+        path, steps = found
+        if steps is not None and steps >= max_steps:
+            return (f"{cfg.run_dir}: latest checkpoint is step {steps} >= max_steps {max_steps}; nothing to do "
+                    "— pass a new name= or raise max_steps", False)
+        return f"resuming {cfg.run_dir} from step {steps} ({os.path.basename(path)}) to max_steps {max_steps}", True
+    line = f"starting fresh: {cfg.run_dir}, {max_steps} steps"
+    if cfg.checkpoint.init_from:
+        line += f", from the weights in {cfg.checkpoint.init_from} (optimizer fresh)"
+    elif not cfg.checkpoint.resume and latest_checkpoint(cfg.run_dir):
+        line += " (checkpoint.resume=false: the checkpoints already there are not used)"
+    return line, True
+
+
+def quiet_console(verbose: bool) -> None:
+    """Keep NeMo/Megatron/Lightning info logs (process groups, a parameter list per gradient bucket,
+    Lightning's model summary) off the console unless `logging.verbose`; warnings still show, and
+    Hydra's log file (``run_dir/hydra``) still receives the root logger's records."""
+    if verbose:
+        return
+    import logging
+
+    from nemo.utils import logging as nemo_logging
+
+    for handler in logging.getLogger().handlers:
+        if type(handler) is logging.StreamHandler:  # Hydra's console handler, not its file handler
+            handler.setLevel(logging.WARNING)
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    nemo_logging.setLevel(logging.WARNING)
+
+
+def _count(n: float) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
+
+
+def model_line(mcfg, label: str, cfg: PretrainConfig):
+    """(pl_module) -> the one model summary line, counted on the built (possibly sharded) model."""
+    from .dry_run import count_named_parameters
+
+    p = cfg.parallelism
+    sharded = p.tensor_model_parallel_size * p.pipeline_model_parallel_size * p.expert_model_parallel_size > 1
+    kinds = mcfg.layer_types
+    experts = f", {mcfg.num_moe_experts} experts top-{mcfg.moe_router_topk}" if mcfg.num_moe_experts else ""
+
+    def line(pl_module) -> str:
+        c = count_named_parameters(pl_module.named_parameters(), mcfg)
+        return (f"model {label}: {_count(c['total'])} parameters{' on this rank' if sharded else ''} "
+                f"({_count(c['active'])} active per token), {mcfg.num_layers} layers "
+                f"({kinds.count('linear_attention')} Gated DeltaNet + {kinds.count('full_attention')} gated attention)"
+                f"{experts}")
+
+    return line
+
+
+def kernel_cache_report(info: dict) -> str:
+    """How many TileLang kernels / Triton entries this run compiled into the kernel cache."""
+    from ..kernel_cache import count_entries
+
+    now = count_entries(info["dirs"])
+    new = {k: now[k] - info["entries"].get(k, 0) for k in now}
+    return (f"kernel cache: +{new['TILELANG_CACHE_DIR']} TileLang kernels, +{new['TRITON_CACHE_DIR']} Triton entries "
+            f"compiled this run, kept for the next one in {info['dir']}")
+
+
+def run(cfg: PretrainConfig, label: str = "", kernel_cache: Optional[dict] = None) -> str:
+    """Train; returns the run directory. Assumes `cfg` came from `config.validate`. `label` names the
+    model (the Hydra choice) in the console and the plot; `kernel_cache` is
+    `kernel_cache.configure_kernel_cache()`'s result, reported at the start and the end."""
     from . import fixes
 
+    rank0 = os.environ.get("RANK", "0") == "0"
+    what, todo = plan(cfg)
+    if rank0:
+        print(what, flush=True)
+    if not todo:
+        return cfg.run_dir
     cpu = on_cpu(cfg)
     fixes.apply(force_cpu=cpu)
     mcfg = model_config(cfg, cpu)
+    quiet_console(cfg.logging.verbose)
+    mode = progress_mode(cfg)
 
     import lightning.pytorch as pl
     from lightning.pytorch.loggers import TensorBoardLogger
     from nemo import lightning as nl
     from nemo.collections import llm
 
-    from .callbacks import TrainingMetrics
+    from .callbacks import ProgressBar, TrainingMetrics
     from .data import make_data_module
     from .flops import train_flops_per_step
     from .nemo_model import model_classes
@@ -183,8 +290,18 @@ def run(cfg: PretrainConfig) -> str:
         moe_layers=mcfg.num_layers if (moe_layers and cfg.logging.moe_metrics) else 0,
         num_experts=(mcfg.num_moe_experts or 0) if cfg.logging.moe_metrics else 0,
         loss_curve_png=cfg.logging.loss_curve_png,
+        warmup_steps=cfg.logging.timing_warmup_steps,
+        print_lines=mode == "lines",
+        title=f"{label or 'Qwen3-Next'} | run {cfg.name}",
+        model_line=model_line(mcfg, label or cfg.name, cfg),
+        on_end=(lambda: [kernel_cache_report(kernel_cache)]) if kernel_cache else None,
     )
-    callbacks = [metrics, checkpointing(cfg)]
+    if kernel_cache and rank0 and (not cpu or cfg.logging.verbose):
+        from ..kernel_cache import describe
+
+        print(describe(kernel_cache), flush=True)
+    # metrics first: a step's time must not include the checkpoint callback's save at its end
+    callbacks = [metrics, checkpointing(cfg)] + ([ProgressBar(metrics)] if mode == "bar" else [])
     if cfg.checkpoint.save_initial:
         from .callbacks import SaveInitialCheckpoint
 
@@ -204,7 +321,8 @@ def run(cfg: PretrainConfig) -> str:
         limit_val_batches=cfg.trainer.limit_val_batches,
         log_every_n_steps=cfg.trainer.log_every_n_steps,
         num_sanity_val_steps=0,
-        enable_progress_bar=False,
+        enable_progress_bar=mode == "bar",
+        enable_model_summary=cfg.logging.verbose,  # else: our one model line
         use_distributed_sampler=False,
         strategy=strategy(cfg, cpu),
         plugins=plugins,
