@@ -1,10 +1,12 @@
 #!/usr/bin/env python3
-"""Convert a NeMo 2 Qwen3-Next checkpoint into a Hugging Face directory (streamed, atomic).
+"""Convert a NeMo 2 Qwen3-Next checkpoint into a Hugging Face directory (streamed, validated, atomic).
 
     python examples/convert_nemo_to_hf.py --input NEMO_DIR --output HF_DIR [--max-shard-size 5GB] [--overwrite]
 
-Writes sharded safetensors + model.safetensors.index.json, config.json and the tokenizer files
-the checkpoint carries; the result loads with `transformers.AutoModelForCausalLM.from_pretrained`.
+Writes sharded safetensors + model.safetensors.index.json, config.json (the imported one, keys and
+values as they were) and the non-weight files the checkpoint carries (tokenizer,
+generation_config.json ...); the result loads with `transformers.AutoModelForCausalLM.from_pretrained`.
+A bad input is refused in one line on stderr (exit code 2); nothing is left behind.
 """
 
 import argparse
@@ -20,19 +22,25 @@ def main(argv=None) -> int:
     p.add_argument("--output", required=True, help="HF directory to create")
     p.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (default 5GB)")
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    p.add_argument("--allow-non-finite", action="store_true", help="accept NaN/inf weights (refused by default)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--debug", action="store_true", help="show library output and tracebacks")
     a = p.parse_args(argv)
 
-    from nemo_qwen3_next.nemo.convert import ConversionError, convert_nemo_to_hf
+    from nemo_qwen3_next.checkpoint import check_nemo_dir, check_output, parse_size, remove_stale_temp_dirs
+    from nemo_qwen3_next.checkpoint.cli import run
 
-    try:
-        report = convert_nemo_to_hf(a.input, a.output, overwrite=a.overwrite, progress=not a.no_progress,
-                                    max_shard_size=a.max_shard_size)
-    except ConversionError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(report)
-    return 0
+    def convert():
+        parse_size(a.max_shard_size)  # cheap checks first: a wrong input answers before the ~25 s of imports
+        check_nemo_dir(a.input)
+        remove_stale_temp_dirs(a.output)
+        check_output(a.output, a.overwrite)
+        from nemo_qwen3_next.nemo.convert import convert_nemo_to_hf
+
+        return convert_nemo_to_hf(a.input, a.output, overwrite=a.overwrite, progress=not a.no_progress,
+                                  max_shard_size=a.max_shard_size, allow_non_finite=a.allow_non_finite)
+
+    return run("convert_nemo_to_hf.py", convert, a.debug)
 
 
 if __name__ == "__main__":

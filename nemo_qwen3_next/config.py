@@ -41,9 +41,70 @@ def normalize_layer_types(layer_types: List[str]) -> List[str]:
     return out
 
 
+# Field checks (name -> kind) run before anything else, so a wrong type or sign is named here rather
+# than failing later inside Megatron: "pos" int >= 1, "nonneg" int >= 0, "pos?"/"nonneg?" also None,
+# "posf" number > 0, "nonnegf" number >= 0, "prob" number in [0, 1), "bool".
+_FIELD_KINDS = {
+    "num_layers": "pos", "hidden_size": "pos", "num_attention_heads": "pos", "vocab_size": "pos",
+    "max_position_embeddings": "pos", "full_attention_interval": "pos", "linear_num_key_heads": "pos",
+    "linear_num_value_heads": "pos", "linear_key_head_dim": "pos", "linear_value_head_dim": "pos",
+    "linear_conv_kernel_dim": "pos", "linear_attention_chunk_size": "pos", "decoder_sparse_step": "pos",
+    "moe_router_topk": "pos", "tensor_model_parallel_size": "pos", "pipeline_model_parallel_size": "pos",
+    "expert_model_parallel_size": "pos", "context_parallel_size": "pos",
+    "num_query_groups": "pos?", "kv_channels": "pos?", "ffn_hidden_size": "pos?", "num_moe_experts": "nonneg?",
+    "moe_ffn_hidden_size": "pos?", "moe_shared_expert_intermediate_size": "pos?",
+    "layernorm_epsilon": "posf", "rotary_base": "posf", "rotary_percent": "posf", "init_method_std": "nonnegf",
+    "hidden_dropout": "prob", "attention_dropout": "prob",
+    "tie_word_embeddings": "bool", "attention_output_gate": "bool", "linear_attention_use_recurrent": "bool",
+    "qk_layernorm": "bool", "moe_shared_expert_gate": "bool", "moe_norm_topk_prob": "bool",
+    "fused_linear_cross_entropy": "bool", "moe_fast_permute": "bool", "add_qkv_bias": "bool",
+}
+_KIND_TEXT = {"pos": "an integer >= 1", "nonneg": "an integer >= 0", "posf": "a number > 0",
+              "nonnegf": "a number >= 0", "prob": "a number in [0, 1)", "bool": "true or false"}
+
+
+def check_field(name: str, value: Any, kind: str, where: str = "") -> None:
+    """One line naming the field if `value` is not of `kind` (see `_FIELD_KINDS`); bools are not numbers."""
+    base = kind.rstrip("?")
+    if value is None and kind.endswith("?"):
+        return
+    is_int = isinstance(value, int) and not isinstance(value, bool)
+    is_num = is_int or isinstance(value, float)
+    ok = {"pos": is_int and value >= 1, "nonneg": is_int and value >= 0,
+          "posf": is_num and value > 0 and value == value and value != float("inf"),
+          "nonnegf": is_num and value >= 0 and value != float("inf"),
+          "prob": is_num and 0 <= value < 1, "bool": isinstance(value, bool)}[base]
+    if not ok:
+        what = _KIND_TEXT[base] + (" or null" if kind.endswith("?") else "")
+        raise ConfigError(f"{where}{name} = {value!r} ({type(value).__name__}) must be {what}; fix {name}.")
+
+
 def layer_types_from_interval(num_layers: int, full_attention_interval: int) -> List[str]:
     """HF's default pattern: every `full_attention_interval`-th layer is full attention."""
     return [FULL if (i + 1) % full_attention_interval == 0 else LINEAR for i in range(num_layers)]
+
+
+# transformers' `Qwen3NextConfig.__init__` defaults (4.57): what an absent config.json field means.
+HF_DEFAULTS = dict(
+    vocab_size=151936, hidden_size=2048, intermediate_size=5632, num_hidden_layers=48, num_attention_heads=16,
+    num_key_value_heads=2, hidden_act="silu", max_position_embeddings=32768, initializer_range=0.02,
+    rms_norm_eps=1e-6, tie_word_embeddings=False, rope_theta=10000.0, rope_scaling=None, partial_rotary_factor=0.25,
+    attention_bias=False, attention_dropout=0.0, head_dim=256, linear_conv_kernel_dim=4, linear_key_head_dim=128,
+    linear_value_head_dim=128, linear_num_key_heads=16, linear_num_value_heads=32, decoder_sparse_step=1,
+    moe_intermediate_size=512, shared_expert_intermediate_size=512, num_experts_per_tok=10, num_experts=512,
+    norm_topk_prob=True, router_aux_loss_coef=0.001, mlp_only_layers=[], layer_types=None, full_attention_interval=4,
+)
+# HF names checked before translation, so the error names the config.json field.
+_HF_FIELD_KINDS = {
+    "vocab_size": "pos", "hidden_size": "pos", "intermediate_size": "pos", "num_hidden_layers": "pos",
+    "num_attention_heads": "pos", "num_key_value_heads": "pos", "max_position_embeddings": "pos",
+    "head_dim": "pos", "linear_conv_kernel_dim": "pos", "linear_key_head_dim": "pos", "linear_value_head_dim": "pos",
+    "linear_num_key_heads": "pos", "linear_num_value_heads": "pos", "decoder_sparse_step": "pos",
+    "full_attention_interval": "pos", "num_experts": "nonneg", "moe_intermediate_size": "nonneg",
+    "shared_expert_intermediate_size": "nonneg", "num_experts_per_tok": "nonneg", "initializer_range": "nonnegf",
+    "rms_norm_eps": "posf", "rope_theta": "posf", "partial_rotary_factor": "posf", "attention_dropout": "prob",
+    "router_aux_loss_coef": "nonnegf", "tie_word_embeddings": "bool", "attention_bias": "bool", "norm_topk_prob": "bool",
+}
 
 
 @dataclass
@@ -130,7 +191,25 @@ class Qwen3NextConfig(TransformerConfig):
         super().__post_init__()
 
     # ------------------------------------------------------------------ validation
+    def _check_fields(self):
+        for name, kind in _FIELD_KINDS.items():
+            check_field(name, getattr(self, name), kind)
+        if self.layer_types is not None and not isinstance(self.layer_types, (list, tuple)):
+            raise ConfigError(f"layer_types = {self.layer_types!r} must be a list with one entry per layer "
+                              f"('linear_attention' / 'full_attention').")
+        if not isinstance(self.mlp_only_layers, (list, tuple)) or not all(
+                isinstance(i, int) and not isinstance(i, bool) for i in self.mlp_only_layers):
+            raise ConfigError(f"mlp_only_layers = {self.mlp_only_layers!r} must be a list of 0-based layer indices.")
+        coeffs = self.moe_aux_loss_coeff if isinstance(self.moe_aux_loss_coeff, (list, tuple)) else [
+            self.moe_aux_loss_coeff]
+        for c in coeffs:
+            check_field("moe_aux_loss_coeff", c, "nonnegf")
+        if self.num_moe_experts and self.moe_ffn_hidden_size is None:
+            raise ConfigError("moe_ffn_hidden_size is None but num_moe_experts is set; give the routed experts' "
+                              "hidden size (HF moe_intermediate_size).")
+
     def _validate_and_derive(self):
+        self._check_fields()
         if self.layer_types is None:
             if self.full_attention_interval < 1:
                 raise ConfigError(
@@ -173,6 +252,11 @@ class Qwen3NextConfig(TransformerConfig):
             )
         if not (0.0 < float(self.rotary_percent) <= 1.0):
             raise ConfigError(f"rotary_percent = {self.rotary_percent} must be in (0, 1].")
+        head_dim = self.kv_channels or self.hidden_size // self.num_attention_heads
+        rotary_dim = int(head_dim * float(self.rotary_percent))
+        if FULL in self.layer_types and (rotary_dim < 2 or rotary_dim % 2):
+            raise ConfigError(f"rotary_percent ({self.rotary_percent}) x head dim ({head_dim}) = {rotary_dim} RoPE "
+                              f"channels; it must be an even number >= 2: change rotary_percent or kv_channels.")
         if self.linear_attention_chunk_size < 1:
             raise ConfigError(f"linear_attention_chunk_size = {self.linear_attention_chunk_size} must be >= 1.")
         if self.linear_attention_backend not in ("auto", "torch", "fla"):
@@ -212,59 +296,75 @@ class Qwen3NextConfig(TransformerConfig):
     # ------------------------------------------------------------------ HF round trip
     @classmethod
     def from_hf(cls, hf_config: Union[str, os.PathLike, Dict[str, Any], Any], **overrides) -> "Qwen3NextConfig":
-        """Build from a transformers `Qwen3NextConfig`, a dict, a `config.json` or its directory."""
+        """Build from a transformers `Qwen3NextConfig`, a dict, a `config.json` or its directory.
+
+        Absent fields take transformers' own defaults (`HF_DEFAULTS`, e.g. head_dim 256, 512 experts),
+        so a hand-written config.json means here what it means to transformers."""
+        where = ""
         if isinstance(hf_config, (str, os.PathLike)):
             path = os.fspath(hf_config)
             if os.path.isdir(path):
                 path = os.path.join(path, "config.json")
-            with open(path) as f:
-                hf = json.load(f)
+            where = f"{path}: "
+            try:
+                with open(path) as f:
+                    hf = json.load(f)
+            except FileNotFoundError:
+                raise ConfigError(f"{path} does not exist; give a Hugging Face config.json or its directory.") from None
+            except (ValueError, UnicodeDecodeError) as e:
+                raise ConfigError(f"{path} is not valid JSON ({e}); fix or re-download it.") from None
         elif isinstance(hf_config, dict):
             hf = dict(hf_config)
         else:
             hf = hf_config.to_dict()
+        if not isinstance(hf, dict):
+            raise ConfigError(f"{where}the HF config is a JSON {type(hf).__name__}, not an object.")
+        if hf.get("model_type", "qwen3_next") != "qwen3_next":
+            raise ConfigError(f"{where}model_type = {hf['model_type']!r}: this is not a Qwen3-Next config "
+                              f"(expected 'qwen3_next'); use a Qwen3-Next checkpoint.")
+        hf = {**HF_DEFAULTS, **{k: v for k, v in hf.items() if v is not None}}
+        for name, kind in _HF_FIELD_KINDS.items():
+            check_field(name, hf[name], kind, where)
         num_layers = hf["num_hidden_layers"]
-        layer_types = hf.get("layer_types") or layer_types_from_interval(
-            num_layers, hf.get("full_attention_interval", 4)
-        )
+        layer_types = hf.get("layer_types") or layer_types_from_interval(num_layers, hf["full_attention_interval"])
         if hf.get("hidden_act", "silu") != "silu":
             raise ConfigError(f"hidden_act = {hf['hidden_act']!r}: only 'silu' is supported.")
         if hf.get("rope_scaling"):
             raise ConfigError("rope_scaling is set in config.json; only plain RoPE is supported.")
-        num_experts = hf.get("num_experts", 0) or None
+        num_experts = hf["num_experts"] or None
         kw = dict(
             num_layers=num_layers,
             hidden_size=hf["hidden_size"],
             ffn_hidden_size=hf["intermediate_size"],
             num_attention_heads=hf["num_attention_heads"],
-            num_query_groups=hf.get("num_key_value_heads", hf["num_attention_heads"]),
-            kv_channels=hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"],
-            layernorm_epsilon=hf.get("rms_norm_eps", 1e-6),
+            num_query_groups=hf["num_key_value_heads"],
+            kv_channels=hf["head_dim"],
+            layernorm_epsilon=float(hf["rms_norm_eps"]),
             vocab_size=hf["vocab_size"],
-            max_position_embeddings=hf.get("max_position_embeddings", 32768),
-            rotary_base=float(hf.get("rope_theta", 10000.0)),
-            rotary_percent=float(hf.get("partial_rotary_factor", 0.25)),
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            max_position_embeddings=hf["max_position_embeddings"],
+            rotary_base=float(hf["rope_theta"]),
+            rotary_percent=float(hf["partial_rotary_factor"]),
+            tie_word_embeddings=hf["tie_word_embeddings"],
             add_bias_linear=False,
-            add_qkv_bias=bool(hf.get("attention_bias", False)),
-            attention_dropout=float(hf.get("attention_dropout", 0.0)),
+            add_qkv_bias=hf["attention_bias"],
+            attention_dropout=float(hf["attention_dropout"]),
             layer_types=list(layer_types),
-            linear_num_key_heads=hf.get("linear_num_key_heads", 16),
-            linear_num_value_heads=hf.get("linear_num_value_heads", 32),
-            linear_key_head_dim=hf.get("linear_key_head_dim", 128),
-            linear_value_head_dim=hf.get("linear_value_head_dim", 128),
-            linear_conv_kernel_dim=hf.get("linear_conv_kernel_dim", 4),
-            decoder_sparse_step=hf.get("decoder_sparse_step", 1),
-            mlp_only_layers=list(hf.get("mlp_only_layers") or []),
+            linear_num_key_heads=hf["linear_num_key_heads"],
+            linear_num_value_heads=hf["linear_num_value_heads"],
+            linear_key_head_dim=hf["linear_key_head_dim"],
+            linear_value_head_dim=hf["linear_value_head_dim"],
+            linear_conv_kernel_dim=hf["linear_conv_kernel_dim"],
+            decoder_sparse_step=hf["decoder_sparse_step"],
+            mlp_only_layers=list(hf["mlp_only_layers"]),
             num_moe_experts=num_experts,
-            moe_router_topk=hf.get("num_experts_per_tok", 10) if num_experts else 2,
-            moe_ffn_hidden_size=hf.get("moe_intermediate_size") if num_experts else None,
-            moe_shared_expert_intermediate_size=(hf.get("shared_expert_intermediate_size") or None)
+            moe_router_topk=hf["num_experts_per_tok"] if num_experts else 2,
+            moe_ffn_hidden_size=hf["moe_intermediate_size"] if num_experts else None,
+            moe_shared_expert_intermediate_size=(hf["shared_expert_intermediate_size"] or None)
             if num_experts
             else None,
-            moe_norm_topk_prob=bool(hf.get("norm_topk_prob", True)),
-            moe_aux_loss_coeff=float(hf.get("router_aux_loss_coef", 1e-3)) if num_experts else 0.0,
-            init_method_std=hf.get("initializer_range", 0.02),
+            moe_norm_topk_prob=hf["norm_topk_prob"],
+            moe_aux_loss_coeff=float(hf["router_aux_loss_coef"]) if num_experts else 0.0,
+            init_method_std=float(hf["initializer_range"]),
         )
         # `num_nextn_predict_layers` (MTP) is not turned on here: our decoder has no MTP block yet,
         # and Megatron changes the loss when `mtp_num_layers` is set. MTP tensors are listed and

@@ -6,59 +6,36 @@ the NeMo checkpoint conversion instead. Weights stream from safetensors one tens
 
 from __future__ import annotations
 
-import glob
-import json
 import os
-from typing import Callable, Dict, Iterable, Optional, Union
+from typing import Callable, Iterable, List, Optional, Tuple, Union
 
 import torch
 
+from .checkpoint import CheckpointError, SafetensorsCheckpoint, check_values
 from .config import Qwen3NextConfig
 from .hf_mapping import skipped_hf_names, weight_plan
 from .model import build_model, init_single_process
 
-
-class CheckpointError(ValueError):
-    """A checkpoint tensor is missing, unexpected or misshapen; the message names it."""
+__all__ = ["CheckpointError", "check_hf_names", "load_hf", "load_weights"]
 
 
-def safetensors_index(path: str) -> Dict[str, str]:
-    """tensor name -> file, for a HF directory (sharded with an index, or one file)."""
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.exists(index):
-        with open(index) as f:
-            return {k: os.path.join(path, v) for k, v in json.load(f)["weight_map"].items()}
-    from safetensors import safe_open
-
-    out = {}
-    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
-    if not files:
-        raise CheckpointError(f"{path}: no *.safetensors files and no model.safetensors.index.json")
-    for fn in files:
-        with safe_open(fn, "pt") as f:
-            out.update({k: fn for k in f.keys()})
-    return out
-
-
-class SafetensorsReader:
-    """Lazy name -> tensor access over a HF directory; keeps at most one file handle open."""
-
-    def __init__(self, path: str):
-        self.index = safetensors_index(path)
-        self._file, self._handle = None, None
-
-    def keys(self) -> Iterable[str]:
-        return self.index.keys()
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        from safetensors import safe_open
-
-        fn = self.index.get(name)
-        if fn is None:
-            raise CheckpointError(f"checkpoint tensor {name!r} is missing")
-        if fn != self._file:
-            self._file, self._handle = fn, safe_open(fn, "pt")
-        return self._handle.get_tensor(name)
+def check_hf_names(hf_names: Iterable[str], config, plan) -> Tuple[List[str], List[str]]:
+    """Every HF tensor the plan needs is there and every other one is known; returns (skipped =
+    a tied `lm_head.weight`, carried = `mtp.*` tensors our model does not use)."""
+    names = set(hf_names)
+    needed = [n for e in plan for n in e.hf]
+    missing = [n for n in needed if n not in names]
+    if missing:
+        raise CheckpointError(f"HF tensor {missing[0]!r} is missing ({len(missing)} missing in all); config.json "
+                              f"and the weights disagree, or the checkpoint is incomplete")
+    carried = skipped_hf_names(names, config)
+    skipped = ["lm_head.weight"] if config.tie_word_embeddings and "lm_head.weight" in names else []
+    unknown = sorted(names - set(needed) - set(skipped) - set(carried))
+    if unknown:
+        raise CheckpointError(f"HF checkpoint has unexpected tensor {unknown[0]!r} ({len(unknown)} in all); "
+                              f"config.json and the weights disagree (e.g. num_hidden_layers, num_experts, "
+                              f"layer_types)")
+    return skipped, carried
 
 
 def load_weights(model, get_hf: Callable[[str], torch.Tensor], hf_names: Iterable[str], config,
@@ -66,17 +43,7 @@ def load_weights(model, get_hf: Callable[[str], torch.Tensor], hf_names: Iterabl
     """Fill every parameter of `model` (TP=1) from HF tensors, checking names and shapes."""
     ours = model.state_dict()
     plan = weight_plan(config, expert_layout=_expert_layout(ours))
-    hf_names = set(hf_names)
-    needed = {n for e in plan for n in e.hf}
-    missing = sorted(needed - hf_names)
-    if missing:
-        raise CheckpointError(f"checkpoint tensor {missing[0]!r} is missing ({len(missing)} missing in all)")
-    unknown = sorted(hf_names - needed - set(skipped_hf_names(hf_names, config)))
-    if unknown:
-        raise CheckpointError(
-            f"checkpoint has unexpected tensor {unknown[0]!r} ({len(unknown)} in all): config.json and "
-            f"weights disagree?"
-        )
+    check_hf_names(hf_names, config, plan)
     filled = set()
     with torch.no_grad():
         for e in plan:
@@ -101,27 +68,36 @@ def _expert_layout(state_keys) -> str:
 
 
 def load_hf(source: Union[str, os.PathLike, "torch.nn.Module"], dtype: torch.dtype = torch.float32,
-            backend: str = "auto", **overrides):
+            backend: str = "auto", allow_non_finite: bool = False, **overrides):
     """Our Megatron-Core `GPTModel` with the weights of a HF Qwen3-Next.
 
     `source`: a directory (config.json + safetensors) or a transformers `Qwen3NextForCausalLM`.
+    `allow_non_finite`: accept NaN/inf weights (refused by default, naming the tensor and index).
     `overrides`: `Qwen3NextConfig` fields (e.g. `linear_attention_use_recurrent=True`).
     Sets up a one-process group when none exists, so this works in a plain Python process.
+    Files are validated from their headers (`checkpoint.SafetensorsCheckpoint`) before anything is built.
     """
-    init_single_process()
     if isinstance(source, torch.nn.Module):
         hf_cfg = source.config
         state = source.state_dict()
-        get, names = state.__getitem__, list(state.keys())
+
+        def get(name):
+            check_values(name, state[name], "the in-memory model", allow_non_finite)
+            return state[name]
+
+        names = list(state.keys())
     else:
         path = os.fspath(source)
-        hf_cfg = path
-        reader = SafetensorsReader(path)
+        hf_cfg = os.path.join(path, "config.json")
+        if not os.path.isfile(hf_cfg):
+            raise CheckpointError(f"{path}: no config.json; give a Hugging Face model directory")
+        reader = SafetensorsCheckpoint(path, allow_non_finite=allow_non_finite)
         get, names = reader.__getitem__, list(reader.keys())
     kw = dict(params_dtype=dtype, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
               use_cpu_initialization=True, perform_initialization=False)
     kw.update(overrides)
     config = Qwen3NextConfig.from_hf(hf_cfg, **kw)
+    init_single_process()
     model = build_model(config, backend=backend)
     if config.tie_word_embeddings:  # HF keeps lm_head.weight in its state dict even when tied
         names = [n for n in names if n != "lm_head.weight"]

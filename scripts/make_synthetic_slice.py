@@ -32,7 +32,7 @@ def main(argv=None):
     from nemo_qwen3_next import qwen3_next_80b_a3b
     from nemo_qwen3_next.hf_mapping import weight_plan
     from nemo_qwen3_next.nemo.convert import _shard_layout, meta_model, parse_size
-    from nemo_qwen3_next.nemo.streaming import SafetensorsStreamWriter
+    from nemo_qwen3_next.checkpoint import SafetensorsStreamWriter
 
     layer_types = ["linear_attention" if i % 2 == 0 else "full_attention" for i in range(a.layers)]
     cfg = qwen3_next_80b_a3b(num_layers=a.layers, layer_types=layer_types, num_moe_experts=a.num_experts,

@@ -8,7 +8,8 @@
 
 from .config import Qwen3NextNeMoConfig, from_core, qwen3_next_80b_a3b_nemo, qwen3_next_tiny_nemo
 from .convert import ConversionError, ConversionReport, convert_hf_to_nemo, convert_nemo_to_hf
-from .model import HFQwen3NextExporter, HFQwen3NextImporter, Qwen3NextModel, load_nemo
+from .connectors import HFQwen3NextExporter, HFQwen3NextImporter
+from .model import Qwen3NextModel, load_nemo
 
 __all__ = [
     "ConversionError",

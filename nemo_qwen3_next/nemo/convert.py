@@ -24,7 +24,6 @@ config.json fields the core config does not produce (e.g. ``num_nextn_predict_la
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import shutil
@@ -35,28 +34,39 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from ..checkpoint import (CheckpointError, SafetensorsCheckpoint, SafetensorsFile, SafetensorsStreamWriter,
+                          atomic_output_dir, check_hf_dir, check_nemo_dir, check_values, copy_safetensors_tensors,
+                          parse_size, read_json_object)
+from ..checkpoint.cli import console
 from ..config import ConfigError, Qwen3NextConfig
-from ..hf_mapping import skipped_hf_names, weight_plan
-from ..loading import CheckpointError, SafetensorsReader
+from ..hf_mapping import weight_plan
+from ..loading import check_hf_names
 from ..model import build_model, init_single_process
-from .streaming import (DistCheckpointReader, SafetensorsFileReader, SafetensorsStreamWriter,
-                        copy_safetensors_tensors, save_dist_checkpoint_streaming)
+from .context import TOKENIZER_FILES, copy_files, non_weight_files, read_context, write_context
+from .streaming import (NEMO_SHARDED_METADATA, PREFIX, DistCheckpointReader, save_dist_checkpoint_streaming)
 
-# What NeMo's MegatronStrategy passes to `sharded_state_dict` (and stores as content metadata).
-NEMO_SHARDED_METADATA = {"singleton_local_shards": False, "chained_optim_avoid_prefix": True}
-PREFIX = "module."
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "bfloat16": torch.bfloat16, "float32": torch.float32}
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
-                   "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja",
-                   "generation_config.json")
 EXTRA_DIR = "extra"  # <nemo_dir>/extra: what the NeMo model does not use but an HF export needs back
 MTP_FILE = "mtp.safetensors"  # HF `mtp.*` tensors, unchanged
-HF_CONFIG_EXTRA = "hf_config.json"  # input config.json fields that `Qwen3NextConfig.to_hf_dict` lacks
-_NOT_CARRIED_CONFIG = ("torch_dtype", "dtype")  # export writes the dtype the checkpoint holds
+HF_CONFIG_EXTRA = "hf_config.json"  # the input config.json as it was (older checkpoints: only fields
+# `Qwen3NextConfig.to_hf_dict` lacks); export starts from it, so keys, values and order come back
+HF_FILES_DIR = "files"  # extra/files: the input's non-weight files (generation_config.json, README ...)
+_DTYPE_KEYS = ("torch_dtype", "dtype")  # export writes the dtype the checkpoint holds
 
 
 class ConversionError(CheckpointError):
     """The input cannot be converted; the message names the file / tensor / field and the fix."""
+
+
+@contextmanager
+def _conversion_errors():
+    """Every refusal surfaces as one `ConversionError` (config and checkpoint errors alike)."""
+    try:
+        yield
+    except ConversionError:
+        raise
+    except (CheckpointError, ConfigError) as e:
+        raise ConversionError(str(e)) from None
 
 
 @dataclass
@@ -86,53 +96,28 @@ class ConversionReport:
         return s
 
 
-# ---------------------------------------------------------------------- atomic output
-@contextmanager
-def atomic_output_dir(output: str, overwrite: bool):
-    """Yield a temporary directory beside `output`; rename it to `output` only on success."""
-    output = os.path.abspath(output)
-    if os.path.exists(output) and not overwrite:
-        raise ConversionError(f"output {output} already exists; pass --overwrite (overwrite=True) to replace it")
-    parent = os.path.dirname(output)
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{os.path.basename(output)}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = None
-    if os.path.exists(output):
-        old = os.path.join(parent, f".{os.path.basename(output)}.old-{os.getpid()}")
-        os.rename(output, old)
-    os.rename(tmp, output)
-    if old:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def _progress(total: int, desc: str, enabled: bool):
     if not enabled:
         return None
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, dynamic_ncols=True)
+    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, dynamic_ncols=True,
+                file=console())
 
 
 # ---------------------------------------------------------------------- the target model's tensors
+def _read_hf_config(hf_dir: str) -> dict:
+    with _conversion_errors():
+        return check_hf_dir(hf_dir)
+
+
 def core_config_from_hf_dir(hf_dir: str, dtype: torch.dtype) -> Qwen3NextConfig:
     path = os.path.join(hf_dir, "config.json")
-    if not os.path.exists(path):
-        raise ConversionError(f"{hf_dir}: no config.json; the input must be a Hugging Face model directory")
-    try:
-        with open(path) as f:
-            hf = json.load(f)
-        if hf.get("model_type") not in (None, "qwen3_next"):
-            raise ConfigError(f"model_type = {hf.get('model_type')!r}, expected 'qwen3_next'")
-        cfg = Qwen3NextConfig.from_hf(hf, **_dtype_kw(dtype))
-    except (ConfigError, KeyError, ValueError, TypeError) as e:
-        raise ConversionError(f"{path}: {e}") from None
+    with _conversion_errors():
+        try:
+            cfg = Qwen3NextConfig.from_hf(_read_hf_config(hf_dir), **_dtype_kw(dtype))
+        except ConfigError as e:
+            raise ConversionError(f"{path}: {e}") from None
     return cfg.replace(mtp_num_layers=None)  # no MTP block: `mtp.*` weights are carried in extra/
 
 
@@ -188,99 +173,13 @@ def sharded_layout(model) -> Tuple[dict, Dict[str, List[_Piece]], Dict[str, torc
 
 
 # ---------------------------------------------------------------------- HF -> NeMo
-def _open_hf(hf_dir: str) -> "_PlainReader":
-    """The HF weights, after checking every file is present, complete and lists what the index says."""
-    from safetensors import safe_open
-
-    index = os.path.join(hf_dir, "model.safetensors.index.json")
-    if os.path.exists(index):
-        with open(index) as f:
-            files = sorted({os.path.join(hf_dir, v) for v in json.load(f)["weight_map"].values()})
-    else:
-        files = sorted(glob.glob(os.path.join(hf_dir, "*.safetensors")))
-    for fn in files:
-        if not os.path.exists(fn):
-            raise ConversionError(f"{fn} is listed in model.safetensors.index.json but does not exist")
-        _check_complete(fn)
-    try:
-        reader = SafetensorsReader(hf_dir)
-    except CheckpointError as e:
-        raise ConversionError(str(e)) from None
-    for fn in files:
-        try:
-            with safe_open(fn, "pt") as f:
-                names = set(f.keys())
-        except Exception as e:
-            raise ConversionError(f"{fn} is not a valid safetensors file (truncated or corrupt?): {e}") from None
-        listed = {k for k, v in reader.index.items() if v == fn}
-        if listed - names:
-            raise ConversionError(f"{fn} lacks tensor {sorted(listed - names)[0]!r} that the index lists")
-    return _PlainReader(reader.index)
-
-
-class _PlainReader:
-    """name -> tensor over a HF directory with plain file reads (safetensors' mmap would count every
-    page it touches in RSS); keeps one file open."""
-
-    def __init__(self, index):
-        self.index = index
-        self._file = None
-
-    def keys(self):
-        return self.index.keys()
-
-    def file(self, name) -> SafetensorsFileReader:
-        fn = self.index[name]
-        if self._file is None or self._file.path != fn:
-            if self._file:
-                self._file.close()
-            self._file = SafetensorsFileReader(fn)
-        return self._file
-
-    def __getitem__(self, name):
-        return self.file(name).get(name)
-
-
-def _check_complete(fn: str) -> None:
-    """The file holds every byte its header promises (a cut-off download fails here, by name)."""
-    import struct
-
-    size = os.path.getsize(fn)
-    try:
-        with open(fn, "rb") as f:
-            n = struct.unpack("<Q", f.read(8))[0]
-            if n > size:
-                raise ValueError("header length exceeds the file size")
-            header = json.loads(f.read(n))
-        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    except Exception as e:
-        raise ConversionError(f"{fn} is not a valid safetensors file (truncated or corrupt?): {e}") from None
-    if size < 8 + n + end:
-        raise ConversionError(f"{fn} is truncated: its header promises {8 + n + end} bytes, the file has {size}; "
-                              f"re-download or re-save it")
-
-
-def validate_hf(reader: "_PlainReader", config: Qwen3NextConfig, model) -> Tuple[list, List[str], List[str]]:
+def validate_hf(reader: SafetensorsCheckpoint, config: Qwen3NextConfig, model) -> Tuple[list, List[str], List[str]]:
     """Names and shapes of the HF checkpoint against `config`; returns (plan, skipped names,
     carried names = the `mtp.*` tensors the model does not use, kept unchanged)."""
     plan = weight_plan(config)
-    names = set(reader.keys())
-    needed = [n for e in plan for n in e.hf]
-    missing = [n for n in needed if n not in names]
-    if missing:
-        raise ConversionError(f"HF tensor {missing[0]!r} is missing ({len(missing)} missing in all); "
-                              f"config.json and the weights disagree, or the checkpoint is incomplete")
-    carried = skipped_hf_names(names, config)  # mtp.*
-    skipped = []
-    if config.tie_word_embeddings and "lm_head.weight" in names:
-        skipped.append("lm_head.weight")  # tied: same tensor as the embedding
-    unknown = sorted(names - set(needed) - set(skipped) - set(carried))
-    if unknown:
-        raise ConversionError(f"HF checkpoint has unexpected tensor {unknown[0]!r} ({len(unknown)} in all); "
-                              f"config.json and the weights disagree (e.g. num_hidden_layers, num_experts, "
-                              f"layer_types)")
+    skipped, carried = check_hf_names(reader.keys(), config, plan)
     params = dict(model.state_dict())
-    hf_shapes = {n: reader.file(n).shape(n) for n in needed}
+    hf_shapes = {n: reader.shape(n) for n in (n for e in plan for n in e.hf)}
     for e in plan:
         if e.ours not in params:
             raise ConversionError(f"model has no tensor {e.ours!r}; check the config")
@@ -289,11 +188,6 @@ def validate_hf(reader: "_PlainReader", config: Qwen3NextConfig, model) -> Tuple
             if hf_shapes[n] != shp:
                 raise ConversionError(f"HF tensor {n!r} has shape {hf_shapes[n]}, config.json implies {shp}; "
                                       f"config.json and the weights disagree")
-    for n in carried:
-        try:
-            reader.file(n).dtype(n)
-        except ValueError as e:
-            raise ConversionError(str(e)) from None
     return plan, skipped, carried
 
 
@@ -325,16 +219,18 @@ class _Converter:
 
 
 def hf_to_dist_checkpoint(hf_dir: str, weights_dir: str, dtype: Optional[torch.dtype] = None,
-                          progress: bool = True, extra_dir: Optional[str] = None
+                          progress: bool = True, extra_dir: Optional[str] = None, allow_non_finite: bool = False
                           ) -> Tuple[Qwen3NextConfig, ConversionReport]:
     """Validate a HF directory and write its weights as a Megatron distributed checkpoint in
     `weights_dir` (must exist, empty). Megatron + torch only (no NeMo).
 
     `extra_dir`: where the `mtp.*` tensors go, unchanged (`extra_dir/mtp.safetensors`, streamed one
-    tensor at a time); None skips them (listed in the report)."""
+    tensor at a time); None skips them (listed in the report). NaN/inf weights are refused (the
+    tensor and index named) unless `allow_non_finite`."""
     dtype = dtype or _hf_dtype(hf_dir)
     config = core_config_from_hf_dir(hf_dir, dtype)
-    reader = _open_hf(hf_dir)
+    with _conversion_errors():
+        reader = SafetensorsCheckpoint(hf_dir, allow_non_finite=allow_non_finite)
     model = meta_model(config)
     plan, skipped, carried = validate_hf(reader, config, model)
     if extra_dir is None:
@@ -347,8 +243,7 @@ def hf_to_dist_checkpoint(hf_dir: str, weights_dir: str, dtype: Optional[torch.d
     conv = _Converter(plan, reader, dtype, shapes)
     sources = {(p.key, p.offsets): conv.source(p) for ps in pieces.values() for p in ps}
     total = sum(shapes[o].numel() for o in planned) * torch.empty((), dtype=dtype).element_size()
-    total += sum(int(torch.Size(reader.file(n).shape(n)).numel()) * reader.file(n).dtype(n).itemsize
-                 for n in carried)
+    total += sum(reader.file(n).nbytes(n) for n in carried)
     report = ConversionReport(output=weights_dir, skipped=skipped, carried=carried)
     bar = _progress(total, "hf->nemo", progress)
 
@@ -358,12 +253,14 @@ def hf_to_dist_checkpoint(hf_dir: str, weights_dir: str, dtype: Optional[torch.d
             bar.update(nbytes)
 
     t0 = time.perf_counter()
-    save_dist_checkpoint_streaming(sd, weights_dir, sources, content_metadata=dict(NEMO_SHARDED_METADATA),
-                                   on_item=on_item)
-    if carried:
-        os.makedirs(extra_dir, exist_ok=True)
-        report.carried_bytes = copy_safetensors_tensors(carried, reader.file, os.path.join(extra_dir, MTP_FILE),
-                                                        on_item=bar.update if bar else None)
+    with _conversion_errors():
+        save_dist_checkpoint_streaming(sd, weights_dir, sources, content_metadata=dict(NEMO_SHARDED_METADATA),
+                                       on_item=on_item)
+        if carried:
+            os.makedirs(extra_dir, exist_ok=True)
+            report.carried_bytes = copy_safetensors_tensors(carried, reader, os.path.join(extra_dir, MTP_FILE),
+                                                            on_item=bar.update if bar else None)
+    reader.close()
     report.seconds = time.perf_counter() - t0
     if bar:
         bar.close()
@@ -375,50 +272,36 @@ def hf_to_dist_checkpoint(hf_dir: str, weights_dir: str, dtype: Optional[torch.d
 
 
 def _hf_dtype(hf_dir: str) -> torch.dtype:
-    path = os.path.join(hf_dir, "config.json")
-    if not os.path.exists(path):
-        raise ConversionError(f"{hf_dir}: no config.json; the input must be a Hugging Face model directory")
-    with open(path) as f:
-        hf = json.load(f)
+    hf = _read_hf_config(hf_dir)
     name = hf.get("torch_dtype") or hf.get("dtype") or "bfloat16"  # transformers >= 4.56 writes "dtype"
     if name not in DTYPES:
-        raise ConversionError(f"config.json torch_dtype = {name!r}; pass dtype bf16 or fp32 explicitly")
+        raise ConversionError(f"{os.path.join(hf_dir, 'config.json')}: torch_dtype = {name!r}; pass dtype bf16 or "
+                              f"fp32 (--dtype) explicitly")
     return DTYPES[name]
 
 
 def convert_hf_to_nemo(hf_dir: str, output: str, dtype: Optional[str] = None, overwrite: bool = False,
-                       progress: bool = True) -> ConversionReport:
-    """HF Qwen3-Next directory -> NeMo 2 checkpoint directory (`weights/` + `context/`).
+                       progress: bool = True, allow_non_finite: bool = False) -> ConversionReport:
+    """HF Qwen3-Next directory -> NeMo 2 checkpoint directory (`weights/` + `context/` + `extra/`).
 
-    `dtype`: 'bf16' | 'fp32' | None (the checkpoint's `torch_dtype`)."""
+    `dtype`: 'bf16' | 'fp32' | None (the checkpoint's `torch_dtype`). NaN/inf weights are refused
+    unless `allow_non_finite`. `extra/` keeps the input config.json and non-weight files for export."""
     if dtype is not None and dtype not in DTYPES:
         raise ConversionError(f"dtype = {dtype!r}; use 'bf16' or 'fp32'")
     hf_dir = os.fspath(hf_dir)
     torch_dtype = DTYPES[dtype] if dtype else None
-    with atomic_output_dir(output, overwrite) as tmp:
+    with _conversion_errors(), atomic_output_dir(output, overwrite) as tmp:
         weights = os.path.join(tmp, "weights")
         os.makedirs(weights)
         extra = os.path.join(tmp, EXTRA_DIR)
-        config, report = hf_to_dist_checkpoint(hf_dir, weights, torch_dtype, progress, extra_dir=extra)
-        extra_cfg = _hf_config_extras(hf_dir, config)
-        if extra_cfg:
-            os.makedirs(extra, exist_ok=True)
-            with open(os.path.join(extra, HF_CONFIG_EXTRA), "w") as f:
-                json.dump(extra_cfg, f, indent=2)
-        from .model import write_context
-
+        config, report = hf_to_dist_checkpoint(hf_dir, weights, torch_dtype, progress, extra_dir=extra,
+                                               allow_non_finite=allow_non_finite)
+        os.makedirs(extra, exist_ok=True)
+        shutil.copy2(os.path.join(hf_dir, "config.json"), os.path.join(extra, HF_CONFIG_EXTRA))
+        copy_files(hf_dir, non_weight_files(hf_dir), os.path.join(extra, HF_FILES_DIR))
         write_context(config, hf_dir, os.path.join(tmp, "context"))
     report.output = os.path.abspath(output)
     return report
-
-
-def _hf_config_extras(hf_dir: str, config: Qwen3NextConfig) -> dict:
-    """The input config.json fields that `config.to_hf_dict()` does not produce (and not the dtype,
-    which export takes from the checkpoint), e.g. `num_nextn_predict_layers`, token ids."""
-    with open(os.path.join(hf_dir, "config.json")) as f:
-        hf = json.load(f)
-    ours = config.to_hf_dict()
-    return {k: v for k, v in hf.items() if k not in ours and k not in _NOT_CARRIED_CONFIG}
 
 
 # ---------------------------------------------------------------------- NeMo -> HF
@@ -438,11 +321,12 @@ def _shard_layout(entries: List[Tuple[str, torch.dtype, Tuple[int, ...]]], max_s
 
 def dist_checkpoint_to_hf(weights_dir: str, config: Qwen3NextConfig, out_dir: str,
                           max_shard_bytes: int = 5 * 1024**3, progress: bool = True,
-                          extra_dir: Optional[str] = None) -> ConversionReport:
+                          extra_dir: Optional[str] = None, allow_non_finite: bool = False) -> ConversionReport:
     """Stream a Megatron distributed checkpoint of Qwen3-Next into HF safetensors shards + index.
 
     `extra_dir` (a NeMo checkpoint's `extra/`, may be absent): its `mtp.safetensors` tensors are
-    written back unchanged after the model's, and its `hf_config.json` fields into config.json."""
+    written back unchanged after the model's, and config.json starts from its `hf_config.json`
+    (see `export_hf_config`). NaN/inf weights are refused unless `allow_non_finite`."""
     dtype = config.params_dtype
     model = meta_model(config)
     _, pieces, shapes = sharded_layout(model)
@@ -506,6 +390,7 @@ def dist_checkpoint_to_hf(weights_dir: str, config: Qwen3NextConfig, out_dir: st
                 reader.read(p.key, p.offsets, p.chunk, buf)
                 region.copy_(buf.reshape(p.size))
                 del buf
+        check_values(e.ours, full, weights_dir, allow_non_finite)
         for n, t in zip(e.hf, e.to_hf(full)):
             report.bytes += write(n, t.to(dtype))
         del full
@@ -523,72 +408,69 @@ def dist_checkpoint_to_hf(weights_dir: str, config: Qwen3NextConfig, out_dir: st
     if len(files) > 1:
         with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-    hf_cfg = config.to_hf_dict()
-    hf_cfg.update({k: v for k, v in extra_cfg.items() if k not in hf_cfg and k not in _NOT_CARRIED_CONFIG})
-    hf_cfg["torch_dtype"] = {torch.bfloat16: "bfloat16", torch.float32: "float32", torch.float16: "float16"}[dtype]
     with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(hf_cfg, f, indent=2)
+        json.dump(export_hf_config(config, extra_cfg), f, indent=2)
     return report
 
 
-def _open_extra(extra_dir: Optional[str], model_names) -> Tuple[Optional[SafetensorsFileReader], List[str], dict]:
-    """(reader of extra/mtp.safetensors or None, its tensor names, extra config.json fields)."""
+def export_hf_config(config: Qwen3NextConfig, source: dict) -> dict:
+    """config.json for `config`, faithful to the imported one (`source`, {} if unknown): its keys,
+    values and order, with the dtype under the key it used. A value is replaced only where it would
+    read back as a different architecture than `config` (e.g. a stale side file)."""
+    ours = config.to_hf_dict()
+    dtype_name = {torch.bfloat16: "bfloat16", torch.float32: "float32", torch.float16: "float16"}[config.params_dtype]
+    out = dict(source) if source else dict(ours)
+    for key in [k for k in _DTYPE_KEYS if k in out] or ["torch_dtype"]:
+        out[key] = dtype_name
+    try:
+        reread = Qwen3NextConfig.from_hf(out).to_hf_dict()
+    except (ConfigError, KeyError, ValueError, TypeError):
+        reread = {}
+    for k, v in ours.items():  # an absent key that reads back as ours stays absent (HF's default)
+        if reread.get(k) != v:
+            out[k] = v
+    return out
+
+
+def _open_extra(extra_dir: Optional[str], model_names) -> Tuple[Optional[SafetensorsFile], List[str], dict]:
+    """(reader of extra/mtp.safetensors or None, its tensor names, the imported config.json)."""
     side, carried, extra_cfg = None, [], {}
     if not extra_dir:
         return side, carried, extra_cfg
     mtp = os.path.join(extra_dir, MTP_FILE)
     if os.path.exists(mtp):
-        _check_complete(mtp)
-        side = SafetensorsFileReader(mtp)
+        side = SafetensorsFile(mtp)
         carried = sorted(side.keys())
         clash = sorted(set(carried) & set(model_names))
         if clash:
-            side.close()
             raise ConversionError(f"{mtp}: tensor {clash[0]!r} is also a model tensor; the side file is not ours")
-        try:
-            for n in carried:
-                side.dtype(n)
-        except ValueError as e:
-            side.close()
-            raise ConversionError(str(e)) from None
     cfg_path = os.path.join(extra_dir, HF_CONFIG_EXTRA)
     if os.path.exists(cfg_path):
-        try:
-            with open(cfg_path) as f:
-                extra_cfg = json.load(f)
-            if not isinstance(extra_cfg, dict):
-                raise ValueError("not a JSON object")
-        except ValueError as e:
-            raise ConversionError(f"{cfg_path}: {e}") from None
+        extra_cfg = read_json_object(cfg_path, "delete it or convert the checkpoint again")
     return side, carried, extra_cfg
 
 
 def convert_nemo_to_hf(nemo_dir: str, output: str, overwrite: bool = False, progress: bool = True,
-                       max_shard_size: str = "5GB") -> ConversionReport:
-    """NeMo 2 Qwen3-Next checkpoint (`weights/` + `context/`) -> HF directory."""
-    from .model import read_context
+                       max_shard_size: str = "5GB", allow_non_finite: bool = False) -> ConversionReport:
+    """NeMo 2 Qwen3-Next checkpoint (`weights/` + `context/`) -> HF directory.
 
+    The checkpoint is checked for completeness first (every file, every stored chunk inside its
+    file); the imported config.json and non-weight files kept in `extra/` come back unchanged."""
     nemo_dir = os.fspath(nemo_dir)
     weights = os.path.join(nemo_dir, "weights")
-    if not os.path.isdir(weights) or not os.path.isdir(os.path.join(nemo_dir, "context")):
-        raise ConversionError(f"{nemo_dir} is not a NeMo 2 checkpoint (needs weights/ and context/)")
-    config, tokenizer_dir = read_context(os.path.join(nemo_dir, "context"))
-    with atomic_output_dir(output, overwrite) as tmp:
-        report = dist_checkpoint_to_hf(weights, config, tmp, parse_size(max_shard_size), progress,
-                                       extra_dir=os.path.join(nemo_dir, EXTRA_DIR))
-        if tokenizer_dir:
-            for fn in os.listdir(tokenizer_dir):
-                if fn in TOKENIZER_FILES:
-                    shutil.copy(os.path.join(tokenizer_dir, fn), os.path.join(tmp, fn))
+    with _conversion_errors():
+        shard_bytes = parse_size(max_shard_size)
+        check_nemo_dir(nemo_dir, deep=True)
+        config, tokenizer_dir = read_context(os.path.join(nemo_dir, "context"))
+        extra = os.path.join(nemo_dir, EXTRA_DIR)
+        with atomic_output_dir(output, overwrite) as tmp:
+            report = dist_checkpoint_to_hf(weights, config, tmp, shard_bytes, progress, extra_dir=extra,
+                                           allow_non_finite=allow_non_finite)
+            files = os.path.join(extra, HF_FILES_DIR)
+            if os.path.isdir(files):
+                copy_files(files, sorted(os.listdir(files)), tmp)
+            if tokenizer_dir:  # checkpoints written before extra/files existed
+                copy_files(tokenizer_dir, [fn for fn in os.listdir(tokenizer_dir) if fn in TOKENIZER_FILES
+                                           and not os.path.exists(os.path.join(tmp, fn))], tmp)
     report.output = os.path.abspath(output)
     return report
-
-
-def parse_size(s) -> int:
-    if isinstance(s, int):
-        return s
-    s = str(s).strip().upper()
-    for unit, mult in (("GB", 10**9), ("MB", 10**6), ("KB", 10**3), ("B", 1)):
-        if s.endswith(unit):
-            return int(float(s[: -len(unit)]) * mult)
-    return int(s)

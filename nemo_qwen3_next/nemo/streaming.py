@@ -1,4 +1,4 @@
-"""Tensor-by-tensor writers and readers for the two checkpoint formats (no NeMo imports).
+"""Tensor-by-tensor writer and reader of Megatron ``torch_dist`` checkpoints (no NeMo imports).
 
 * `save_dist_checkpoint_streaming`: writes a Megatron ``torch_dist`` distributed checkpoint
   with Megatron's own `dist_checkpointing.save` (same keys, `common.pt`, `metadata.json` and
@@ -7,19 +7,15 @@
   written straight to disk (`StreamingFileSystemWriter`): one tensor in memory at a time.
 * `DistCheckpointReader`: reads any region of any tensor of such a checkpoint, whatever TP/EP it
   was saved at, by reading only the stored chunks that overlap it.
-* `SafetensorsStreamWriter`: a safetensors file whose header is written first (shapes known up
-  front) and whose tensors are then appended one by one.
-* `copy_safetensors_tensors`: tensors copied unchanged (names, dtypes, bytes), one at a time, from
-  safetensors files into one new safetensors file (how MTP weights are carried through NeMo).
+
+Safetensors files are read and written by `nemo_qwen3_next.checkpoint` (the one validated reader).
 """
 
 from __future__ import annotations
 
 import io
-import json
 import os
-import struct
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
@@ -33,6 +29,10 @@ from megatron.core.dist_checkpointing.strategies.torch import (
     _replace_state_dict_keys_with_sharded_keys,
     mcore_to_pyt_state_dict,
 )
+
+# What NeMo's MegatronStrategy passes to `sharded_state_dict` (and stores as content metadata).
+NEMO_SHARDED_METADATA = {"singleton_local_shards": False, "chained_optim_avoid_prefix": True}
+PREFIX = "module."  # NeMo's distributed-checkpoint keys: module.<GPTModel state-dict name>
 
 # (key, global offset) of one stored shard -> a function returning its data
 ShardSource = Callable[[], torch.Tensor]
@@ -173,47 +173,6 @@ class _Window(io.RawIOBase):
         return got
 
 
-class SafetensorsFileReader:
-    """Plain-read (not mmap) access to one safetensors file: RSS holds only the tensor asked for."""
-
-    DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64,
-              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-              "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
-
-    def __init__(self, path: str):
-        self.path = path
-        self._f = open(path, "rb")
-        n = struct.unpack("<Q", self._f.read(8))[0]
-        self.header = json.loads(self._f.read(n))
-        self.header.pop("__metadata__", None)
-        self.data_start = 8 + n
-
-    def keys(self):
-        return self.header.keys()
-
-    def shape(self, name: str) -> Tuple[int, ...]:
-        return tuple(self.header[name]["shape"])
-
-    def dtype(self, name: str) -> torch.dtype:
-        st = self.header[name]["dtype"]
-        if st not in self.DTYPES:
-            raise ValueError(f"{self.path}: tensor {name} has safetensors dtype {st}, which is not supported")
-        return self.DTYPES[st]
-
-    def get(self, name: str) -> torch.Tensor:
-        h = self.header[name]
-        begin, end = h["data_offsets"]
-        t = torch.empty(h["shape"], dtype=self.DTYPES[h["dtype"]])
-        buf = t.view(-1).view(torch.uint8).numpy() if t.numel() else memoryview(bytearray(0))
-        self._f.seek(self.data_start + begin)
-        if self._f.readinto(buf) != end - begin:
-            raise ValueError(f"{self.path}: tensor {name} is cut short (file truncated?)")
-        return t
-
-    def close(self):
-        self._f.close()
-
-
 class DistCheckpointReader:
     """Region reads from a ``torch_dist`` checkpoint directory (any TP/EP layout it was saved at)."""
 
@@ -273,61 +232,3 @@ class DistCheckpointReader:
         if self._file:
             self._file.close()
             self._file = None
-
-
-_ST_DTYPES = {v: k for k, v in SafetensorsFileReader.DTYPES.items()}  # every dtype the reader reads
-
-
-class SafetensorsStreamWriter:
-    """Write one safetensors file tensor by tensor: the header (all names/shapes) goes first."""
-
-    def __init__(self, path: str, layout: List[Tuple[str, torch.dtype, Tuple[int, ...]]],
-                 metadata: Optional[Dict[str, str]] = None):
-        header, offset = {}, 0
-        self.expected = []
-        for name, dtype, shape in layout:
-            n = int(torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size()
-            header[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
-            self.expected.append((name, dtype, tuple(shape)))
-            offset += n
-        header["__metadata__"] = metadata or {"format": "pt"}
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)
-        self.path, self.nbytes = path, offset
-        self._f = open(path, "wb")
-        self._f.write(struct.pack("<Q", len(raw)) + raw)
-        self._next = 0
-
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        exp_name, dtype, shape = self.expected[self._next]
-        if name != exp_name or tensor.dtype != dtype or tuple(tensor.shape) != shape:
-            raise ValueError(f"{self.path}: expected {exp_name} {dtype} {shape}, got {name} {tensor.dtype} "
-                             f"{tuple(tensor.shape)}")
-        t = tensor.detach().contiguous().cpu()
-        self._f.write(memoryview(t.view(-1).view(torch.uint8).numpy()))
-        self._next += 1
-
-    def close(self) -> None:
-        if self._next != len(self.expected):
-            raise ValueError(f"{self.path}: {len(self.expected) - self._next} tensors were never written")
-        self._f.close()
-
-
-def copy_safetensors_tensors(names: Sequence[str], file_of: Callable[[str], "SafetensorsFileReader"],
-                             path: str, on_item: Optional[Callable[[int], None]] = None) -> int:
-    """Copy tensors `names` (read with `file_of(name).get(name)`) unchanged into a new safetensors
-    file `path`, one tensor in memory at a time. Returns the bytes written."""
-    layout = [(n, file_of(n).dtype(n), file_of(n).shape(n)) for n in names]
-    writer = SafetensorsStreamWriter(path, layout)
-    try:
-        for n in names:
-            t = file_of(n).get(n)
-            writer.write(n, t)
-            if on_item:
-                on_item(t.numel() * t.element_size())
-            del t
-    except BaseException:
-        writer._f.close()  # the caller's temporary output directory is removed
-        raise
-    writer.close()
-    return writer.nbytes
