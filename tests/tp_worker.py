@@ -38,7 +38,8 @@ def reduce_replicated_grads(model, config):
             torch.distributed.all_reduce(p.grad, group=group)
 
 
-def main(out_path: str, sp: bool, labels: bool = False):
+def tiny_tp_model(sp: bool):
+    """This rank's shard of the tiny HF model (seed 1) at TP = WORLD_SIZE: (model, config, rank)."""
     from megatron.core import parallel_state
 
     from nemo_qwen3_next import Qwen3NextConfig, build_model, init_distributed
@@ -58,7 +59,11 @@ def main(out_path: str, sp: bool, labels: bool = False):
     rank = parallel_state.get_tensor_model_parallel_rank()
     missing, unexpected = model.load_state_dict(shard_state_dict(full, model, rank, world), strict=False)
     assert not unexpected and all(k.endswith("_extra_state") for k in missing), (missing, unexpected)
+    return model, config, rank
 
+
+def main(out_path: str, sp: bool, labels: bool = False):
+    model, config, rank = tiny_tp_model(sp)
     torch.manual_seed(3)
     ids = torch.randint(0, config.vocab_size, (2, 38))  # divisible by TP for SP
     pos = torch.arange(ids.shape[1]).unsqueeze(0).expand_as(ids)
