@@ -21,6 +21,7 @@ Checked against HF and the loop on CPU (fp32) in `tests/test_grouped_experts.py`
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -69,6 +70,24 @@ def auto_uses_grouped(config, ffn_local: int, device: torch.device, dtype: torch
     return config.hidden_size % 8 == 0 and ffn_local % 8 == 0  # ffn_local: this rank's F/tp
 
 
+@functools.lru_cache(maxsize=None)
+def _load_fla_swiglu():
+    try:
+        from fla.modules.activations import swiglu as fn
+    except Exception:
+        return None
+    return fn
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up``: fla's fused kernel on CUDA (one pass each way, strided rows read in place;
+    fp32 inside, one rounding), the torch expression elsewhere."""
+    fn = _load_fla_swiglu() if gate.is_cuda else None
+    if fn is None:
+        return F.silu(gate) * up
+    return fn(gate, up)
+
+
 class GroupedSequentialMLP(SequentialMLP):
     """`SequentialMLP` whose forward can run all local experts as two grouped GEMMs (see module doc)."""
 
@@ -95,21 +114,25 @@ class GroupedSequentialMLP(SequentialMLP):
         return self.impl == "grouped_mm"
 
     def forward(self, permuted_local_hidden_states, tokens_per_expert, permuted_probs):
-        if not self._grouped(permuted_local_hidden_states):
-            record("moe_experts", "sequential")
-            return super().forward(permuted_local_hidden_states, tokens_per_expert, permuted_probs)
-        record("moe_experts", "grouped_mm")
+        """``permuted_probs=None``: the caller applies the routing weights itself (in its combine)."""
         x, probs = permuted_local_hidden_states, permuted_probs
-        if self.config.moe_apply_probs_on_input:  # as the parent: scale the input, then probs = 1
+        if not self._grouped(x):
+            record("moe_experts", "sequential")
+            if probs is None:  # the parent always scales
+                probs = torch.ones(x.shape[0], device=x.device, dtype=torch.float32)
+            return super().forward(x, tokens_per_expert, probs)
+        record("moe_experts", "grouped_mm")
+        if probs is not None and self.config.moe_apply_probs_on_input:  # as the parent: scale the input
             x = (probs.unsqueeze(-1) * x).to(x.dtype)
-            probs = torch.ones_like(probs)
+            probs = None
         # group ends; int32 on the tokens' device (no host sync, unlike the parent's .tolist())
         offs = torch.cumsum(torch.as_tensor(tokens_per_expert, device=x.device), 0).to(torch.int32)
         w1 = torch.stack([e.linear_fc1.weight for e in self.local_experts])  # [E, 2F/tp, H]
         w2 = torch.stack([e.linear_fc2.weight for e in self.local_experts])  # [E, H, F/tp]
         h = torch._grouped_mm(x, w1.to(x.dtype).transpose(1, 2), offs=offs)  # [T, 2F/tp]
         gate, up = torch.chunk(h, 2, dim=-1)  # megatron's fc1 holds [gate; up] on every TP rank
-        act = F.silu(gate) * up
-        act = (act * probs.unsqueeze(-1)).to(x.dtype)  # same order and dtypes as megatron's MLP
+        act = swiglu(gate, up)
+        if probs is not None:
+            act = (act * probs.unsqueeze(-1)).to(x.dtype)  # same order and dtypes as megatron's MLP
         out = torch._grouped_mm(act, w2.to(x.dtype).transpose(1, 2), offs=offs)  # [T, H]
         return out, None

@@ -1,7 +1,8 @@
 """Qwen3-Next's two RMSNorms, in plain torch so they run on CPU and under sequence parallelism.
 
 * `RMSNorm`: decoder, final and QK norms. Qwen3-Next stores the gain *zero-centred*:
-  y = x̂ · (1 + w), w initialised to 0 (HF `Qwen3NextRMSNorm`). Computed in fp32, cast back.
+  y = x̂ · (1 + w), w initialised to 0 (HF `Qwen3NextRMSNorm`). Computed in fp32, cast back
+  (`ops.rms_norm`: fla's fused kernel on CUDA, the torch reference elsewhere).
   Megatron's local `WrappedTorchNorm` refuses both zero-centred gamma and sequence parallelism,
   hence this class.
 * `GatedRMSNorm`: the GDN output norm, y = (w · x̂) · silu(z), with a *plain* gain (init 1) shared
@@ -17,6 +18,7 @@ from torch import nn
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from ..ops.gated_rms_norm import gated_rms_norm, gated_rms_norm_ref  # noqa: F401  (re-exported)
+from ..ops.rms_norm import rms_norm
 
 
 class RMSNorm(nn.Module):
@@ -34,11 +36,8 @@ class RMSNorm(nn.Module):
         setattr(self.weight, "sequence_parallel", bool(config.sequence_parallel))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        w = self.weight.float()
-        y = y * (1.0 + w) if self.zero_centered_gamma else y * w
-        return y.to(x.dtype)
+        w = self.weight.float()  # the gain in fp32, as HF computes (1 + w)
+        return rms_norm(x, 1.0 + w if self.zero_centered_gamma else w, self.eps)
 
 
 class GatedRMSNorm(nn.Module):
