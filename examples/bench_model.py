@@ -19,10 +19,9 @@ At T=4096 this is 3.61 GFLOP/token for the default model. MFU = achieved / peak,
 bf16 dense peak of the data sheet (``--peak-tflops``, H200 SXM: 989.4) and the matmul peak measured in
 the same run (an 8192³ bf16 GEMM, ~790 TFLOP/s on H200), the ceiling a real step can approach.
 
-Breakdown: CUDA events at forward pre/post hooks and at backward pre-hooks of the embedding, each
-layer's mixer and MLP, the final norm and the LM head (+ loss). A module's backward time runs from its
-backward pre-hook to the next one's (norms and residual adds between them are attributed to the
-module after them in forward order); what no module covers is ``other``.
+Breakdown (`module_breakdown`): the embedding, each layer's mixer and MLP, the final norm and the LM
+head (+ loss), each timed alone (forward; forward + backward) on the inputs it saw in a real step;
+``other`` = step minus their sum (norms of the residual stream, residual adds, gaps).
 
 ``--variants`` times ours with speed levers switched off one at a time, in the same process:
 ``base`` (all on), ``no_fused_ce``, ``no_fast_permute``, ``seq_experts``, ``all_off``.
@@ -32,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -95,6 +95,17 @@ def step_times(step, warmup: int, rep: int):
     return times, first
 
 
+def process_age_s():
+    """Seconds since this process started (Linux /proc), None elsewhere."""
+    try:
+        with open("/proc/self/stat") as f:
+            start = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as f:
+            return round(float(f.read().split()[0]) - start / os.sysconf("SC_CLK_TCK"), 2)
+    except Exception:  # noqa: BLE001
+        return None
+
+
 def matmul_peak_tflops(n: int = 8192, rep: int = 20) -> float:
     a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
@@ -109,49 +120,51 @@ def _batch(B, T, seed=0):
 
 
 # ----------------------------------------------------------------------------- breakdown
-class Breakdown:
-    """CUDA events at module boundaries, forward and backward (see the module doc)."""
+def module_breakdown(model, fwd, labels, warmup: int = 2, rep: int = 5):
+    """ms per module, forward and backward, each run alone on the inputs it saw in a real forward.
 
-    def __init__(self, named_modules):
-        self.names = [n for n, _ in named_modules]
-        self.fwd, self.bwd, self.handles = {}, {}, []
-        for name, m in named_modules:
-            self.handles.append(m.register_forward_pre_hook(self._ev(self.fwd, name, 0)))
-            self.handles.append(m.register_forward_hook(self._ev(self.fwd, name, 1)))
-            self.handles.append(m.register_full_backward_pre_hook(self._ev(self.bwd, name, 0)))
-        self.start = self.end = None
-
-    @staticmethod
-    def _ev(store, name, slot):
-        def hook(*_):
-            e = torch.cuda.Event(enable_timing=True)
-            e.record()
-            store.setdefault(name, [None, None])[slot] = e
-
-        return hook
-
-    def run(self, step_fwd, step_bwd):
-        self.fwd.clear(), self.bwd.clear()
-        s, mid, e = (torch.cuda.Event(enable_timing=True) for _ in range(3))
-        s.record()
-        loss = step_fwd()
-        mid.record()
-        step_bwd(loss)
-        e.record()
-        e.synchronize()
-        out = {"forward_total": s.elapsed_time(mid), "backward_total": mid.elapsed_time(e)}
-        for n in self.names:
-            out[f"fwd/{n}"] = self.fwd[n][0].elapsed_time(self.fwd[n][1])
-        # backward runs in reverse forward order: module i ends where module i-1's backward starts
-        seen = [n for n in self.names if n in self.bwd]
-        for i, n in enumerate(seen):
-            stop = self.bwd[seen[i - 1]][0] if i > 0 else e
-            out[f"bwd/{n}"] = self.bwd[n][0].elapsed_time(stop)
-        return out
-
-    def remove(self):
-        for h in self.handles:
+    Each module's inputs are captured once (forward pre-hooks), made leaves that require grad (so
+    the input gradient is computed as in the step), and the module is timed alone: forward, then
+    forward + backward of its first output with a random gradient. ``other`` is what the whole step
+    takes beyond the sum (residual adds, rotary tables, allocator, launch gaps between modules).
+    """
+    mods = _module_list(model)
+    captured, hooks = {}, []
+    for name, m in mods:
+        def cap(mod, a, kw, name=name):
+            captured.setdefault(name, (a, kw, getattr(mod, "pending_labels", None)))
+        hooks.append(m.register_forward_pre_hook(cap, with_kwargs=True))
+    try:
+        fwd()
+    finally:
+        for h in hooks:
             h.remove()
+    out = {}
+    for name, m in mods:
+        a, kw, pending = captured[name]
+        leaf = lambda t: t.detach().requires_grad_() if torch.is_tensor(t) and t.is_floating_point() else t  # noqa: E731
+        a, kw = [leaf(t) for t in a], {k: leaf(v) for k, v in kw.items()}
+
+        def run():
+            if pending is not None:
+                m.pending_labels = pending
+            try:
+                y = m(*a, **kw)
+            finally:
+                if pending is not None:
+                    m.pending_labels = None
+            return y[0] if isinstance(y, tuple) else y
+
+        g = torch.randn_like(run().float()).to(run().dtype)
+
+        def fb():
+            m.zero_grad(set_to_none=True)
+            run().backward(g)
+
+        f = statistics.median(step_times(run, warmup, rep)[0])
+        fbt = statistics.median(step_times(fb, warmup, rep)[0])
+        out[f"fwd/{name}"], out[f"bwd/{name}"] = round(f, 3), round(max(fbt - f, 0.0), 3)
+    return out
 
 
 def _module_list(model):
@@ -189,24 +202,23 @@ def run_ours(args, B, T, variant: str):
         model.zero_grad(set_to_none=True)
         bwd(fwd())
 
-    times, first = step_times(step, args.warmup, args.rep)
+    t0 = time.perf_counter()
+    step()
+    torch.cuda.synchronize()
+    first, since_start = time.perf_counter() - t0, process_age_s()
+    times, _ = step_times(step, args.warmup, args.rep)
     res = dict(impl="ours", variant=variant, B=B, T=T, first_step_s=round(first, 2),
-               params=sum(p.numel() for p in model.parameters()))
+               first_step_done_s_after_process_start=since_start, params=sum(p.numel() for p in model.parameters()))
     res.update(_summary(times, B, T, args))
     res["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)
     res["impls"] = usage.kernels_used()
     if variant == "base" and not args.no_breakdown:
-        bd = Breakdown(_module_list(model))
         try:
-            runs = []
-            for _ in range(max(3, args.rep // 2)):
-                model.zero_grad(set_to_none=True)
-                runs.append(bd.run(fwd, bwd))
-            res["breakdown_ms"] = {k: round(statistics.median(r[k] for r in runs), 3) for k in runs[0]}
+            bd = module_breakdown(model, fwd, labels)
+            bd["other"] = round(res["step_ms"] - sum(bd.values()), 3)
+            res["breakdown_ms"] = bd
         except Exception as e:  # noqa: BLE001 - the timing above stands without it
             res["breakdown_error"] = f"{type(e).__name__}: {e}"[:300]
-        finally:
-            bd.remove()
     if variant == "base" and args.profile:
         _profile(step, args.profile + f".B{B}T{T}.txt")
     del model
@@ -225,6 +237,11 @@ def _profile(step, path):
     with open(path, "w") as f:
         f.write("per 3 steps\n")
         f.write(prof.key_averages().table(sort_by="cuda_time_total", row_limit=60, max_name_column_width=90))
+        f.write("\n\nby self CPU time\n")
+        f.write(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=90))
+        f.write("\n\nby input shape (self CUDA)\n")
+        f.write(prof.key_averages(group_by_input_shape=True).table(sort_by="self_cuda_time_total", row_limit=50,
+                                                                   max_name_column_width=40))
 
 
 def _summary(times, B, T, args):
@@ -334,7 +351,8 @@ def _line(r):
     return (f"model {r['impl']:4s} {r['variant']:18s} B={r['B']} T={r['T']}: {r['step_ms']:8.2f} ms  "
             f"{r['tokens_per_s'] / 1e3:6.1f}K tok/s  {r['tflops']:6.1f} TFLOP/s  MFU {100 * r['mfu_spec']:.1f}% "
             f"(of measured peak {100 * r.get('mfu_measured_peak', float('nan')):.1f}%)  peak {r['peak_mem_gib']} GiB  "
-            f"first step {r['first_step_s']} s")
+            f"first step {r['first_step_s']} s" + (f" (done {r['first_step_done_s_after_process_start']} s after start)"
+                                                  if r.get("first_step_done_s_after_process_start") else ""))
 
 
 def _acceptance(rows):
@@ -384,8 +402,9 @@ def visualize(result, prefix):
         for ax, r in zip(axes[0], bds):
             bd = r["breakdown_ms"]
             names = [k[4:] for k in bd if k.startswith("fwd/")]
-            f = [bd[f"fwd/{n}"] for n in names]
-            b = [bd.get(f"bwd/{n}", 0) for n in names]
+            f = [bd[f"fwd/{n}"] for n in names] + [max(bd.get("other", 0), 0)]
+            b = [bd.get(f"bwd/{n}", 0) for n in names] + [0]
+            names = names + ["other"]
             ax.barh(names, f, label="forward")
             ax.barh(names, b, left=f, label="backward")
             ax.invert_yaxis()
