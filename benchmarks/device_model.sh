@@ -4,7 +4,7 @@
 #   bash benchmarks/device_model.sh [install] STEP[:SECONDS] ...      (carry .devwheels/b for install)
 # Steps: tests (GPU numerics of the speed paths), model (ours with lever variants + HF, B=2/1 T=4096,
 # breakdown, profile), second (a new process on the warm machine: time to its first step), gdn (our GDN layer
-# at the acceptance shapes), cache (tar of the kernel cache into $OUT). Logs and JSON go to $OUT.
+# at the acceptance shapes), nemo (examples/pretrain.py on the same model, data=mock, NEMO_STEPS steps), cache (tar of the kernel cache into $OUT). Logs and JSON go to $OUT.
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -12,6 +12,10 @@ t0=$(date +%s)
 if [ "${1:-}" = install ]; then
   shift
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .devwheels/b/*.whl || exit 1
+fi
+if [ "${1:-}" = install_nemo ]; then  # carry .devwheels/nemo (benchmarks/stage_nemo_wheels.sh)
+  shift
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/nemosite .devwheels/nemo/*.whl || exit 1
 fi
 [ -f .devwheels/cache/kcache.tgz ] && tar -xzf .devwheels/cache/kcache.tgz && echo "restored .kcache"
 mkdir -p .kcache/tl .kcache/triton
@@ -30,6 +34,9 @@ for item in "$@"; do
              --rep 3 --no-breakdown --out "$OUT/h200_model_second_process.json" 2>&1 | tee "$OUT/second.log" ;;
     gdn) timeout -k 5 "$lim" python3 examples/benchmark.py --modules gdn --impls ours --shapes 1x4096,4x4096,1x32768 \
              --rep 10 --out "$OUT/h200_gdn_now.json" 2>&1 | tee "$OUT/gdn.log" ;;
+    nemo) PYTHONPATH=/tmp/nemosite:$PYTHONPATH timeout -k 10 "$lim" python3 examples/pretrain.py model=qwen3_next_reduced \
+             data=mock trainer.precision=bf16-mixed trainer.max_steps=${NEMO_STEPS:-40} run_dir=/tmp/runs/nemo_reduced \
+             2>&1 | tee "$OUT/nemo_reduced.log"; cp /tmp/runs/nemo_reduced/metrics/metrics.jsonl "$OUT/nemo_reduced.metrics.jsonl" 2>/dev/null ;;
     cache) du -sh .kcache/*; tar -czf /tmp/kcache.tgz .kcache && ls -la /tmp/kcache.tgz && split -b 15m -d /tmp/kcache.tgz "$OUT/kcache.tgz." ;;
   esac
   echo "===== $step rc=${PIPESTATUS[0]} took $(( $(date +%s) - s )) s"
