@@ -35,7 +35,8 @@ for item in "$@"; do
     gdn) timeout -k 5 "$lim" python3 examples/benchmark.py --modules gdn --impls ours --shapes 1x4096,4x4096,1x32768 \
              --rep 10 --out "$OUT/h200_gdn_now.json" 2>&1 | tee "$OUT/gdn.log" ;;
     nemo) PYTHONPATH=/tmp/nemosite:$PYTHONPATH timeout -k 10 "$lim" python3 examples/pretrain.py model=qwen3_next_reduced \
-             data=mock trainer.precision=bf16-mixed trainer.max_steps=${NEMO_STEPS:-40} run_dir=/tmp/runs/nemo_reduced \
+             data=mock trainer.precision=bf16-mixed trainer.max_steps=${NEMO_STEPS:-40} trainer.val_check_interval=1000 \
+             checkpoint.every_n_steps=1000 checkpoint.save_optim_on_train_end=false run_dir=/tmp/runs/nemo_reduced \
              2>&1 | tee "$OUT/nemo_reduced.log"; cp /tmp/runs/nemo_reduced/metrics/metrics.jsonl "$OUT/nemo_reduced.metrics.jsonl" 2>/dev/null ;;
     cache) du -sh .kcache/*; tar -czf /tmp/kcache.tgz .kcache && ls -la /tmp/kcache.tgz && split -b 15m -d /tmp/kcache.tgz "$OUT/kcache.tgz." ;;
   esac
