@@ -1,0 +1,312 @@
+"""Generation speed of the reduced Qwen3-Next: prefill and decode tokens/s at batch 1, 8, 32.
+
+Implementations, same random weights for ours (`bench_model.reduced_config`: 80B-A3B widths, 4 layers =
+3 GDN + 1 gated attention, 64 experts top-10 + gated shared expert, vocab 151936; bf16):
+
+* ``graph``: `inference.Decoder` with the decode step as a CUDA graph, fla kernels (chunked prefill,
+  fused recurrent decode), the MoE routed without host syncs through the grouped-GEMM experts;
+* ``eager``: the same step launched op by op (no graph): its tokens must equal ``graph``'s exactly;
+* ``plain``: our plain-PyTorch path (``linear_attention_backend="torch"``, the expert loop, Megatron's
+  dispatcher, no graph): the reference;
+* ``hf``: transformers' ``Qwen3NextForCausalLM.generate`` (greedy, ``min_new_tokens`` = max) in a child
+  process (its own CUDA context), same config, its own random weights (only speed is compared).
+
+Prompts: random ids, ``--prompt-len`` tokens each. Prefill tokens/s = B·T / (prefill + first-token
+time); decode tokens/s = B·steps / time of the steps after the first one (ours: the first step also
+captures the graph, reported as ``first_step_s``; HF: (time of n tokens − time of 1 token) / (n − 1), medians of ``--decode-hf-rep`` calls).
+One untimed warm-up generation per batch size first (kernel autotuning and compiles).
+
+Acceptance (issue 12): decode at batch 1, ``graph`` >= 20x ``hf`` and >= 420 tokens/s, tokens = ``eager``.
+
+    PYTHONPATH=/tmp/site:$PWD python examples/bench_decode.py --decode-out benchmarks/results/h200_decode.json --visualize
+
+`examples/benchmark.py --modules decode` calls `add_args(parser)` and `run(args)`; ``--config tiny`` is a
+CPU smoke test (``--decode-impls eager,plain,hf``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+IMPLS = ("graph", "eager", "plain", "hf")
+
+
+def add_args(ap):
+    g = ap.add_argument_group("--modules decode (examples/bench_decode.py)")
+    g.add_argument("--decode-batches", default="1,8,32")
+    g.add_argument("--decode-prompt-len", type=int, default=128)
+    g.add_argument("--decode-new-tokens", type=int, default=128, help="tokens per sequence for ours")
+    g.add_argument("--decode-hf-new-tokens", type=int, default=32, help="HF decodes ~20 tokens/s: fewer tokens")
+    g.add_argument("--decode-impls", default=",".join(IMPLS))
+    g.add_argument("--decode-config", default="reduced", choices=["reduced", "tiny"])
+    g.add_argument("--decode-out", default="benchmarks/results/decode.json")
+    g.add_argument("--decode-hf-rep", type=int, default=3, help="HF: median of this many generate calls")
+    g.add_argument("--decode-hf-timeout", type=float, default=900)
+    g.add_argument("--decode-worker", default=None, help=argparse.SUPPRESS)
+
+
+def our_config(name: str, **overrides):
+    if name == "tiny":
+        from nemo_qwen3_next.config import qwen3_next_tiny_5m
+
+        return qwen3_next_tiny_5m(**overrides)
+    sys.path.insert(0, HERE)
+    import bench_model  # the sibling script: the reduced model of --modules model
+
+    return bench_model.reduced_config(**overrides)
+
+
+def _device_dtype(name: str):
+    if torch.cuda.is_available():
+        return torch.device("cuda"), torch.bfloat16
+    return torch.device("cpu"), torch.float32
+
+
+def _prompts(B: int, T: int, vocab: int, device):
+    g = torch.Generator().manual_seed(B)
+    return torch.randint(0, vocab, (B, T), generator=g).to(device)
+
+
+def _build(cfg_name: str, plain: bool, dtype, device, state=None):
+    """Our model (kernel path, or the plain-torch one: torch GDN ops and the expert loop)."""
+    import nemo_qwen3_next as nq
+
+    nq.init_single_process()
+    over = dict(params_dtype=dtype, bf16=dtype == torch.bfloat16, use_cpu_initialization=device.type == "cpu")
+    if plain:
+        over["linear_attention_backend"] = "torch"
+    old = os.environ.get("QWEN3_NEXT_MOE_EXPERTS")
+    if plain:
+        os.environ["QWEN3_NEXT_MOE_EXPERTS"] = "sequential"  # read when the experts are built
+    try:
+        torch.manual_seed(0)
+        model = nq.build_model(our_config(cfg_name, **over), backend="local").to(device).eval()
+    finally:
+        if plain:
+            os.environ.pop("QWEN3_NEXT_MOE_EXPERTS") if old is None else os.environ.update(QWEN3_NEXT_MOE_EXPERTS=old)
+    if state is not None:
+        model.load_state_dict(state)
+    return model
+
+
+@torch.no_grad()
+def time_ours(model, ids, n: int, impl: str):
+    """Greedy generation of n tokens with `inference.Decoder`; times and the tokens."""
+    from nemo_qwen3_next.inference import Decoder
+
+    cuda = ids.is_cuda
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    B, T = ids.shape
+    dec = Decoder(model, B, T + n, cuda_graph=impl == "graph", sync_free=impl != "plain")
+    sync()
+    t0 = time.perf_counter()
+    tok = dec.prefill(list(ids)).argmax(-1)
+    sync()
+    t1 = time.perf_counter()
+    out = [tok]
+    tok = dec.step(tok).argmax(-1)  # the first step (captures the graph)
+    out.append(tok)
+    sync()
+    t2 = time.perf_counter()
+    for _ in range(n - 2):
+        tok = dec.step(tok).argmax(-1)
+        out.append(tok)
+    sync()
+    t3 = time.perf_counter()
+    return dict(prefill_s=t1 - t0, first_step_s=t2 - t1, decode_s=t3 - t2, steps=n - 2), torch.stack(out, 1)
+
+
+def _row(impl, B, T, n, t, extra=None):
+    r = dict(impl=impl, B=B, prompt_len=T, new_tokens=n, prefill_s=round(t["prefill_s"], 4),
+             prefill_tokens_per_s=round(B * T / t["prefill_s"], 1),
+             decode_tokens_per_s=round(B * t["steps"] / t["decode_s"], 1),
+             decode_ms_per_step=round(t["decode_s"] / t["steps"] * 1e3, 3))
+    if "first_step_s" in t:
+        r["first_step_s"] = round(t["first_step_s"], 3)
+    r.update(extra or {})
+    return r
+
+
+def run_ours(args, impls, rows, save):
+    from nemo_qwen3_next.ops import usage
+
+    device, dtype = _device_dtype(args.decode_config)
+    model = _build(args.decode_config, False, dtype, device)
+    plain = _build(args.decode_config, True, dtype, device, model.state_dict()) if "plain" in impls else None
+    T, n = args.decode_prompt_len, args.decode_new_tokens
+    for B in args.batch_list:
+        ids = _prompts(B, T, model.config.vocab_size, device)
+        tokens = {}
+        for impl in [i for i in ("graph", "eager", "plain") if i in impls]:
+            m = plain if impl == "plain" else model
+            try:
+                time_ours(m, ids, 4, impl)  # warm-up
+                usage.reset()
+                t, tokens[impl] = time_ours(m, ids, n, impl)
+                extra = dict(kernels=usage.kernels_used())
+                if device.type == "cuda":
+                    extra["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)
+                if impl != "graph" and "graph" in tokens:
+                    extra["tokens_equal_graph"] = bool(torch.equal(tokens[impl], tokens["graph"]))
+                    extra["token_agreement_with_graph"] = round((tokens[impl] == tokens["graph"]).float().mean().item(), 4)
+                r = _row(impl, B, T, n, t, extra)
+            except Exception as e:  # noqa: BLE001 -- one failing row must not lose the others
+                r = dict(impl=impl, B=B, error=f"{type(e).__name__}: {e}"[:500])
+            rows.append(r)
+            print(json.dumps(r), flush=True)
+            save()
+
+
+def hf_worker(args):
+    """Child process: HF generate on the same config; prints one line ``HF_ROWS [...]``."""
+    import transformers
+    from transformers import Qwen3NextConfig, Qwen3NextForCausalLM
+
+    device, dtype = _device_dtype(args.decode_config)
+    with open(args.decode_worker) as f:
+        cfg = Qwen3NextConfig(**json.load(f))
+    torch.manual_seed(0)
+    m = Qwen3NextForCausalLM(cfg).to(device, dtype).eval()
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    T, n = args.decode_prompt_len, args.decode_hf_new_tokens
+    rows = []
+
+    def gen(ids, k):
+        sync()
+        t = time.perf_counter()
+        m.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=k, min_new_tokens=k, do_sample=False,
+                   pad_token_id=0)
+        sync()
+        return time.perf_counter() - t
+
+    for B in args.batch_list:
+        ids = _prompts(B, T, cfg.vocab_size, device)
+        try:
+            gen(ids, 2)  # warm-up
+            one = statistics.median(gen(ids, 1) for _ in range(args.decode_hf_rep))
+            full = statistics.median(gen(ids, n) for _ in range(args.decode_hf_rep))
+            t = dict(prefill_s=one, decode_s=full - one, steps=n - 1)
+            rows.append(_row("hf", B, T, n, t, dict(version=f"transformers-{transformers.__version__}")))
+        except Exception as e:  # noqa: BLE001
+            rows.append(dict(impl="hf", B=B, error=f"{type(e).__name__}: {e}"[:500]))
+        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    print("HF_ROWS " + json.dumps(rows), flush=True)
+
+
+def run_hf_child(args):
+    hf_cfg = our_config(args.decode_config).to_hf_dict()
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(hf_cfg, f)
+    cmd = [sys.executable, os.path.abspath(__file__), "--decode-worker", f.name, "--decode-config", args.decode_config,
+           "--decode-batches", args.decode_batches, "--decode-prompt-len", str(args.decode_prompt_len),
+           "--decode-hf-new-tokens", str(args.decode_hf_new_tokens), "--decode-hf-rep", str(args.decode_hf_rep)]
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.decode_hf_timeout)
+    except subprocess.TimeoutExpired:
+        return [dict(impl="hf", error=f"timed out after {args.decode_hf_timeout} s")]
+    finally:
+        os.unlink(f.name)
+    for line in p.stdout.splitlines():
+        if line.startswith("HF_ROWS "):
+            return json.loads(line[len("HF_ROWS "):])
+    return [dict(impl="hf", error=f"rc={p.returncode}: {p.stderr[-1500:]}")]
+
+
+def acceptance(rows):
+    """Issue 12's GPU targets at batch 1, from the rows."""
+    get = lambda impl: next((r for r in rows if r.get("impl") == impl and r.get("B") == 1 and "error" not in r), None)  # noqa: E731
+    ours, hf, eager = get("graph"), get("hf"), get("eager")
+    if not ours:
+        return {}
+    a = dict(decode_b1_graph=ours["decode_tokens_per_s"], target_tokens_per_s=420)
+    if hf:
+        a.update(decode_b1_hf=hf["decode_tokens_per_s"], speedup_vs_hf=round(ours["decode_tokens_per_s"] / hf["decode_tokens_per_s"], 1),
+                 target_speedup=20)
+    if eager:
+        a["tokens_equal_eager"] = eager.get("tokens_equal_graph")
+    a["met"] = bool(a["decode_b1_graph"] >= 420 and a.get("speedup_vs_hf", 0) >= 20 and a.get("tokens_equal_eager"))
+    return a
+
+
+def visualize(result, prefix):
+    """PNG: prefill and decode tokens/s per batch size and implementation (log scale)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in result["rows"] if "error" not in r]
+    impls = [i for i in IMPLS if any(r["impl"] == i for r in rows)]
+    batches = sorted({r["B"] for r in rows})
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    w = 0.8 / max(len(impls), 1)
+    for ax, key, title in ((axes[0], "prefill_tokens_per_s", "prefill"), (axes[1], "decode_tokens_per_s", "decode")):
+        for i, impl in enumerate(impls):
+            vals = [next((r[key] for r in rows if r["impl"] == impl and r["B"] == b), 0) for b in batches]
+            ax.bar([j + i * w for j in range(len(batches))], vals, w, label=impl)
+        ax.set_xticks([j + 0.4 - w / 2 for j in range(len(batches))], [f"B={b}" for b in batches])
+        ax.set_yscale("log")
+        ax.set_ylabel("tokens/s (higher is better)")
+        ax.set_title(f"{title}, prompt {result['prompt_len']} tokens")
+        ax.legend(fontsize=8)
+    fig.suptitle(f"Reduced Qwen3-Next generation on {result['device']}")
+    fig.tight_layout()
+    path = prefix + "_decode.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def run(args):
+    """Measure, write ``args.decode_out`` (JSON) after every row, and a PNG beside it with ``args.visualize``."""
+    args.batch_list = [int(b) for b in args.decode_batches.split(",") if b]
+    if args.decode_worker:
+        return hf_worker(args)
+    impls = [i for i in args.decode_impls.split(",") if i]
+    unknown = set(impls) - set(IMPLS)
+    if unknown:
+        raise SystemExit(f"bench_decode: unknown --decode-impls {sorted(unknown)}; use {','.join(IMPLS)}")
+    if "graph" in impls and not torch.cuda.is_available():
+        raise SystemExit("bench_decode: impl 'graph' needs CUDA; use --decode-impls eager,plain,hf on CPU")
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    result = dict(device=device, config=args.decode_config, prompt_len=args.decode_prompt_len,
+                  torch=torch.__version__, rows=[])
+    os.makedirs(os.path.dirname(os.path.abspath(args.decode_out)), exist_ok=True)
+
+    def save():
+        result["acceptance"] = acceptance(result["rows"])
+        with open(args.decode_out, "w") as f:
+            json.dump(result, f, indent=1)
+
+    run_ours(args, impls, result["rows"], save)
+    if "hf" in impls:
+        for r in run_hf_child(args):
+            result["rows"].append(r)
+            print(json.dumps(r), flush=True)
+    save()
+    print("acceptance: " + json.dumps(result["acceptance"]), flush=True)
+    if getattr(args, "visualize", False):
+        print("wrote " + visualize(result, os.path.splitext(args.decode_out)[0]), flush=True)
+    return result
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_args(ap)
+    ap.add_argument("--visualize", action="store_true", help="also write a PNG next to the JSON")
+    return run(ap.parse_args(argv))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
+    main()
