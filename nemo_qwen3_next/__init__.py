@@ -6,6 +6,7 @@ Core API (megatron-core and torch only; NeMo glue lives in `nemo_qwen3_next.nemo
 * `get_qwen3_next_block_spec(config, backend)`, registered as ``megatron_qwen3_next``
 * `build_model(config)` -> Megatron `GPTModel`
 * `load_hf(path_or_model)` -> `GPTModel` with Hugging Face weights
+* `generate(model, input_ids, max_new_tokens, ...)` / `stream(...)`: generation (`nemo_qwen3_next.inference`)
 """
 
 import importlib
@@ -20,6 +21,7 @@ _EXPORTS = {
     "build_model": "model", "init_distributed": "model", "init_single_process": "model",
     "SPEC_NAME": "spec", "get_qwen3_next_block_spec": "spec", "get_qwen3_next_layer_spec": "spec",
     "register_spec": "spec", "resolve_spec": "spec",
+    "generate": "inference", "stream": "inference",
 }
 
 
@@ -44,6 +46,7 @@ __all__ = [
     "ConfigError",
     "Qwen3NextConfig",
     "build_model",
+    "generate",
     "get_qwen3_next_block_spec",
     "get_qwen3_next_layer_spec",
     "init_distributed",
@@ -55,4 +58,5 @@ __all__ = [
     "qwen3_next_tiny_5m",
     "register_spec",
     "resolve_spec",
+    "stream",
 ]

@@ -11,8 +11,8 @@ import sys
 import pytest
 import torch
 
-from nemo_qwen3_next import load_hf
-from nemo_qwen3_next.inference import Decoder, filter_logits, generate, next_tokens
+from nemo_qwen3_next import generate, load_hf
+from nemo_qwen3_next.inference import Decoder, filter_logits, next_tokens
 from nemo_qwen3_next.inference.forward import moe_forward_sync_free
 from nemo_qwen3_next.ops import causal_conv1d, causal_conv1d_update
 from nemo_qwen3_next.testing import random_hf_model, tiny_hf_config
