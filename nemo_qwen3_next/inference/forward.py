@@ -29,6 +29,7 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.moe.moe_layer import MoELayer
 
 from ..config import LINEAR
+from ..modules.grouped_experts import GroupedSequentialMLP
 from ..ops import causal_conv1d, causal_conv1d_update, gated_delta_rule
 from .state import GDNSlot, InferenceState, KVSlot
 
@@ -152,22 +153,33 @@ def attention_forward(m, x: torch.Tensor, slot: KVSlot, batch: Batch, freqs: tor
 def moe_forward_sync_free(mlp: MoELayer, x: torch.Tensor) -> torch.Tensor:
     """Megatron's `MoELayer` output (router, experts, gated shared expert) without host syncs.
 
-    Megatron's dispatcher reads the tokens-per-expert counts on the host to size its permutation; here
-    the ``N·k`` (token, expert) pairs are sorted by expert on the device, and the layer's own experts
-    (`GroupedSequentialMLP`: two grouped GEMMs on sm90+ bf16) take them in the dispatcher's format.
-    One process, TP = EP = 1 (other layouts use the dispatcher).
+    Megatron's dispatcher reads the tokens-per-expert counts on the host to size its permutation. Here,
+    where the experts run as grouped GEMMs (`GroupedSequentialMLP`: sm90+ bf16, or forced), the ``N·k``
+    (token, expert) pairs are sorted by expert on the device and handed to the layer's own experts in
+    the dispatcher's format; elsewhere (the expert loop, which also reads counts on the host) every
+    expert runs on every token with its routing weight, zero for tokens not routed to it: the same sum,
+    fixed shapes, E small GEMMs. One process, TP = EP = 1 (other layouts use the dispatcher).
     """
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
     probs, _ = mlp.router(x2)  # [N, E], zero outside each token's top-k
-    weights, experts = probs.topk(mlp.router.topk, dim=-1)  # [N, k]
-    flat = experts.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    token = order // mlp.router.topk
-    counts = torch.zeros(probs.shape[-1], dtype=torch.long, device=x.device)
-    counts.scatter_add_(0, flat, torch.ones_like(flat))
-    y, _ = mlp.experts(x2[token], counts, weights.reshape(-1)[order])
-    out = torch.zeros_like(x2).index_add_(0, token, y.to(x2.dtype))
+    experts = mlp.experts
+    if isinstance(experts, GroupedSequentialMLP) and experts._grouped(x2):
+        k = mlp.router.topk
+        weights, chosen = probs.topk(k, dim=-1)  # [N, k]
+        flat = chosen.reshape(-1)
+        order = torch.argsort(flat, stable=True)  # pairs grouped by expert
+        counts = torch.zeros(probs.shape[-1], dtype=torch.long, device=x.device)
+        counts.scatter_add_(0, flat, torch.ones_like(flat))
+        y, _ = experts(x2[order // k], counts, weights.reshape(-1)[order])
+        back = torch.empty_like(order)
+        back[order] = torch.arange(order.numel(), device=x.device)
+        out = y[back].view(-1, k, shape[-1]).float().sum(1).to(x2.dtype)  # a fixed order: no atomics
+    else:
+        out = torch.zeros_like(x2)
+        for e, expert in enumerate(experts.local_experts):
+            y, _ = expert(x2, probs[:, e])
+            out += y.to(x2.dtype)
     if mlp.use_shared_expert:
         out = out + mlp.shared_experts(x2)
     return out.view(shape)

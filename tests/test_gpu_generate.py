@@ -1,0 +1,68 @@
+"""GPU checks of generation: the CUDA-graph decode step against the same step run eagerly.
+
+Skipped without CUDA. Run on the GPU machine: ``python3 -m pytest -q -s tests/test_gpu_generate.py``.
+The graph replays exactly the eager step's kernels (and the MoE unpermutation has a fixed summation
+order), so logits and tokens must be bitwise equal; the CPU suite checks the eager step against HF.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+TINY = dict(linear_key_head_dim=32, linear_value_head_dim=64)
+
+
+@pytest.fixture(scope="module")
+def model():
+    from nemo_qwen3_next.config import qwen3_next_tiny_5m
+    from nemo_qwen3_next.model import build_model, init_distributed
+
+    init_distributed()
+    torch.manual_seed(0)
+    cfg = qwen3_next_tiny_5m(params_dtype=torch.bfloat16, bf16=True, **TINY)
+    return build_model(cfg, backend="local").cuda().eval()
+
+
+def _prompts(lengths=(37, 5, 20)):
+    g = torch.Generator().manual_seed(0)
+    return [torch.randint(0, 512, (n,), generator=g).cuda() for n in lengths]
+
+
+def test_graphed_decode_step_equals_eager(model):
+    from nemo_qwen3_next.inference import Decoder
+
+    prompts = _prompts()
+    graph = Decoder(model, 3, 37 + 24, cuda_graph=True)
+    eager = Decoder(model, 3, 37 + 24, cuda_graph=False, sync_free=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a failed capture falls back with a warning
+        a, b = graph.prefill(prompts), eager.prefill(prompts)
+        assert torch.equal(a, b)
+        for step in range(24):
+            tok = a.argmax(-1)
+            a, b = graph.step(tok).clone(), eager.step(tok)
+            assert torch.equal(a, b), (step, (a.float() - b.float()).abs().max().item())
+    assert graph._graph is not None
+
+
+def test_generate_on_cuda_equals_eager_tokens(model):
+    from nemo_qwen3_next import generate
+
+    prompts = _prompts()
+    T = max(p.numel() for p in prompts)
+    ids = torch.zeros(3, T, dtype=torch.long, device="cuda")
+    mask = torch.zeros_like(ids)
+    for b, p in enumerate(prompts):
+        ids[b, T - p.numel():], mask[b, T - p.numel():] = p, 1
+    fast = generate(model, ids, 32, attention_mask=mask)  # CUDA graph by default
+    slow = generate(model, ids, 32, attention_mask=mask, cuda_graph=False)  # Megatron dispatcher, eager
+    same = (fast == slow).float().mean().item()
+    print(f"\ngraph vs eager-dispatcher token agreement: {same:.3f}")
+    assert same >= 0.9  # bf16: the dispatcher sums experts in another order; near-ties may flip late tokens
+    sampled = [generate(model, ids, 16, attention_mask=mask, temperature=1.0, top_p=0.9, seed=3) for _ in range(2)]
+    assert torch.equal(*sampled)
