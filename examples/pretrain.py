@@ -157,6 +157,9 @@ if __name__ == "__main__":  # the checkpoint writer spawns processes that re-imp
     @hydra.main(config_path=CONF_DIR, config_name="qwen3_next_tiny", version_base=None)
     def main(cfg: DictConfig) -> None:
         raw = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+        from nemo_qwen3_next.training.console import quiet_console
+
+        quiet_console(bool((raw.get("logging") or {}).get("verbose")))  # before the imports that log
         try:
             with _hold_stderr():  # a bad config prints one line, not the imports' warnings
                 tc, recipe = _validate(raw)

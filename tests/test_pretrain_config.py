@@ -277,3 +277,102 @@ def test_expert_load_metrics():
     assert m["moe/imbalance_max"] == pytest.approx(4.0)
     assert load.counts.sum() == 0  # reset after collecting
     assert load.collect() == {}
+
+
+# ---------------------------------------------------------------------- reduced model, mock data, run plan
+def _compose(*overrides):
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from nemo_qwen3_next.training.config import validate
+
+    with initialize_config_dir(config_dir=os.path.join(ROOT, "conf"), version_base=None):
+        raw = OmegaConf.to_container(compose(config_name="qwen3_next_tiny", overrides=list(overrides)), resolve=True)
+    return validate(raw, world_size=1)
+
+
+def test_reduced_model_conf_is_the_benchmarks_bare_model():
+    """model=qwen3_next_reduced must time the model examples/bench_model.py times as the bare step."""
+    sys.path.insert(0, os.path.join(ROOT, "examples"))
+    try:
+        import bench_model
+    finally:
+        sys.path.pop(0)
+    from nemo_qwen3_next.training import recipe
+    from nemo_qwen3_next.training.dry_run import count_parameters
+
+    tc = _compose("model=qwen3_next_reduced", "data=mock", "trainer.precision=bf16-mixed")
+    ours, bare = recipe.model_config(tc, cpu=True), bench_model.reduced_config()
+    fields = ["num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "kv_channels",
+              "linear_num_key_heads", "linear_num_value_heads", "linear_key_head_dim", "linear_value_head_dim",
+              "linear_conv_kernel_dim", "num_moe_experts", "moe_router_topk", "moe_ffn_hidden_size",
+              "moe_shared_expert_intermediate_size", "moe_shared_expert_gate", "moe_norm_topk_prob", "moe_router_dtype",
+              "moe_router_load_balancing_type", "moe_aux_loss_coeff", "moe_grouped_gemm", "vocab_size", "rotary_base",
+              "rotary_percent", "tie_word_embeddings", "layer_types", "bf16", "params_dtype"]
+    assert {f: getattr(ours, f) for f in fields} == {f: getattr(bare, f) for f in fields}
+    assert ours.layer_types == ["linear_attention"] * 3 + ["full_attention"]
+    assert (tc.data.mock, tc.data.seq_length, tc.data.micro_batch_size) == (True, 4096, 2)  # the bare step's B=2 T=4096
+    assert round(count_parameters(ours)["total"] / 1e9, 2) == 1.57  # issue 10's count of the bare model
+
+
+def test_mock_dataset_is_deterministic_random_tokens_at_the_vocab_size():
+    import numpy as np
+
+    from nemo_qwen3_next.training.data import MockDataset
+
+    a = MockDataset(151936, 64, 100, seed=7, split="train")
+    s = a[3]
+    rng = np.random.default_rng([7, 0, 3])  # the documented draw: (seed, split, index)
+    ids = torch.from_numpy(rng.integers(151936, size=65, dtype=np.int64))
+    assert torch.equal(s["tokens"], ids[:-1]) and torch.equal(s["labels"], ids[1:])
+    assert torch.equal(MockDataset(151936, 64, 100, seed=7, split="train")[3]["tokens"], s["tokens"])
+    assert not torch.equal(MockDataset(151936, 64, 100, seed=8, split="train")[3]["tokens"], s["tokens"])
+    assert not torch.equal(MockDataset(151936, 64, 100, seed=7, split="validation")[3]["tokens"], s["tokens"])
+    many = torch.cat([a[i]["tokens"] for i in range(100)])
+    assert many.min() >= 0 and many.max() < 151936 and many.max() > 151936 * 0.99  # uniform over the vocab
+    assert s["attention_mask"].shape == (1, 1, 1) and not s["attention_mask"].any()  # nothing masked but causal
+    assert torch.equal(s["position_ids"], torch.arange(64)) and bool((s["loss_mask"] == 1).all())
+
+
+def test_loss_figure_has_train_val_lr_and_title():
+    from nemo_qwen3_next.training.callbacks import loss_figure
+
+    records = {1: {"step": 1, "loss": 6.0, "lr": 1e-3}, 2: {"step": 2, "loss": 5.0, "lr": 2e-3, "val_loss": 5.5},
+               3: {"step": 3, "loss": 4.0, "lr": 1e-3}, 4: {"step": 4, "loss": 3.5, "lr": 5e-4, "val_loss": 3.9}}
+    fig = loss_figure(records, "qwen3_next_tiny_5m | run r1")
+    ax, ax_lr = fig.axes
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    assert list(lines["train loss"].get_xdata()) == [1, 2, 3, 4]
+    assert list(lines["val loss"].get_xdata()) == [2, 4] and list(lines["val loss"].get_ydata()) == [5.5, 3.9]
+    assert list(ax_lr.get_lines()[0].get_ydata()) == [1e-3, 2e-3, 1e-3, 5e-4] and ax_lr.get_ylabel() == "learning rate"
+    assert ax.get_title() == "qwen3_next_tiny_5m | run r1"
+
+
+def test_run_plan_reads_the_checkpoint_nemo_resumes_from(tmp_path):
+    from nemo_qwen3_next.training import recipe
+
+    tc = _compose(f"run_dir={tmp_path}", "trainer.max_steps=60")
+    assert recipe.plan(tc) == (f"starting fresh: {tmp_path}, 60 steps", True)
+    ck = tmp_path / "checkpoints"
+    (ck / "step=49-consumed_samples=400.0").mkdir(parents=True)
+    (ck / "step=49-consumed_samples=400.0-last").mkdir()
+    assert recipe.plan(tc) == (f"resuming {tmp_path} from step 50 (step=49-consumed_samples=400.0-last) to max_steps 60",
+                               True)
+    (ck / "step=199-consumed_samples=1600.0-last").mkdir()  # newer, but still being written
+    (ck / "step=199-consumed_samples=1600.0-last-unfinished").touch()
+    assert "from step 50 " in recipe.plan(tc)[0]
+    (ck / "step=199-consumed_samples=1600.0-last-unfinished").unlink()
+    os.utime(ck / "step=199-consumed_samples=1600.0-last")
+    assert recipe.plan(tc) == (f"{tmp_path}: latest checkpoint is step 200 >= max_steps 60; nothing to do "
+                               "— pass a new name= or raise max_steps", False)
+    fresh = _compose(f"run_dir={tmp_path}", "checkpoint.resume=false")
+    assert recipe.plan(fresh)[0].endswith("(checkpoint.resume=false: the checkpoints already there are not used)")
+
+
+def test_progress_mode_rejects_unknown_values():
+    from nemo_qwen3_next.config import ConfigError
+    from nemo_qwen3_next.training import recipe
+
+    assert recipe.progress_mode(_compose("logging.progress=lines")) == "lines"
+    with pytest.raises(ConfigError, match=r"logging\.progress = 'barr' is not one of auto, bar, lines"):
+        recipe.progress_mode(_compose("logging.progress=barr"))

@@ -1,9 +1,13 @@
 """End to end on CPU: `examples/pretrain.py` on the embedded corpus.
 
 * a fresh run learns (loss from ~ln(512) down by well over a nat), writes checkpoints, metrics,
-  TensorBoard events and the loss-curve PNG;
-* a run killed after a checkpoint and rerun with the same command resumes at the next step and
-  reproduces the uninterrupted loss curve;
+  TensorBoard events and the loss-curve PNG; its console is concise (one model line, a line per
+  step with an ETA, validation losses, a closing summary whose median throughput the per-step
+  records reproduce);
+* a run killed after a checkpoint and rerun with the same command says it resumes, resumes at the
+  next step, reproduces the uninterrupted loss curve and leaves one record per step;
+* rerunning a finished run with a smaller max_steps says there is nothing to do and exits 0;
+* `data=mock` trains on random tokens at the model's vocabulary (loss stays at ~ln V);
 * TP=2 + SP under torchrun, started from the same initial weights, reproduces the one-process
   curve (tolerance below).
 """
@@ -13,6 +17,7 @@ import math
 import os
 import re
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -70,8 +75,8 @@ def reference(workdir):
     """One uninterrupted single-process run; also saves its initial weights for the TP=2 run."""
     run_dir = workdir / "ref"
     t0 = time.time()
-    proc = _run([sys.executable, PRETRAIN, *_args(run_dir, workdir / "data", "checkpoint.save_initial=true")],
-                cwd=workdir)
+    proc = _run([sys.executable, PRETRAIN, *_args(run_dir, workdir / "data", "checkpoint.save_initial=true",
+                                                  f"trainer.val_check_interval={EVERY}")], cwd=workdir)
     return run_dir, _losses(run_dir), proc.stdout, time.time() - t0
 
 
@@ -90,7 +95,56 @@ def test_fresh_run_learns_and_writes_outputs(reference):
     with open(run_dir / "metrics" / "loss_curve.png", "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     assert any(n.startswith("events.out.tfevents") for n in os.listdir(run_dir / "tensorboard"))
-    assert re.search(r"step 16/16 \| loss [\d.]+ \| lr [\d.e+-]+ \| \d+ tok/s \| [\d.]+ TFLOP/s/GPU", stdout)
+    assert re.search(r"step 16/16 \| loss [\d.]+ \| lr [\d.e+-]+ \| \d+ tok/s \| [\d.]+ TFLOP/s/GPU.* \| eta 0s", stdout)
+
+
+def _tensorboard_scalars(run_dir, tag):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "tensorboard"))
+    acc.Reload()
+    return {e.step: e.value for e in acc.Scalars(tag)}
+
+
+def test_console_validation_and_closing_summary(reference):
+    run_dir, rec, stdout, _ = reference
+    assert f"starting fresh: {run_dir}, {STEPS} steps" in stdout.splitlines()
+    # one model line of ours; no Lightning model summary, no per-bucket parameter list
+    assert len(re.findall(r"^model qwen3_next_tiny_\w+: [\d.]+M parameters \([\d.]+M active per token\), 4 layers "
+                          r"\(3 Gated DeltaNet \+ 1 gated attention\), 8 experts top-2$", stdout, flags=re.M)) == 1
+    assert "| Name" not in stdout and "Params for bucket" not in stdout and "megatron_init" not in stdout
+    # validation: printed, in its step's record, and equal to what NeMo itself logged to TensorBoard
+    raw = [json.loads(line) for line in open(run_dir / "metrics" / "metrics.jsonl")]
+    assert [r["step"] for r in raw] == list(range(1, STEPS + 1))  # one record per step
+    tb = _tensorboard_scalars(run_dir, "val_loss")
+    for step in (EVERY, STEPS):
+        assert f"validation at step {step}/{STEPS} | val loss {rec[step]['val_loss']:.4f}" in stdout
+        assert min(abs(v - rec[step]["val_loss"]) for v in tb.values()) < 1e-5, (tb, rec[step])
+    assert abs(rec[STEPS]["val_loss"] - rec[STEPS]["loss"]) < 1.0
+    # closing summary: the median over the steps after warm-up, from the per-step records
+    summary = json.loads((run_dir / "metrics" / "summary.json").read_text())
+    times = [rec[s]["step_time_s"] for s in range(6, STEPS + 1)]  # default logging.timing_warmup_steps = 5
+    assert summary["measured_steps"] == len(times) and summary["median_step_time_s"] == pytest.approx(statistics.median(times))
+    assert summary["median_tokens_per_s"] == pytest.approx(8 * 128 / statistics.median(times))
+    assert summary["first_step_time_s"] == pytest.approx(rec[1]["step_time_s"])
+    assert f"done: steps 1-{STEPS} of {STEPS} | train loss {rec[STEPS]['loss']:.4f} (step {STEPS}) | val loss " \
+           f"{rec[STEPS]['val_loss']:.4f} (step {STEPS})" in stdout
+    assert f"= {summary['median_tokens_per_s']:.0f} tokens/s" in stdout
+    for where in ("checkpoints", "tensorboard", os.path.join("metrics", "metrics.jsonl"),
+                  os.path.join("metrics", "loss_curve.png")):
+        assert str(run_dir / where) in stdout
+    assert len(stdout.splitlines()) < 2 * STEPS + 30, stdout
+
+
+def test_rerun_of_a_finished_run_has_nothing_to_do(reference, workdir):
+    run_dir, _, _, _ = reference
+    before = (run_dir / "metrics" / "metrics.jsonl").read_bytes()
+    t0 = time.time()
+    proc = _run([sys.executable, PRETRAIN, *_args(run_dir, workdir / "data", "trainer.max_steps=8")], cwd=workdir)
+    assert (f"{run_dir}: latest checkpoint is step {STEPS} >= max_steps 8; nothing to do — pass a new name= or "
+            "raise max_steps") in proc.stdout
+    assert "step 1/" not in proc.stdout and (run_dir / "metrics" / "metrics.jsonl").read_bytes() == before
+    print("nothing-to-do rerun took", time.time() - t0, "s")
 
 
 def test_killed_run_resumes_and_reproduces_the_curve(reference, workdir):
@@ -115,6 +169,8 @@ def test_killed_run_resumes_and_reproduces_the_curve(reference, workdir):
     assert EVERY + 2 <= killed_at < STEPS, killed_at
 
     again = _run(cmd, cwd=workdir)
+    assert re.search(rf"^resuming {run_dir} from step {EVERY} \(step=\d+-consumed_samples=[\d.]+-last\) to max_steps "
+                     rf"{STEPS}$", again.stdout, flags=re.M), again.stdout[:2000]
     logged = [int(m) for m in re.findall(r"^step (\d+)/", again.stdout, flags=re.M)]
     assert logged[0] == EVERY + 1, logged  # resumed at the step after the checkpoint
     assert logged[-1] == STEPS
@@ -122,6 +178,8 @@ def test_killed_run_resumes_and_reproduces_the_curve(reference, workdir):
     for step in range(1, STEPS + 1):
         assert rec[step]["loss"] == pytest.approx(ref[step]["loss"], abs=RESUME_ATOL), step
         assert rec[step]["lr"] == pytest.approx(ref[step]["lr"], rel=1e-9), step
+    raw = [json.loads(line)["step"] for line in open(metrics)]
+    assert raw == list(range(1, STEPS + 1)), raw  # the killed run's steps past the checkpoint were dropped
 
 
 def test_tp2_sp_reproduces_single_process_curve(reference, workdir):
@@ -147,6 +205,32 @@ def test_val_interval_longer_than_one_pass_over_the_data(tmp_path):
     # 200 kB of text at seq 128 and 4 sequences a batch: ~380 batches in one pass, interval 1000
     cmd = [sys.executable, PRETRAIN, f"run_dir={run_dir}", f"data.cache_dir={tmp_path / 'data'}",
            "trainer.max_steps=2", "trainer.val_check_interval=1000", "data.embedded_max_bytes=200000",
-           "checkpoint.every_n_steps=1000"]
-    _run(cmd, cwd=tmp_path)
-    assert sorted(_losses(str(run_dir))) == [1, 2]
+           "checkpoint.every_n_steps=1000", "logging.progress=bar", "logging.verbose=true"]
+    proc = _run(cmd, cwd=tmp_path)
+    rec = _losses(str(run_dir))
+    assert sorted(rec) == [1, 2]
+    # the progress bar (forced on without a terminal): steps of max_steps, elapsed<remaining, the fields
+    bar = proc.stdout.replace("\r", "\n")
+    assert re.search(rf"train:?\s+2/2 \|.*\| \[\d\d:\d\d<\d\d:\d\d, loss={rec[2]['loss']:.4f}, "
+                     r"lr=[\d.e+-]+, tok/s=\d+, TFLOP/s/GPU=[\d.e+-]+\]", bar), bar[-3000:]
+    assert not re.search(r"^step \d+/2 \|", bar, flags=re.M)  # the bar replaces the per-step lines
+    # logging.verbose=true: the libraries' info logs (e.g. Megatron's per-bucket parameter list) come back
+    assert "Params for bucket" in proc.stdout
+
+
+def test_mock_data_trains_on_random_tokens(tmp_path):
+    """data=mock: uniform random ids at the model's vocabulary, no files: an untrained model's loss
+    is ~ln V, and random tokens cannot be learned, so it stays there."""
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, PRETRAIN, f"run_dir={run_dir}", "data=mock", "data.seq_length=64", "data.micro_batch_size=4",
+           "data.global_batch_size=4", "trainer.max_steps=6", "trainer.val_check_interval=1000",
+           "checkpoint.every_n_steps=1000", "logging.timing_warmup_steps=2", "optim.warmup_steps=2"]
+    proc = _run(cmd, cwd=tmp_path)
+    rec = _losses(str(run_dir))
+    assert sorted(rec) == list(range(1, 7))
+    assert all(abs(r["loss"] - math.log(512)) < 0.15 for r in rec.values()), [r["loss"] for r in rec.values()]
+    assert not list(tmp_path.glob("**/*.bin")) and not (tmp_path / "runs").exists()  # nothing written for data
+    summary = json.loads((run_dir / "metrics" / "summary.json").read_text())
+    assert summary["measured_steps"] == 4 and summary["tokens_per_step"] == 4 * 64
+    assert summary["median_step_time_s"] == pytest.approx(statistics.median(rec[s]["step_time_s"] for s in range(3, 7)))
+    assert "over 4 steps after 2 warm-up" in proc.stdout

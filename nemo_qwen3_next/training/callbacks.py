@@ -194,6 +194,8 @@ class TrainingMetrics(Callback):
         png = None
         if self.loss_curve_png:
             png = plot_loss_curve(self.path, os.path.join(self.out_dir, "loss_curve.png"), self.title)
+        if isinstance(trainer.progress_bar_callback, ProgressBar):  # its last refresh before the summary
+            trainer.progress_bar_callback.train_progress_bar.close()
         _say(summary_text(summary, png, self.on_end() if self.on_end else []))
 
     # ------------------------------------------------------------------ timing summary

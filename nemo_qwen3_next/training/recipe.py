@@ -15,6 +15,7 @@ import torch
 
 from ..config import ConfigError
 from .config import PretrainConfig
+from .console import quiet_console
 
 
 def on_cpu(cfg: PretrainConfig) -> bool:
@@ -187,24 +188,6 @@ def plan(cfg: PretrainConfig) -> Tuple[str, bool]:
     return line, True
 
 
-def quiet_console(verbose: bool) -> None:
-    """Keep NeMo/Megatron/Lightning info logs (process groups, a parameter list per gradient bucket,
-    Lightning's model summary) off the console unless `logging.verbose`; warnings still show, and
-    Hydra's log file (``run_dir/hydra``) still receives the root logger's records."""
-    if verbose:
-        return
-    import logging
-
-    from nemo.utils import logging as nemo_logging
-
-    for handler in logging.getLogger().handlers:
-        if type(handler) is logging.StreamHandler:  # Hydra's console handler, not its file handler
-            handler.setLevel(logging.WARNING)
-    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    nemo_logging.setLevel(logging.WARNING)
-
-
 def _count(n: float) -> str:
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
 
@@ -253,7 +236,7 @@ def run(cfg: PretrainConfig, label: str = "", kernel_cache: Optional[dict] = Non
     cpu = on_cpu(cfg)
     fixes.apply(force_cpu=cpu)
     mcfg = model_config(cfg, cpu)
-    quiet_console(cfg.logging.verbose)
+    quiet_console(cfg.logging.verbose)  # again: NeMo is imported now
     mode = progress_mode(cfg)
 
     import lightning.pytorch as pl
