@@ -32,7 +32,6 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 
 import torch
@@ -64,6 +63,18 @@ def our_config(name: str, **overrides):
     import bench_model  # the sibling script: the reduced model of --modules model
 
     return bench_model.reduced_config(**overrides)
+
+
+def hf_config(name: str):
+    """transformers' config of the same model (the reduced one as `bench_model` builds it for HF)."""
+    from transformers import Qwen3NextConfig
+
+    if name == "tiny":
+        return Qwen3NextConfig(**our_config(name).to_hf_dict())
+    import bench_model  # noqa: F401 -- our_config put the sibling on sys.path
+
+    our_config(name)
+    return bench_model.hf_config()
 
 
 def _device_dtype(name: str):
@@ -170,11 +181,10 @@ def run_ours(args, impls, rows, save):
 def hf_worker(args):
     """Child process: HF generate on the same config; prints one line ``HF_ROWS [...]``."""
     import transformers
-    from transformers import Qwen3NextConfig, Qwen3NextForCausalLM
+    from transformers import Qwen3NextForCausalLM
 
     device, dtype = _device_dtype(args.decode_config)
-    with open(args.decode_worker) as f:
-        cfg = Qwen3NextConfig(**json.load(f))
+    cfg = hf_config(args.decode_config)
     torch.manual_seed(0)
     m = Qwen3NextForCausalLM(cfg).to(device, dtype).eval()
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -204,18 +214,13 @@ def hf_worker(args):
 
 
 def run_hf_child(args):
-    hf_cfg = our_config(args.decode_config).to_hf_dict()
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-        json.dump(hf_cfg, f)
-    cmd = [sys.executable, os.path.abspath(__file__), "--decode-worker", f.name, "--decode-config", args.decode_config,
+    cmd = [sys.executable, os.path.abspath(__file__), "--decode-worker", "hf", "--decode-config", args.decode_config,
            "--decode-batches", args.decode_batches, "--decode-prompt-len", str(args.decode_prompt_len),
            "--decode-hf-new-tokens", str(args.decode_hf_new_tokens), "--decode-hf-rep", str(args.decode_hf_rep)]
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.decode_hf_timeout)
     except subprocess.TimeoutExpired:
         return [dict(impl="hf", error=f"timed out after {args.decode_hf_timeout} s")]
-    finally:
-        os.unlink(f.name)
     for line in p.stdout.splitlines():
         if line.startswith("HF_ROWS "):
             return json.loads(line[len("HF_ROWS "):])

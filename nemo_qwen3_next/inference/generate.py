@@ -45,8 +45,8 @@ class Decoder:
 
     Args:
         cuda_graph: capture the decode step as a CUDA graph (default: on CUDA at TP = EP = 1).
-        sync_free: route MoE tokens without host syncs (default: = cuda_graph); the eager default is
-            Megatron's dispatcher, the reference.
+        sync_free: route the decode steps' MoE tokens without host syncs (default: = cuda_graph); the
+            eager default is Megatron's dispatcher, the reference.
     """
 
     def __init__(self, model, batch: int, max_length: int, *, cuda_graph: Optional[bool] = None,
@@ -82,8 +82,9 @@ class Decoder:
         tokens = torch.cat(list(prompts)).to(self.device)
         cu = torch.tensor([0] + lengths, device=self.device).cumsum(0).to(torch.int32)
         positions = torch.cat([torch.arange(n, device=self.device) for n in lengths])
+        # Megatron's dispatcher here in every mode: a prefill is not captured, so it may sync with the host.
         logits = forward(self.model, self.state, tokens[:, None], Batch(positions[:, None], cu, max(lengths)),
-                         self.rope, self.sync_free)
+                         self.rope)
         self.positions = torch.tensor(lengths, device=self.device)[None]
         return logits
 
