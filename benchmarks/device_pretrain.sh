@@ -21,6 +21,8 @@
 #   moe_bench examples/benchmark.py's MoE block at 80B-A3B widths (512 experts), grouped_mm on GPU 0 and
 #            the loop on GPU 1 at once (what wrote benchmarks/results/h200_moe_*.json).
 #   oneb_tp2 both GPUs: the ~1B model with TP=2+SP (QWEN3_NEXT_MOE_EXPERTS as exported by the caller).
+#   reduced_loop GPU 0: the reduced 80B-A3B model through the NeMo loop (data=mock, 30 steps), cold then warm
+#            kernel cache (docs/performance.md); needs install + unpack first.
 # Each run's stdout, metrics.jsonl and loss_curve.png go into $OUT/pretrain_results.tgz.
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" /tmp/res /tmp/runs
@@ -51,6 +53,7 @@ pretrain() {  # name, limit, gpus ("0" or "0,1"), args...
   echo "[$name] rc=$rc took $(( $(date +%s) - s )) s" | tee -a /tmp/res/$name.cmd
   cp /tmp/runs/$name/metrics/metrics.jsonl /tmp/res/$name.metrics.jsonl 2>/dev/null
   cp /tmp/runs/$name/metrics/loss_curve.png /tmp/res/$name.loss_curve.png 2>/dev/null
+  cp /tmp/runs/$name/metrics/summary.json /tmp/res/$name.summary.json 2>/dev/null
   grep -a "implementations\|^step " /tmp/res/$name.log | sed -n '1,3p;$p'
   [ $rc -ne 0 ] && tail -25 /tmp/res/$name.log
   return $rc
@@ -106,6 +109,17 @@ for item in "$@"; do
       pretrain gpu2_1b_tp2 $(( lim * 4 / 10 )) 0,1 $ONEB parallelism=tp2_sp
       pretrain gpu2_tiny_dp2 $(( lim * 2 / 10 - 15 )) 0,1 $TINY ;;
     tiny_dp2) pretrain gpu2_tiny_dp2 "$lim" 0,1 $TINY ;;
+    reduced_loop)  # issue 10: the reduced 80B-A3B model (1.57B) through the NeMo loop on mock tokens, B=2 T=4096,
+                   # twice on GPU 0: cold, then warm kernel cache (nemo_qwen3_next.kernel_cache, keyed dir)
+      unset TILELANG_CACHE_DIR TRITON_CACHE_DIR
+      export QWEN3_NEXT_KERNEL_CACHE=$PWD/.tlcache/kc
+      RED="model=qwen3_next_reduced data=mock trainer.precision=bf16-mixed trainer.max_steps=30 \
+trainer.val_check_interval=1000 checkpoint.every_n_steps=100000 checkpoint.save_last=false"
+      pretrain gpu1_reduced_cold $(( lim * 6 / 10 )) 0 $RED
+      pretrain gpu1_reduced_warm $(( lim * 4 / 10 )) 0 $RED
+      for n in gpu1_reduced_cold gpu1_reduced_warm; do
+        echo "$n: $(grep -c 'begins to compile' /tmp/res/$n.log) TileLang compiles"; grep -a "^speed:\|^kernel cache:" /tmp/res/$n.log
+      done ;;
     moe_ab)
       QWEN3_NEXT_MOE_EXPERTS=grouped_mm pretrain gpu1_1b_grouped "$lim" 0 $ONEB &
       p0=$!
