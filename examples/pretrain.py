@@ -2,7 +2,7 @@
 
     python examples/pretrain.py                                  # tiny model, embedded data, CPU or GPU
     python examples/pretrain.py trainer.max_steps=50 data.seq_length=256
-    torchrun --nproc-per-node 2 examples/pretrain.py parallelism=tp2_sp
+    torchrun --nproc-per-node 2 examples/pretrain.py parallelism=tp2_sp name=qwen3_next_tiny_tp2
     python examples/pretrain.py --config-name qwen3_next_80b_a3b --dry-run   # counts + memory, no GPU
     torchrun --nproc-per-node 8 --nnodes 4 --node-rank R --rdzv-endpoint HOST:29500 \\
         examples/pretrain.py --config-name qwen3_next_80b_a3b data.paths='[/data/qwen3next_text_document]'
@@ -141,7 +141,7 @@ def _validate(raw):
                 raise ConfigError("data.paths is required for this config: give data.paths='[/path/prefix]' "
                                   "(see docs/pretraining.md)")
             recipe.model_config(tc, recipe.on_cpu(tc))
-            recipe.progress_mode(tc)
+            recipe.check_run_options(tc)
         return tc, recipe
     except ConfigError as e:
         raise _BadConfig(str(e)) from None

@@ -159,6 +159,8 @@ class TrainingMetrics(Callback):
         _cuda_sync()
         dt = time.perf_counter() - (self._t0 or time.perf_counter())
         self.step_times.append((trainer.global_step, dt))
+        if len(self.step_times) == 1 and _world()[1] == 0:  # on GPU: kernel compilation on a cold cache
+            _say(f"first step of this process: {dt:.1f} s")
         self._elapsed += dt
         self._steps += 1
         step = trainer.global_step

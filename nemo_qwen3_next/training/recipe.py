@@ -144,6 +144,14 @@ def checkpointing(cfg: PretrainConfig):
     )
 
 
+def check_run_options(cfg: PretrainConfig) -> None:
+    """The options `run` reads beyond the model: one `ConfigError` line each."""
+    progress_mode(cfg)
+    if cfg.data.mock and cfg.parallelism.context_parallel_size > 1:
+        raise ConfigError("data=mock sends no dense attention mask, which context parallelism splits; "
+                          "set parallelism.context_parallel_size=1 or use indexed data.")
+
+
 def progress_mode(cfg: PretrainConfig) -> str:
     """`bar` or `lines` for `logging.progress` (auto: the bar only on a terminal; a log file gets lines)."""
     mode = str(cfg.logging.progress)
