@@ -108,6 +108,27 @@ def test_sync_free_moe_equals_megatron_dispatcher(experts, monkeypatch):
     assert (out - ref).abs().max().item() <= 1e-6
 
 
+@pytest.mark.parametrize("experts", ["sequential", "grouped_mm"])
+def test_sync_free_decode_step_reads_no_tensor_values_on_the_host(experts, monkeypatch):
+    """What a CUDA graph needs, checked on CPU: the whole decode step runs on meta tensors (which have no
+    data, so any .item() / .tolist() / bool() raises)."""
+    if experts == "grouped_mm" and not hasattr(torch, "_grouped_mm"):
+        pytest.skip("needs torch._grouped_mm")
+    monkeypatch.setenv("QWEN3_NEXT_MOE_EXPERTS", experts)
+    _, ours = _pair()
+    meta = ours.to("meta", torch.bfloat16 if experts == "grouped_mm" else torch.float32)  # grouped GEMMs: bf16
+
+    def step(sync_free):
+        dec = Decoder(meta, 2, 16, sync_free=sync_free)
+        dec.rope, dec.positions = dec.rope.to("meta"), torch.tensor([[3, 5]], device="meta")
+        return dec.step(torch.tensor([1, 2], device="meta"))
+
+    assert step(True).shape == (2, ours.config.vocab_size)
+    if experts == "sequential":  # the control: the expert loop splits by counts read on the host
+        with pytest.raises(NotImplementedError, match="meta"):
+            step(False)
+
+
 def test_conv_update_equals_conv_with_state():
     g = torch.Generator().manual_seed(0)
     B, D, W, T = 2, 6, 4, 5
