@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: unpack the carried wheels, then run the named steps, each under its own time limit.
 # Usage (device, repo root): bash benchmarks/device_run.sh STEP[:SECONDS] ...
-# Steps: tests, bench, profile, ladder, modules, cache.  Logs and results go to $OUT.
+# Steps: tests, bench, profile, ladder, modules, gen_tests, decode, cache.  Logs and results go to $OUT.
 # Carry: .devwheels/bundle (site/ + site-anchor/ as one tar.xz, see docs/gpu.md), .devwheels/fq
 # (the flash-qla wheel) and, when a previous call saved one, .devwheels/cache (tlcache.tgz: TileLang kernels
 # and Triton autotune results, rebuilt from the cache step's tlcache.tgz.* parts).
@@ -34,6 +34,10 @@ for item in "$@"; do
              --shapes 1x4096,4x4096,1x16384 --rep 5 --out "$OUT/h200_modules.json" 2>&1 | tee "$OUT/modules.log" ;;
     profile) timeout -k 5 "$lim" python3 benchmarks/profile_gdn.py --shape 4x4096 --variants flash_qla,fla,fla-cat \
              2>&1 | tee "$OUT/profile.log" ;;
+    gen_tests) timeout -k 5 "$lim" python3 -m pytest -q -s -p no:cacheprovider tests/test_gpu_generate.py 2>&1 \
+             | tee "$OUT/gpu_generate_tests.log" ;;
+    decode) timeout -k 5 "$lim" python3 examples/bench_decode.py --decode-out "$OUT/h200_decode.json" --visualize \
+             2>&1 | tee "$OUT/decode.log" ;;
     cache) tar -C . -czf /tmp/tlcache.tgz .tlcache && ls -la /tmp/tlcache.tgz && split -b 15m -d /tmp/tlcache.tgz "$OUT/tlcache.tgz." ;;
   esac
   echo "===== $step rc=${PIPESTATUS[0]} took $(( $(date +%s) - s )) s"
