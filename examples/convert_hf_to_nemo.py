@@ -8,7 +8,6 @@ TP/PP/EP. A bad input is refused in one line on stderr (exit code 2) before NeMo
 nothing is left behind. See docs/conversion.md.
 """
 
-import argparse
 import os
 import sys
 
@@ -16,7 +15,9 @@ os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    from nemo_qwen3_next.checkpoint.cli import ArgumentParser, run
+
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--input", required=True, help="HF directory: config.json + *.safetensors (+ tokenizer files)")
     p.add_argument("--output", required=True, help="NeMo checkpoint directory to create")
     p.add_argument("--dtype", choices=["bf16", "fp32"], default=None,
@@ -28,7 +29,6 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
 
     from nemo_qwen3_next.checkpoint import check_hf_dir, check_output, remove_stale_temp_dirs
-    from nemo_qwen3_next.checkpoint.cli import run
 
     def convert():
         check_hf_dir(a.input)  # cheap checks first: a wrong input answers before the ~25 s of imports

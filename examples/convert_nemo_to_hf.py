@@ -9,7 +9,6 @@ generation_config.json ...); the result loads with `transformers.AutoModelForCau
 A bad input is refused in one line on stderr (exit code 2); nothing is left behind.
 """
 
-import argparse
 import os
 import sys
 
@@ -17,7 +16,9 @@ os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    from nemo_qwen3_next.checkpoint.cli import ArgumentParser, run
+
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--input", required=True, help="NeMo checkpoint directory (weights/ + context/)")
     p.add_argument("--output", required=True, help="HF directory to create")
     p.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (default 5GB)")
@@ -28,7 +29,6 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
 
     from nemo_qwen3_next.checkpoint import check_nemo_dir, check_output, parse_size, remove_stale_temp_dirs
-    from nemo_qwen3_next.checkpoint.cli import run
 
     def convert():
         parse_size(a.max_shard_size)  # cheap checks first: a wrong input answers before the ~25 s of imports

@@ -10,13 +10,14 @@ anything is allocated, with one line that names the field and the fix.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Union
 
 import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
+
+from .checkpoint.errors import read_json_object
 
 LINEAR = "linear_attention"
 FULL = "full_attention"
@@ -104,6 +105,21 @@ _HF_FIELD_KINDS = {
     "shared_expert_intermediate_size": "nonneg", "num_experts_per_tok": "nonneg", "initializer_range": "nonnegf",
     "rms_norm_eps": "posf", "rope_theta": "posf", "partial_rotary_factor": "posf", "attention_dropout": "prob",
     "router_aux_loss_coef": "nonnegf", "tie_word_embeddings": "bool", "attention_bias": "bool", "norm_topk_prob": "bool",
+}
+
+
+# HF config.json name -> our field, where the value carries over as it is (numbers as floats where
+# the kind is a float); MoE fields depend on num_experts and are set in `from_hf`.
+_HF_SAME_VALUE = {
+    "hidden_size": "hidden_size", "intermediate_size": "ffn_hidden_size", "num_attention_heads": "num_attention_heads",
+    "num_key_value_heads": "num_query_groups", "head_dim": "kv_channels", "rms_norm_eps": "layernorm_epsilon",
+    "vocab_size": "vocab_size", "max_position_embeddings": "max_position_embeddings", "rope_theta": "rotary_base",
+    "partial_rotary_factor": "rotary_percent", "tie_word_embeddings": "tie_word_embeddings",
+    "attention_bias": "add_qkv_bias", "attention_dropout": "attention_dropout",
+    "linear_num_key_heads": "linear_num_key_heads", "linear_num_value_heads": "linear_num_value_heads",
+    "linear_key_head_dim": "linear_key_head_dim", "linear_value_head_dim": "linear_value_head_dim",
+    "linear_conv_kernel_dim": "linear_conv_kernel_dim", "decoder_sparse_step": "decoder_sparse_step",
+    "norm_topk_prob": "moe_norm_topk_prob", "initializer_range": "init_method_std",
 }
 
 
@@ -306,19 +322,11 @@ class Qwen3NextConfig(TransformerConfig):
             if os.path.isdir(path):
                 path = os.path.join(path, "config.json")
             where = f"{path}: "
-            try:
-                with open(path) as f:
-                    hf = json.load(f)
-            except FileNotFoundError:
-                raise ConfigError(f"{path} does not exist; give a Hugging Face config.json or its directory.") from None
-            except (ValueError, UnicodeDecodeError) as e:
-                raise ConfigError(f"{path} is not valid JSON ({e}); fix or re-download it.") from None
+            hf = read_json_object(path, "give a Hugging Face config.json (or its directory)", ConfigError)
         elif isinstance(hf_config, dict):
             hf = dict(hf_config)
         else:
             hf = hf_config.to_dict()
-        if not isinstance(hf, dict):
-            raise ConfigError(f"{where}the HF config is a JSON {type(hf).__name__}, not an object.")
         if hf.get("model_type", "qwen3_next") != "qwen3_next":
             raise ConfigError(f"{where}model_type = {hf['model_type']!r}: this is not a Qwen3-Next config "
                               f"(expected 'qwen3_next'); use a Qwen3-Next checkpoint.")
@@ -328,33 +336,16 @@ class Qwen3NextConfig(TransformerConfig):
         num_layers = hf["num_hidden_layers"]
         layer_types = hf.get("layer_types") or layer_types_from_interval(num_layers, hf["full_attention_interval"])
         if hf.get("hidden_act", "silu") != "silu":
-            raise ConfigError(f"hidden_act = {hf['hidden_act']!r}: only 'silu' is supported.")
+            raise ConfigError(f"{where}hidden_act = {hf['hidden_act']!r}: only 'silu' is supported.")
         if hf.get("rope_scaling"):
-            raise ConfigError("rope_scaling is set in config.json; only plain RoPE is supported.")
+            raise ConfigError(f"{where}rope_scaling is set in config.json; only plain RoPE is supported.")
         num_experts = hf["num_experts"] or None
-        kw = dict(
+        kw = {ours: float(hf[name]) if _HF_FIELD_KINDS[name] in ("posf", "nonnegf", "prob") else hf[name]
+              for name, ours in _HF_SAME_VALUE.items()}
+        kw.update(
             num_layers=num_layers,
-            hidden_size=hf["hidden_size"],
-            ffn_hidden_size=hf["intermediate_size"],
-            num_attention_heads=hf["num_attention_heads"],
-            num_query_groups=hf["num_key_value_heads"],
-            kv_channels=hf["head_dim"],
-            layernorm_epsilon=float(hf["rms_norm_eps"]),
-            vocab_size=hf["vocab_size"],
-            max_position_embeddings=hf["max_position_embeddings"],
-            rotary_base=float(hf["rope_theta"]),
-            rotary_percent=float(hf["partial_rotary_factor"]),
-            tie_word_embeddings=hf["tie_word_embeddings"],
             add_bias_linear=False,
-            add_qkv_bias=hf["attention_bias"],
-            attention_dropout=float(hf["attention_dropout"]),
             layer_types=list(layer_types),
-            linear_num_key_heads=hf["linear_num_key_heads"],
-            linear_num_value_heads=hf["linear_num_value_heads"],
-            linear_key_head_dim=hf["linear_key_head_dim"],
-            linear_value_head_dim=hf["linear_value_head_dim"],
-            linear_conv_kernel_dim=hf["linear_conv_kernel_dim"],
-            decoder_sparse_step=hf["decoder_sparse_step"],
             mlp_only_layers=list(hf["mlp_only_layers"]),
             num_moe_experts=num_experts,
             moe_router_topk=hf["num_experts_per_tok"] if num_experts else 2,
@@ -362,15 +353,18 @@ class Qwen3NextConfig(TransformerConfig):
             moe_shared_expert_intermediate_size=(hf["shared_expert_intermediate_size"] or None)
             if num_experts
             else None,
-            moe_norm_topk_prob=hf["norm_topk_prob"],
             moe_aux_loss_coeff=float(hf["router_aux_loss_coef"]) if num_experts else 0.0,
-            init_method_std=float(hf["initializer_range"]),
         )
         # `num_nextn_predict_layers` (MTP) is not turned on here: our decoder has no MTP block yet,
         # and Megatron changes the loss when `mtp_num_layers` is set. MTP tensors are listed and
         # skipped (`hf_mapping.skipped_hf_names`).
         kw.update(overrides)
-        return cls(**kw)
+        if not where:
+            return cls(**kw)
+        try:
+            return cls(**kw)
+        except ConfigError as e:
+            raise ConfigError(f"{where}{e}") from None
 
     def to_hf_dict(self) -> Dict[str, Any]:
         """The transformers `config.json` fields of this architecture (model_type qwen3_next)."""

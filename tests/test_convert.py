@@ -72,6 +72,10 @@ def ckpts(tmp_path_factory):
     hf = random_hf_model(tiny_hf_config(), seed=0)
     hf.save_pretrained(hf_dir)
     _save_tokenizer(hf_dir)
+    with open(os.path.join(hf_dir, "generation_config.json"), "w") as f:  # non-weight files export must carry
+        json.dump({"do_sample": True, "temperature": 0.7, "top_k": 20}, f)
+    with open(os.path.join(hf_dir, "README.md"), "w") as f:
+        f.write("# tiny\n")
     rc, out = _run(["examples/convert_hf_to_nemo.py", "--input", hf_dir, "--output", nemo_dir, "--dtype", "fp32"])
     assert rc == 0, out[-3000:]
     torch.manual_seed(3)
@@ -180,8 +184,13 @@ def test_export_cli_bitwise_round_trip(ckpts, tmp_path):
     shards = sorted(glob.glob(os.path.join(out, "model-*-of-*.safetensors")))
     assert len(shards) > 1 and set(index["weight_map"]) == set(a)
     assert {os.path.basename(s) for s in shards} == set(index["weight_map"].values())
-    for fn in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        assert os.path.exists(os.path.join(out, fn)), fn
+    for fn in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+               "README.md"):
+        with open(os.path.join(ckpts["hf"], fn), "rb") as a, open(os.path.join(out, fn), "rb") as b:
+            assert a.read() == b.read(), fn
+    with open(os.path.join(ckpts["hf"], "config.json")) as a, open(os.path.join(out, "config.json")) as b:
+        src, got = json.load(a), json.load(b)
+    assert list(got) == list(src) and got == src  # the imported config.json, keys (e.g. "dtype"), values, order
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -247,6 +256,10 @@ BAD = {
     "wrong_shape": (lambda d: _rewrite(d, lambda sd: sd.update(
         {"model.layers.1.self_attn.o_proj.weight": torch.zeros(64, 100)})), "model.layers.1.self_attn.o_proj.weight"),
     "truncated": (_truncate, "truncated"),
+    "nan": (lambda d: _rewrite(d, lambda sd: sd["model.layers.3.mlp.experts.1.up_proj.weight"].__setitem__(
+        (2, 9), float("nan"))), "'model.layers.3.mlp.experts.1.up_proj.weight'"),  # refused mid-stream
+    "integer_dtype": (lambda d: _rewrite(d, lambda sd: sd.update({"model.norm.weight": torch.ones(64, dtype=torch.int64)})),
+                      "model.norm.weight"),
     "config_disagrees": (lambda d: _edit_config(d, linear_num_value_heads=2), "linear_attn"),
     "config_layers": (lambda d: _edit_config(d, num_hidden_layers=3, layer_types=[
         "linear_attention", "full_attention", "linear_attention"]), "model.layers.3"),

@@ -7,6 +7,7 @@ buffer is shown only with ``--debug``. The progress bar writes to `console()`, t
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import io
 import sys
@@ -15,6 +16,13 @@ import traceback
 from .errors import CheckpointError
 
 _console = None
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with its usage errors as one line (exit code 2, like every other refusal)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def console():
@@ -35,6 +43,13 @@ def quiet(enabled: bool = True):
             yield
     finally:
         _console = None
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with its usage errors as one line (exit code 2, like every other refusal)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def run(prog: str, body, debug: bool) -> int:

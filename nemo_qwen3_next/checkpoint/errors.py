@@ -32,15 +32,15 @@ def check_values(name: str, tensor, where: str, allow_non_finite: bool = False) 
                           f"({int((~finite).sum())} non-finite values); {NON_FINITE_HINT}")
 
 
-def read_json_object(path: str, what: str) -> dict:
-    """The JSON object in `path`, or a `CheckpointError` naming the file."""
+def read_json_object(path: str, what: str, error=CheckpointError) -> dict:
+    """The JSON object in `path`, or one `error` line naming the file and `what` to do."""
     try:
         with open(path) as f:
             obj = json.load(f)
     except FileNotFoundError:
-        raise CheckpointError(f"{path} does not exist; {what}") from None
+        raise error(f"{path} does not exist; {what}") from None
     except (ValueError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e}); {what}") from None
+        raise error(f"{path} is not valid JSON ({e}); {what}") from None
     if not isinstance(obj, dict):
-        raise CheckpointError(f"{path} holds a JSON {type(obj).__name__}, not an object; {what}")
+        raise error(f"{path} holds a JSON {type(obj).__name__}, not an object; {what}")
     return obj

@@ -13,7 +13,7 @@ import torch
 from nemo.collections.llm.gpt.model.base import GPTModel
 from nemo.lightning import io
 
-from .config import Qwen3NextNeMoConfig, from_core, qwen3_next_80b_a3b_nemo
+from .config import Qwen3NextNeMoConfig, qwen3_next_80b_a3b_nemo
 
 
 class Qwen3NextModel(GPTModel):

@@ -122,8 +122,8 @@ class StreamingTorchDistSaveStrategy(TorchDistSaveShardedStrategy):
             state_dict_saver.save(pyt_sd, storage_writer=StreamingFileSystemWriter(checkpoint_dir, self.on_item),
                                   planner=self.planner, no_dist=True)
         except CheckpointException as e:  # re-raise what went wrong, not torch's per-rank wrapper
-            for failure in e.failures.values():
-                inner = getattr(failure, "exception", failure)
+            for failure in e.failures.values():  # torch wraps each as (exception, traceback)
+                inner = failure[0] if isinstance(failure, tuple) else getattr(failure, "exception", failure)
                 if isinstance(inner, BaseException):
                     raise inner from None
             raise

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Iterator, Optional
 
-from ..config import ConfigError
+from ..config import ConfigError, check_field
 
 
 @dataclass
@@ -158,12 +159,14 @@ def validate(raw: Dict[str, Any], world_size: int) -> PretrainConfig:
         for key in values:
             if key not in known:
                 raise _unknown(name, key, known)
+        _check_types(name, cls, values)
         try:
             groups[name] = cls(**values)
         except TypeError as e:  # pragma: no cover - covered by the key check above
             raise ConfigError(f"{name}: {e}") from None
 
     model = dict(raw.get("model") or {})
+    check_field("seed", raw.get("seed", PretrainConfig.seed), "nonneg")
     cfg = PretrainConfig(
         name=raw.get("name", PretrainConfig.name),
         run_dir=raw.get("run_dir", PretrainConfig.run_dir),
@@ -172,10 +175,81 @@ def validate(raw: Dict[str, Any], world_size: int) -> PretrainConfig:
         model=model,
         **groups,
     )
+    _check_values(cfg)
     _check_parallel_layout(cfg, world_size)
     _check_batch(cfg, world_size)
     _check_model_keys(model)  # imports NeMo (slow), so after the cheap checks
     return cfg
+
+
+_TYPE_TEXT = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}
+
+
+def _check_types(group: str, cls, values: Dict[str, Any]) -> None:
+    """Each value has its field's annotated type (Hydra hands `trainer.max_steps=abc` over as a string)."""
+    for f in dataclasses.fields(cls):
+        if f.name not in values:
+            continue
+        v, t = values[f.name], str(f.type)
+        optional = t.startswith("Optional[")
+        base = t[len("Optional["):-1] if optional else t
+        if (v is None and optional) or base not in _TYPE_TEXT:
+            continue
+        number = isinstance(v, (int, float)) and not isinstance(v, bool)
+        ok = {"int": isinstance(v, int) and not isinstance(v, bool), "float": number, "bool": isinstance(v, bool),
+              "str": isinstance(v, str) or number}[base]
+        if not ok:
+            raise ConfigError(f"{group}.{f.name} = {v!r} ({type(v).__name__}) must be {_TYPE_TEXT[base]}"
+                              f"{' or null' if optional else ''}; e.g. {group}.{f.name}={f.default}")
+
+
+# (group, field) -> `check_field` kind: the signs and ranges a run needs (checked before anything is built)
+_VALUE_KINDS = {
+    ("trainer", "max_steps"): "pos", ("trainer", "val_check_interval"): "pos", ("trainer", "num_nodes"): "pos",
+    ("trainer", "limit_val_batches"): "nonneg", ("trainer", "log_every_n_steps"): "pos",
+    ("trainer", "gradient_clip_val"): "nonnegf", ("data", "seq_length"): "pos", ("data", "micro_batch_size"): "pos",
+    ("data", "global_batch_size"): "pos", ("data", "num_workers"): "nonneg", ("data", "embedded_max_bytes"): "pos",
+    ("optim", "lr"): "posf", ("optim", "min_lr"): "nonnegf", ("optim", "warmup_steps"): "nonneg",
+    ("optim", "weight_decay"): "nonnegf", ("optim", "adam_beta1"): "prob", ("optim", "adam_beta2"): "prob",
+    ("optim", "adam_eps"): "posf", ("checkpoint", "every_n_steps"): "pos", ("logging", "log_every_n_steps"): "pos",
+}
+
+
+def _dataset_prefixes(paths) -> Iterator[str]:
+    """The indexed-dataset prefixes in `data.paths` (a prefix, a blend [w1, p1, ...] or {train: ...})."""
+    if isinstance(paths, str):
+        try:
+            float(paths)  # a blend weight given as a string
+        except ValueError:
+            yield paths
+    elif isinstance(paths, dict):
+        for v in paths.values():
+            yield from _dataset_prefixes(v)
+    elif isinstance(paths, (list, tuple)):
+        for v in paths:
+            yield from _dataset_prefixes(v)
+
+
+def _check_values(cfg: PretrainConfig) -> None:
+    for (group, name), kind in _VALUE_KINDS.items():
+        check_field(f"{group}.{name}", getattr(getattr(cfg, group), name), kind)
+    o, d = cfg.optim, cfg.data
+    if o.min_lr > o.lr:
+        raise ConfigError(f"optim.min_lr ({o.min_lr}) > optim.lr ({o.lr}); the schedule decays to min_lr, lower it.")
+    max_pos = cfg.model.get("max_position_embeddings")
+    if isinstance(max_pos, int) and d.seq_length > max_pos:
+        raise ConfigError(f"data.seq_length ({d.seq_length}) > model.max_position_embeddings ({max_pos}); positions "
+                          f"beyond it were never trained: shorten data.seq_length or raise max_position_embeddings.")
+    if d.paths not in (None, "???"):
+        for prefix in _dataset_prefixes(d.paths):
+            missing = [prefix + ext for ext in (".bin", ".idx") if not os.path.isfile(prefix + ext)]
+            if missing:
+                raise ConfigError(f"data.paths: {missing[0]} does not exist; give the prefix of a Megatron indexed "
+                                  f"dataset (PREFIX.bin + PREFIX.idx; see scripts/prepare_pretraining_data.py).")
+    init = cfg.checkpoint.init_from
+    if init is not None and not os.path.isdir(str(init)):
+        raise ConfigError(f"checkpoint.init_from = {init!r} is not a directory; give a checkpoint directory "
+                          f"or set checkpoint.init_from=null.")
 
 
 def _check_model_keys(model: Dict[str, Any]) -> None:
