@@ -114,15 +114,12 @@ class GroupedSequentialMLP(SequentialMLP):
         return self.impl == "grouped_mm"
 
     def forward(self, permuted_local_hidden_states, tokens_per_expert, permuted_probs):
-        """``permuted_probs=None``: the caller applies the routing weights itself (in its combine)."""
         x, probs = permuted_local_hidden_states, permuted_probs
         if not self._grouped(x):
             record("moe_experts", "sequential")
-            if probs is None:  # the parent always scales
-                probs = torch.ones(x.shape[0], device=x.device, dtype=torch.float32)
             return super().forward(x, tokens_per_expert, probs)
         record("moe_experts", "grouped_mm")
-        if probs is not None and self.config.moe_apply_probs_on_input:  # as the parent: scale the input
+        if self.config.moe_apply_probs_on_input:  # as the parent: scale the input, then no weights
             x = (probs.unsqueeze(-1) * x).to(x.dtype)
             probs = None
         # group ends; int32 on the tokens' device (no host sync, unlike the parent's .tolist())

@@ -10,9 +10,9 @@ static size ``N·k`` and comes from the top-k indices alone:
 * ``order = argsort(expert id of each (token, slot), stable)`` — expert-major, tokens ascending
   within an expert: the same order as Megatron's, so the experts see the same rows;
 * dispatch gathers rows ``order // k``; its backward sums each token's k gradient rows in fp32;
-* combine gathers the expert outputs back to (token, slot) order and sums the k rows per token
-  weighted by the routing probabilities (HF's order: weights after the expert MLP), as one batched
-  GEMM with fp32 accumulation (one rounding, no atomics, deterministic).
+* combine gathers the expert outputs (already weighted by the experts, as Megatron does) back to
+  (token, slot) order and sums the k rows per token in fp32 (one rounding, no atomics, deterministic);
+  its backward is a gather.
 
 ``tokens_per_expert`` stays on the device (the grouped experts read it there). Everything else —
 router, aux losses, shared expert, experts — is Megatron's. Switch: ``config.moe_fast_permute``.
@@ -46,25 +46,20 @@ class _Dispatch(torch.autograd.Function):
 
 
 class _Combine(torch.autograd.Function):
-    """per token, its k expert rows weighted by its routing probabilities and summed in fp32
-    (``[N·k, H]`` expert-major -> ``[N, H]``, one batched GEMM); backward: two batched GEMMs + a gather."""
+    """per token, the fp32 sum of its k (already weighted) expert rows ([N·k, H] expert-major -> [N, H]);
+    backward: a gather. (A batched GEMM that also applied the weights here ran as 8K 1xk GEMMs: 7 ms
+    per step on H200, `benchmarks/results/h200_model/profile_bmm_combine_B2T4096.txt`.)"""
 
     @staticmethod
-    def forward(ctx, y, probs, inv, order, k):
+    def forward(ctx, y, inv, token_of, k):
+        ctx.save_for_backward(token_of)
         n = inv.numel() // k
-        yt = y.index_select(0, inv).view(n, k, -1)  # token-major
-        p = probs.to(y.dtype).unsqueeze(1)  # [N, 1, k], rounded like HF's routing weights
-        ctx.save_for_backward(yt, p, order)
-        ctx.probs_dtype = probs.dtype
-        return torch.bmm(p, yt).squeeze(1)
+        return y.index_select(0, inv).view(n, k, -1).sum(1, dtype=torch.float32).to(y.dtype)
 
     @staticmethod
     def backward(ctx, g):
-        yt, p, order = ctx.saved_tensors
-        g = g.unsqueeze(1)  # [N, 1, H]
-        dyt = torch.bmm(p.transpose(1, 2), g)  # [N, k, H]
-        dp = torch.bmm(yt, g.transpose(1, 2)).squeeze(-1).to(ctx.probs_dtype)  # [N, k]
-        return dyt.flatten(0, 1).index_select(0, order), dp, None, None, None
+        (token_of,) = ctx.saved_tensors
+        return g.index_select(0, token_of), None, None, None
 
 
 class TopKPermuteDispatcher(MoEAllGatherTokenDispatcher):
@@ -82,15 +77,14 @@ class TopKPermuteDispatcher(MoEAllGatherTokenDispatcher):
         inv[order] = torch.arange(order.numel(), device=order.device)
         self._token_of, self._inv = order // k, inv
         tokens_per_expert = routing_map.sum(dim=0)
-        self._order, self._probs = order, probs.gather(1, experts)  # [N, k] token-major, for combine
+        permuted_probs = probs.gather(1, experts).reshape(-1).index_select(0, order)
         self.routing_map = None
         record("moe_permute", "topk")
-        # routing weights are applied in combine: one weighted sum instead of a scale per row
-        return _Dispatch.apply(hidden_states, self._token_of, inv, k), tokens_per_expert, None
+        return _Dispatch.apply(hidden_states, self._token_of, inv, k), tokens_per_expert, permuted_probs
 
     def combine_preprocess(self, hidden_states):
-        out = _Combine.apply(hidden_states, self._probs, self._inv, self._order, self.router_topk)
-        self._token_of = self._inv = self._order = self._probs = None
+        out = _Combine.apply(hidden_states, self._inv, self._token_of, self.router_topk)
+        self._token_of = self._inv = None
         return out
 
 
@@ -105,8 +99,6 @@ def fast_permute_unsupported(layer: MoELayer) -> str:
         return "tokens cross ranks (TP x EP > 1)"
     if cfg.moe_expert_capacity_factor is not None or cfg.moe_pad_expert_input_to_capacity:
         return "expert capacity (dropped or padded tokens)"
-    if cfg.moe_apply_probs_on_input:
-        return "moe_apply_probs_on_input (this path weights the expert outputs)"
     if not isinstance(layer.experts, GroupedSequentialMLP):
         return f"experts {type(layer.experts).__name__} (needs the local backend's experts)"
     return ""
