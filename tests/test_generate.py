@@ -23,6 +23,7 @@ VARIANTS = {
     "all_linear": dict(layer_types=[L] * 4),
     "all_full": dict(layer_types=[F_] * 4),
     "mqa": dict(num_key_value_heads=1),
+    "tied_dense_only": dict(num_experts=0, tie_word_embeddings=True),  # the LM head reads the embedding
 }
 WORKER = os.path.join(os.path.dirname(__file__), "generate_tp_worker.py")
 

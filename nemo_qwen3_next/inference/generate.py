@@ -43,6 +43,8 @@ def _tp_group(model):
 class Decoder:
     """Generation state + the two kinds of forward for one batch: `prefill` once, then `step`s.
 
+    Puts the model in eval mode (dropout off, as generation needs).
+
     Args:
         cuda_graph: capture the decode step as a CUDA graph (default: on CUDA at TP = EP = 1).
         sync_free: route the decode steps' MoE tokens without host syncs (default: = cuda_graph); the
