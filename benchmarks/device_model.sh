@@ -27,7 +27,7 @@ for item in "$@"; do
   s=$(date +%s); echo "===== $step (limit $lim s)"
   case $step in
     tests) timeout -k 5 "$lim" python3 -m pytest -q -s -p no:cacheprovider tests/test_gpu_speed_paths.py 2>&1 | tee "$OUT/gpu_speed_tests.log" ;;
-    model) timeout -k 5 "$lim" python3 examples/benchmark.py --modules model --shapes "${MODEL_SHAPES:-2x4096,1x4096}" \
+    model) timeout -k 5 "$lim" python3 examples/benchmark.py --modules model --model-impls "${MODEL_IMPLS:-hf,ours}" --shapes "${MODEL_SHAPES:-2x4096,1x4096}" \
              --variants "${MODEL_VARIANTS:-base,no_fused_ce,no_fast_permute,all_off}" --rep "${MODEL_REP:-10}" \
              --profile "$OUT/h200_model_profile" --out "$OUT/h200_model.json" --visualize 2>&1 | tee "$OUT/model.log" ;;
     second) timeout -k 5 "$lim" python3 examples/benchmark.py --modules model --model-impls ours --shapes 1x4096 \

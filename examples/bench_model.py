@@ -305,7 +305,7 @@ def add_args(ap):
     g = ap.add_argument_group("--modules model")
     g.add_argument("--model-layers", type=int, default=4, help="layers of the reduced model (every 4th is attention)")
     g.add_argument("--experts", type=int, default=64, help="routed experts per layer (top-10)")
-    g.add_argument("--model-impls", default="ours,hf", help="ours, hf")
+    g.add_argument("--model-impls", default="ours,hf", help="ours and/or hf, run in this order")
     g.add_argument("--variants", default="base", help="ours with levers off: " + ",".join(VARIANTS))
     g.add_argument("--peak-tflops", type=float, default=989.4, help="data-sheet bf16 dense peak (H200 SXM)")
     g.add_argument("--matmul-peak", type=float, default=None, help=argparse.SUPPRESS)
@@ -326,22 +326,24 @@ def run(args, script, result, save):
     result["matmul_peak_tflops"] = round(args.matmul_peak, 1)
     result["flop_model_gflop_per_token"] = {f"T={T}": round(flops_per_token(args.model_layers, args.experts, T) / 1e9, 3)
                                             for _, T in args.shape_list}
-    impls = [i for i in args.model_impls.split(",") if i]
-    if "ours" in impls:
-        for B, T in args.shape_list:
-            for v in [v for v in args.variants.split(",") if v]:
-                try:
-                    r = run_ours(args, B, T, v)
-                except Exception as e:  # noqa: BLE001
-                    r = dict(impl="ours", variant=v, B=B, T=T, error=f"{type(e).__name__}: {e}"[:400])
+    for impl in [i for i in args.model_impls.split(",") if i]:  # in the order given
+        if impl == "ours":
+            for B, T in args.shape_list:
+                for v in [v for v in args.variants.split(",") if v]:
+                    try:
+                        r = run_ours(args, B, T, v)
+                    except Exception as e:  # noqa: BLE001
+                        r = dict(impl="ours", variant=v, B=B, T=T, error=f"{type(e).__name__}: {e}"[:400])
+                    rows.append(r)
+                    save()
+                    print(_line(r), flush=True)
+        elif impl == "hf":
+            for r in run_hf_child(args, script):
                 rows.append(r)
-                save()
                 print(_line(r), flush=True)
-    if "hf" in impls:
-        for r in run_hf_child(args, script):
-            rows.append(r)
-            print(_line(r), flush=True)
-        save()
+            save()
+        else:
+            raise SystemExit(f"--model-impls: unknown {impl!r}; use ours and/or hf")
     _acceptance(rows)
 
 
