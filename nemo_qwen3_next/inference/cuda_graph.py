@@ -22,17 +22,19 @@ class GraphedStep:
     def __init__(self, step, tokens: torch.Tensor, positions: torch.Tensor, state_tensors, warmup: int = 2):
         self.tokens, self.positions = tokens.clone(), positions.clone()
         saved = [t.clone() for t in state_tensors]
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(warmup):
-                step(self.tokens, self.positions)
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = step(self.tokens, self.positions)
-        for t, s in zip(state_tensors, saved):
-            t.copy_(s)
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(warmup):
+                    step(self.tokens, self.positions)
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.logits = step(self.tokens, self.positions)
+        finally:  # also when capturing fails: the caller then runs the same step eagerly
+            for t, s in zip(state_tensors, saved):
+                t.copy_(s)
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         self.tokens.copy_(tokens)

@@ -80,6 +80,8 @@ class Decoder:
     @torch.no_grad()
     def prefill(self, prompts: List[torch.Tensor]) -> torch.Tensor:
         """Run the prompts (1-D id tensors, one per sequence) -> logits ``[B, V]`` of their last tokens."""
+        if len(prompts) != self.batch:
+            raise ValueError(f"{len(prompts)} prompts for a Decoder of batch {self.batch}")
         lengths = [int(p.numel()) for p in prompts]
         tokens = torch.cat(list(prompts)).to(self.device)
         cu = torch.tensor([0] + lengths, device=self.device).cumsum(0).to(torch.int32)
