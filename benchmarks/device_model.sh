@@ -29,7 +29,7 @@ for item in "$@"; do
     tests) timeout -k 5 "$lim" python3 -m pytest -q -s -p no:cacheprovider tests/test_gpu_speed_paths.py 2>&1 | tee "$OUT/gpu_speed_tests.log" ;;
     model) timeout -k 5 "$lim" python3 examples/benchmark.py --modules model --model-impls "${MODEL_IMPLS:-hf,ours}" --shapes "${MODEL_SHAPES:-2x4096,1x4096}" \
              --variants "${MODEL_VARIANTS:-base,no_fused_ce,no_fast_permute,all_off}" --rep "${MODEL_REP:-10}" \
-             --profile "$OUT/h200_model_profile" --out "$OUT/h200_model.json" --visualize 2>&1 | tee "$OUT/model.log" ;;
+             --hf-timeout "${HF_TIMEOUT:-240}" --profile "$OUT/h200_model_profile" --out "$OUT/h200_model.json" --visualize 2>&1 | tee "$OUT/model.log" ;;
     second) timeout -k 5 "$lim" python3 examples/benchmark.py --modules model --model-impls ours --shapes 1x4096 \
              --rep 3 --no-breakdown --out "$OUT/h200_model_second_process.json" 2>&1 | tee "$OUT/second.log" ;;
     gdn) timeout -k 5 "$lim" python3 examples/benchmark.py --modules gdn --impls ours --shapes 1x4096,4x4096,1x32768 \

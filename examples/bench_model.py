@@ -259,7 +259,6 @@ def _summary(times, B, T, args):
 def hf_worker(args):
     from transformers import Qwen3NextForCausalLM
 
-    rows = []
     torch.manual_seed(0)
     m = Qwen3NextForCausalLM(hf_config(args.model_layers, args.experts)).to("cuda", torch.bfloat16).train()
     import transformers
@@ -276,14 +275,12 @@ def hf_worker(args):
         try:
             times, first = step_times(step, args.warmup, args.rep)
         except torch.OutOfMemoryError:
-            rows.append(dict(impl="hf", B=B, T=T, error="OOM"))
+            print("HF_ROW " + json.dumps(dict(impl="hf", B=B, T=T, error="OOM")), flush=True)
             continue
         r = dict(impl="hf", variant=f"transformers-{transformers.__version__}", B=B, T=T, first_step_s=round(first, 2))
         r.update(_summary(times, B, T, args))
         r["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)
-        rows.append(r)
-        print(json.dumps(r), file=sys.stderr, flush=True)
-    print("HF_ROWS " + json.dumps(rows), flush=True)
+        print("HF_ROW " + json.dumps(r), flush=True)  # one line per row: a time limit keeps the finished ones
 
 
 def run_hf_child(args, script):
@@ -292,12 +289,12 @@ def run_hf_child(args, script):
            "--rep", str(args.rep), "--peak-tflops", str(args.peak_tflops), "--matmul-peak", str(args.matmul_peak or 0)]
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.hf_timeout)
-    except subprocess.TimeoutExpired:
-        return [dict(impl="hf", error=f"timed out after {args.hf_timeout} s")]
-    for line in p.stdout.splitlines():
-        if line.startswith("HF_ROWS "):
-            return json.loads(line[len("HF_ROWS "):])
-    return [dict(impl="hf", error=f"rc={p.returncode}: {p.stderr[-1500:]}")]
+        out, err = p.stdout, f"rc={p.returncode}: {p.stderr[-1500:]}"
+    except subprocess.TimeoutExpired as e:
+        out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        err = f"timed out after {args.hf_timeout} s"
+    rows = [json.loads(line[len("HF_ROW "):]) for line in out.splitlines() if line.startswith("HF_ROW ")]
+    return rows if len(rows) == len(args.shape_list) else rows + [dict(impl="hf", error=err)]
 
 
 # ----------------------------------------------------------------------------- driver
