@@ -280,7 +280,7 @@ def test_expert_load_metrics():
 
 
 # ---------------------------------------------------------------------- reduced model, mock data, run plan
-def _compose(*overrides):
+def _compose(*overrides, world_size=1):
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
@@ -288,7 +288,7 @@ def _compose(*overrides):
 
     with initialize_config_dir(config_dir=os.path.join(ROOT, "conf"), version_base=None):
         raw = OmegaConf.to_container(compose(config_name="qwen3_next_tiny", overrides=list(overrides)), resolve=True)
-    return validate(raw, world_size=1)
+    return validate(raw, world_size=world_size)
 
 
 def test_reduced_model_conf_is_the_benchmarks_bare_model():
@@ -369,10 +369,13 @@ def test_run_plan_reads_the_checkpoint_nemo_resumes_from(tmp_path):
     assert recipe.plan(fresh)[0].endswith("(checkpoint.resume=false: the checkpoints already there are not used)")
 
 
-def test_progress_mode_rejects_unknown_values():
+def test_run_options_fail_in_one_named_line():
     from nemo_qwen3_next.config import ConfigError
     from nemo_qwen3_next.training import recipe
 
     assert recipe.progress_mode(_compose("logging.progress=lines")) == "lines"
     with pytest.raises(ConfigError, match=r"logging\.progress = 'barr' is not one of auto, bar, lines"):
-        recipe.progress_mode(_compose("logging.progress=barr"))
+        recipe.check_run_options(_compose("logging.progress=barr"))
+    with pytest.raises(ConfigError, match=r"data=mock .* set parallelism\.context_parallel_size=1"):
+        recipe.check_run_options(_compose("data=mock", "parallelism.context_parallel_size=2", world_size=2))
+    recipe.check_run_options(_compose("data=mock"))
