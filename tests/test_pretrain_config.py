@@ -379,3 +379,18 @@ def test_run_options_fail_in_one_named_line():
     with pytest.raises(ConfigError, match=r"data=mock .* set parallelism\.context_parallel_size=1"):
         recipe.check_run_options(_compose("data=mock", "parallelism.context_parallel_size=2", world_size=2))
     recipe.check_run_options(_compose("data=mock"))
+
+
+def test_resumed_run_drops_the_records_it_logs_again(tmp_path):
+    """A run resumed from step 3 logs steps 4.. again: their old records (and a line a kill cut short)
+    go first, so metrics.jsonl keeps one record per step."""
+    import json
+
+    from nemo_qwen3_next.training.callbacks import drop_records_after
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": i, "loss": 7.0 - i}) + "\n" for i in range(1, 6)) + '{"step": 6, "lo')
+    drop_records_after(str(path), 3)
+    assert [json.loads(line) for line in path.read_text().splitlines()] == [
+        {"step": 1, "loss": 6.0}, {"step": 2, "loss": 5.0}, {"step": 3, "loss": 4.0}]
+    drop_records_after(str(tmp_path / "absent.jsonl"), 3)  # a fresh run has none

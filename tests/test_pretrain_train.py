@@ -127,6 +127,8 @@ def test_console_validation_and_closing_summary(reference):
     assert summary["measured_steps"] == len(times) and summary["median_step_time_s"] == pytest.approx(statistics.median(times))
     assert summary["median_tokens_per_s"] == pytest.approx(8 * 128 / statistics.median(times))
     assert summary["first_step_time_s"] == pytest.approx(rec[1]["step_time_s"])
+    assert _tensorboard_scalars(run_dir, "timing/median_tokens_per_s")[STEPS] == pytest.approx(
+        summary["median_tokens_per_s"], rel=1e-6)
     assert f"done: steps 1-{STEPS} of {STEPS} | train loss {rec[STEPS]['loss']:.4f} (step {STEPS}) | val loss " \
            f"{rec[STEPS]['val_loss']:.4f} (step {STEPS})" in stdout
     assert f"= {summary['median_tokens_per_s']:.0f} tokens/s" in stdout

@@ -193,6 +193,12 @@ class TrainingMetrics(Callback):
         os.makedirs(self.out_dir, exist_ok=True)
         with open(os.path.join(self.out_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=1)
+        timing = {f"timing/{k}": summary[k] for k in ("first_step_time_s", "median_step_time_s",
+                                                       "median_tokens_per_s", "median_tflops_per_gpu")
+                  if summary.get(k) is not None}
+        for logger in trainer.loggers:
+            if type(logger).__name__ == "TensorBoardLogger" and timing:
+                logger.log_metrics(timing, step=trainer.global_step)
         png = None
         if self.loss_curve_png:
             png = plot_loss_curve(self.path, os.path.join(self.out_dir, "loss_curve.png"), self.title)
@@ -320,9 +326,16 @@ def drop_records_after(path: str, step: int) -> None:
     """Keep only the records up to `step` (atomically): a run resumed from step N logs N+1.. again."""
     if not os.path.exists(path):
         return
+
+    def keep(line):
+        try:
+            return int(json.loads(line)["step"]) <= step
+        except (ValueError, KeyError, TypeError):  # a line cut short by a kill
+            return False
+
     with open(path) as f:
         lines = [line for line in f if line.strip()]
-    kept = [line for line in lines if int(json.loads(line)["step"]) <= step]
+    kept = [line for line in lines if keep(line)]
     if len(kept) != len(lines):
         with open(path + ".tmp", "w") as f:
             f.writelines(kept)
