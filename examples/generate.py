@@ -8,12 +8,12 @@
 directory (its newest checkpoint) or one of its ``checkpoints/<name>`` directories; the tokenizer comes
 from there (the byte tokenizer for the tiny pretraining runs; ``--tokenizer`` overrides). Greedy at
 ``--temperature 0`` (the default). On CUDA the decode step runs as a CUDA graph (``--no-cuda-graph``
-for the eager path). A bad argument or checkpoint prints one line on stderr (exit code 2).
+for the eager path). A bad argument or checkpoint prints one line on stderr (exit code 2); the libraries'
+import and load messages are held back (``--debug`` shows them and tracebacks).
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -22,7 +22,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    from nemo_qwen3_next.checkpoint.cli import ArgumentParser  # usage errors as one line
+
+    ap = ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--checkpoint", required=True, help="HF dir, NeMo dir, or a pretrain run / checkpoint dir")
     ap.add_argument("--prompt", required=True)
     ap.add_argument("--max-new-tokens", type=int, default=64)
@@ -34,26 +36,29 @@ def parse_args(argv=None):
     ap.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="default: bf16 on CUDA, fp32 on CPU")
     ap.add_argument("--tokenizer", default=None, help="'byte' or a HF tokenizer path (default: the checkpoint's)")
     ap.add_argument("--no-cuda-graph", action="store_true", help="decode eagerly on CUDA")
+    ap.add_argument("--debug", action="store_true", help="show library messages and tracebacks")
     return ap.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    import torch
+    from nemo_qwen3_next.checkpoint.cli import quiet
 
-    from nemo_qwen3_next.config import ConfigError
-    from nemo_qwen3_next.inference import stream
-    from nemo_qwen3_next.inference.load import layout, load_for_generation
-    from nemo_qwen3_next.inference.sampling import check_sampling
-    from nemo_qwen3_next.loading import CheckpointError
+    with quiet(not args.debug):  # megatron-core's import warnings
+        import torch
 
-    try:  # cheap checks before the model loads
-        check_sampling(args.temperature, args.top_k, args.top_p)
+        from nemo_qwen3_next.config import ConfigError
+        from nemo_qwen3_next.inference import stream
+        from nemo_qwen3_next.inference.load import CheckpointError, layout, load_for_generation
+        from nemo_qwen3_next.inference.sampling import check_sampling
+    try:
+        check_sampling(args.temperature, args.top_k, args.top_p)  # cheap checks before the model loads
         layout(args.checkpoint)
         if not args.prompt:
             raise ValueError("--prompt is empty")
         dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, None: None}[args.dtype]
-        model, codec = load_for_generation(args.checkpoint, args.device, dtype, args.tokenizer)
+        with quiet(not args.debug):
+            model, codec = load_for_generation(args.checkpoint, args.device, dtype, args.tokenizer)
         if codec is None:
             raise CheckpointError(f"{args.checkpoint}: no tokenizer files; pass --tokenizer byte or a tokenizer path")
         ids = torch.tensor([codec.encode(args.prompt)])
@@ -81,7 +86,9 @@ def main(argv=None) -> int:
         sync()
         t_end = time.perf_counter()
     except (CheckpointError, ConfigError, ValueError) as e:
-        print(f"generate.py: {' '.join(str(e).split())}", file=sys.stderr)
+        if args.debug:
+            raise
+        print(f"generate.py: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     sys.stdout.write(codec.decode(new)[len(shown):] + "\n")
     n_prompt, n_dec = ids.shape[1], max(len(new) - 1, 0)

@@ -20,7 +20,7 @@ from typing import List, Optional
 
 import torch
 
-from ..loading import CheckpointError
+from ..checkpoint import CheckpointError  # stdlib-only: the CLI checks the layout before heavy imports
 
 CONF_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "conf")
 
