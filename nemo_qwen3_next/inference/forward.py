@@ -14,8 +14,8 @@ differently, because their training forward keeps no state:
   cache under the mask ``slot <= position``.
 
 Everything a decode step does has fixed shapes and no host synchronisation when ``sync_free=True``
-(the MoE then routes with a sort instead of Megatron's dispatcher, whose permutation sizes are
-read on the host): that step is what `inference.cuda_graph` captures.
+(the MoE then runs `moe_forward_sync_free` instead of Megatron's dispatcher, whose permutation sizes
+are read on the host): that step is what `inference.cuda_graph` captures.
 """
 
 from __future__ import annotations

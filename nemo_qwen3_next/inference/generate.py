@@ -59,6 +59,9 @@ class Decoder:
             raise ValueError("generation needs the whole model in one pipeline stage (pipeline_model_parallel_size=1)")
         if c.sequence_parallel:
             raise ValueError("generation needs sequence_parallel=False (a decode step has one token per sequence)")
+        if (c.context_parallel_size or 1) > 1 or c.apply_rope_fusion:
+            raise ValueError("generation needs context_parallel_size=1 and apply_rope_fusion=False (per-sequence "
+                             "RoPE positions)")
         if max_length > c.max_position_embeddings:
             raise ValueError(f"prompt + new tokens = {max_length} tokens, more than max_position_embeddings="
                              f"{c.max_position_embeddings}: shorten the prompt or max_new_tokens")
