@@ -10,9 +10,13 @@ megatron-core assumes a GPU in a few spots that do not matter for the math (meas
   in the router); it must be ``None`` so the plain `torch.mm` path runs. This one is a bug of
   every TE-less install, GPU too (seen on H200): `fix_te_less_router()` runs on any machine.
 * `model_parallel_cuda_manual_seed` needs CUDA RNG states; `seed_cpu` gives the same
-  tensor-parallel RNG tracker with CPU generators.
+  tensor-parallel RNG tracker with CPU generators. Activation checkpointing (selective recompute)
+  saves and restores the CUDA RNG state: without CUDA that becomes a no-op.
 
-Apart from that router fix, nothing here runs when CUDA is available.
+* Without TE, Megatron's `CheckpointWithoutOutput` (selective recompute of norms / MoE activations)
+  calls TE's FP8 state manager: `fix_te_less_checkpoint()` binds no-FP8 stand-ins (any device).
+
+Apart from those two TE-less fixes, nothing here runs when CUDA is available.
 """
 
 from __future__ import annotations
@@ -30,14 +34,42 @@ def fix_te_less_router() -> None:
         moe_utils.te_general_gemm = None
 
 
+def fix_te_less_checkpoint() -> None:
+    """Megatron's `CheckpointWithoutOutput` (selective recompute of "layernorm" / "moe_act") sets
+    ``self.fp8 = fp8 is not None``, True for its default ``fp8=False``, and then calls TransformerEngine's
+    FP8 state manager, an unbound name without TE (NameError). Without TE there is no FP8: bind
+    stand-ins that say so (any device)."""
+    import contextlib
+
+    from megatron.core.tensor_parallel import random as mpu_random
+
+    if getattr(mpu_random, "HAVE_TE", True) or hasattr(mpu_random, "FP8GlobalStateManager"):
+        return
+
+    class _NoFP8:
+        is_fp8_enabled = staticmethod(lambda: False)
+        get_fp8_recipe = staticmethod(lambda: None)
+
+    mpu_random.FP8GlobalStateManager = _NoFP8
+    mpu_random.activation_recompute_forward = lambda *a, **k: contextlib.nullcontext()
+    mpu_random.fp8_autocast = lambda *a, **k: contextlib.nullcontext()
+
+
 def apply_cpu_compat() -> bool:
-    """Patch megatron-core for CPU use if (and only if) CUDA is unavailable; always fix the TE-less
-    router. Idempotent."""
+    """Patch megatron-core for CPU use if (and only if) CUDA is unavailable; always apply the TE-less
+    fixes. Idempotent."""
     global _APPLIED
     fix_te_less_router()
+    fix_te_less_checkpoint()
     if _APPLIED or torch.cuda.is_available():
         return _APPLIED
     torch.cuda.current_device = lambda: "cpu"  # device-argument use only (see module doc)
+    # Megatron's activation checkpoint (selective recompute) saves and restores the CUDA RNG state;
+    # without CUDA there is none to keep (the CPU generator and the tracker are still restored).
+    from megatron.core.tensor_parallel import random as mpu_random
+
+    mpu_random._get_cuda_rng_state = lambda *a, **k: None
+    mpu_random._set_cuda_rng_state = lambda *a, **k: None
     _APPLIED = True
     return True
 

@@ -161,6 +161,9 @@ class Qwen3NextConfig(TransformerConfig):
     # MoE token permutation from the top-k indices (sort-free, no host sync) instead of megatron's
     # routing-map permute; used where the dispatcher needs no cross-rank exchange (TP*EP == 1).
     moe_fast_permute: bool = True
+    # --- activation memory: recompute each GDN layer's conv + delta rule + gated norm in backward
+    # (with Megatron's recompute_granularity="selective", recompute_modules=["core_attn", "moe", ...])
+    linear_attention_recompute: bool = False
 
     # --- MoE (HF: decoder_sparse_step, mlp_only_layers, norm_topk_prob, shared_expert_gate)
     decoder_sparse_step: int = 1

@@ -175,6 +175,13 @@ class GatedDeltaNet(MegatronModule):
         q, k, v, z, beta, a = torch.split(proj, self.group_split, dim=-1)
 
         qkv = torch.cat([q, k, v], dim=-1).reshape(b, s, -1)
+        o = self._recompute_or_run(self._mix_reference, qkv, z, beta, a, cu_seqlens)  # [b, s, Hv_l, Dv]
+        o = o.reshape(b, s, -1).transpose(0, 1).contiguous()
+        return self.out_proj(o)
+
+    def _mix_reference(self, qkv, z, beta, a, cu_seqlens):
+        """conv -> gated delta rule -> gated norm on the reference path (z, beta, a: per key head)."""
+        b, s = qkv.shape[:2]
         qkv, _ = causal_conv1d(
             qkv, self.conv1d.weight.squeeze(1), activation="silu", cu_seqlens=cu_seqlens, backend=self.backend
         )
@@ -200,9 +207,7 @@ class GatedDeltaNet(MegatronModule):
             chunk_size=self.chunk_size,
             backend=self.backend,
         )
-        o = self.out_norm(o, z)  # [b, s, Hv_l, Dv]
-        o = o.reshape(b, s, -1).transpose(0, 1).contiguous()
-        return self.out_proj(o)
+        return self.out_norm(o, z)  # [b, s, Hv_l, Dv]
 
     def _direct_in_proj_ok(self) -> bool:
         """Whether the fused path may run in_proj as two plain GEMMs on row-gathered weights.
@@ -276,12 +281,21 @@ class GatedDeltaNet(MegatronModule):
             z = z.reshape(b, s, Hv, dv)  # a strided view, read in place by the fused norm
             beta = beta.reshape(b, s, Hv)  # logits
             a = a.reshape(b, s, Hv)  # raw gate input
+        o = self._recompute_or_run(self._mix_fused, qkv, z, beta, a, cu_seqlens).view(b, s, Hv * dv)
+        if batch_first:
+            out, bias = self.out_proj(o)
+            return out.transpose(0, 1).contiguous(), bias
+        return self.out_proj(o.transpose(0, 1).contiguous())
+
+    def _mix_fused(self, qkv, z, beta, a, cu_seqlens):
+        """conv -> gated delta rule -> gated norm on the fused path: what `linear_attention_recompute` recomputes."""
+        b, s = qkv.shape[:2]
+        Hk, r, dk, dv, Hv = self.num_key_heads, self.heads_per_key, self.key_head_dim, self.value_head_dim, self.num_value_heads
         qkv, _ = causal_conv1d(
             qkv, self.conv1d.weight.squeeze(1), activation="silu", cu_seqlens=cu_seqlens, backend=self.backend
         )
         q, k, v = torch.split(qkv.view(b, s, Hk, self.conv_group), [dk, dk, r * dv], dim=-1)
         v = v.reshape(b, s, Hv, dv)  # a view
-
         o, _ = gated_delta_rule(
             q,
             k,
@@ -297,11 +311,15 @@ class GatedDeltaNet(MegatronModule):
             chunk_size=self.chunk_size,
             backend=self.backend,
         )
-        o = self.out_norm(o, z).view(b, s, Hv * dv)
-        if batch_first:
-            out, bias = self.out_proj(o)
-            return out.transpose(0, 1).contiguous(), bias
-        return self.out_proj(o.transpose(0, 1).contiguous())
+        return self.out_norm(o, z)
+
+    def _recompute_or_run(self, fn, *args):
+        """``fn(*args)``, or under ``config.linear_attention_recompute`` (training) checkpointed: only its
+        inputs are kept (the conv input, z, b, a) and the conv, delta rule and norm run again in backward.
+        torch's non-reentrant checkpoint: no randomness here, and it runs on CPU as on GPU."""
+        if self.training and getattr(self.config, "linear_attention_recompute", False) and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
+        return fn(*args)
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):
         """Distributed-checkpoint view: per-head tensors split on dim 0 across TP, the norm gain replicated.
