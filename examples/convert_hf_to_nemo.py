@@ -15,7 +15,7 @@ os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 
 
 def main(argv=None) -> int:
-    from nemo_qwen3_next.checkpoint.cli import ArgumentParser, run
+    from nemo_qwen3_next.checkpoint.cli import ArgumentParser, console, run
 
     p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--input", required=True, help="HF directory: config.json + *.safetensors (+ tokenizer files)")
@@ -32,7 +32,8 @@ def main(argv=None) -> int:
 
     def convert():
         check_hf_dir(a.input)  # cheap checks first: a wrong input answers before the ~25 s of imports
-        remove_stale_temp_dirs(a.output)
+        for path in remove_stale_temp_dirs(a.output):
+            print(f"note: cleaned up {path}, left behind by a killed run", file=console())
         check_output(a.output, a.overwrite)
         from nemo_qwen3_next.nemo.convert import convert_hf_to_nemo
 

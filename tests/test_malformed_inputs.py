@@ -3,9 +3,9 @@ tensor or file, one exception type (or exit code 2 for a CLI), and leaves nothin
 
 Kinds: config values, HF configs, damaged / inconsistent safetensors checkpoints, damaged NeMo
 checkpoints, CLI misuse, Hydra overrides. CLI cases run the real scripts in fresh processes and
-must answer in < 3 s (they are refused before NeMo/Megatron are imported). The kill -9 cases run
-real conversions and kill them at several points: the target stays as it was and the next run
-removes the stale temporary directory.
+answer in < 3 s: they are refused before torch, Megatron or NeMo are imported (< 1 s of CPU).
+The kill -9 cases run real conversions and kill them at several points: the target stays as it
+was and the next run removes the stale temporary directory.
 """
 
 import json
@@ -15,6 +15,7 @@ import signal
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -234,10 +235,18 @@ CLI = {
 
 
 def _run_cli(script, argv):
-    t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, script, *argv], capture_output=True, text=True, env=ENV, cwd=ROOT,
-                          timeout=60)
-    return proc, time.perf_counter() - t0
+    """(completed process, CPU seconds it used). CPU time, not wall time: on an idle machine they are
+    the same, and it does not depend on what else shares the CI machine. A refusal takes ~0.2 s of CPU;
+    importing torch alone takes ~2.3 s, NeMo ~17 s, so the bound of 1 s (well inside the required 3 s)
+    also shows the refusal came before the heavy imports."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        p = subprocess.Popen([sys.executable, script, *argv], stdout=out, stderr=err, env=ENV, cwd=ROOT)
+        _, status, usage = os.wait4(p.pid, 0)  # this child's own rusage
+        p.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        return subprocess.CompletedProcess(p.args, p.returncode, out.read(), err.read()), \
+            usage.ru_utime + usage.ru_stime
 
 
 @pytest.fixture(scope="module")
@@ -269,7 +278,7 @@ def test_cli_refuses_in_one_line(cli_results, name):
     assert len(lines) == 1 and "error: " in lines[0], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr and proc.stdout == ""
     assert r["needle"] in lines[0], lines[0]
-    assert r["seconds"] < 3.0, f"{r['seconds']:.1f} s"
+    assert r["seconds"] < 1.0, f"{r['seconds']:.1f} s of CPU"
     assert r["after"] == r["before"], "output or temporary data left behind"
     if name == "cli_output_exists":
         assert open(os.path.join(r["out"], "keep.txt")).read() == "mine"
@@ -508,7 +517,8 @@ def test_kill_9_leaves_target_untouched_and_next_run_cleans_up(good, tmp_path):
         assert _tmp_dir(parent, "nemo"), f"{name}: kill -9 left no temporary directory (nothing tested)"
         # the next run for this target (here refused: no --overwrite) removes the stale directory
         proc, seconds = _run_cli(H2N, ["--input", good["hf"], "--output", str(target), "--no-progress"])
-        assert proc.returncode == 2 and "--overwrite" in proc.stderr and seconds < 3.0, proc.stderr
+        assert proc.returncode == 2 and "--overwrite" in proc.stderr and seconds < 1.0, proc.stderr
+        assert "cleaned up" in proc.stderr and ".nemo.tmp-" in proc.stderr  # reported, not silent
         assert sorted(os.listdir(parent)) == ["nemo"], (name, os.listdir(parent))
         assert (target / "keep.txt").read_text() == "previous"
 

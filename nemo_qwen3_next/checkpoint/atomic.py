@@ -4,7 +4,8 @@ A run writes into ``.<name>.tmp-<pid>`` and renames it to ``<name>`` at the end.
 on any exception, on SIGTERM/SIGINT/SIGHUP (turned into exceptions for the run's duration), and,
 after a kill -9, by the next run for the same target: a sibling whose pid is no longer alive is
 stale. A run killed between moving the old target aside (``.<name>.old-<pid>``) and renaming the
-new one in gets the old target back.
+new one in gets the old target back. What was cleaned up is reported (CLIs print it; the library
+logs a warning), never done silently.
 """
 
 from __future__ import annotations
@@ -52,10 +53,8 @@ def remove_stale_temp_dirs(output: str) -> List[str]:
         path = os.path.join(parent, entry)
         if m.group(1) == "old" and not os.path.exists(output):
             os.rename(path, output)
-            log.warning("restored %s from %s (a killed run had moved it aside)", output, path)
         else:
             shutil.rmtree(path, ignore_errors=True)
-            log.warning("removed %s, left behind by a killed run", path)
         done.append(path)
     return done
 
@@ -92,7 +91,8 @@ def atomic_output_dir(output: str, overwrite: bool):
     output = os.path.abspath(output)
     parent, base = os.path.split(output)
     os.makedirs(parent, exist_ok=True)
-    remove_stale_temp_dirs(output)
+    for path in remove_stale_temp_dirs(output):
+        log.warning("cleaned up %s, left behind by a killed run", path)
     check_output(output, overwrite)
     tmp = os.path.join(parent, f".{base}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
