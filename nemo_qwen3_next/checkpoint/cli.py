@@ -32,6 +32,7 @@ def console():
 
 @contextlib.contextmanager
 def quiet(enabled: bool = True):
+    """Hold what Python code prints (stdout and stderr) while the block runs; it is dropped after."""
     global _console
     if not enabled:
         yield
@@ -43,13 +44,6 @@ def quiet(enabled: bool = True):
             yield
     finally:
         _console = None
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse with its usage errors as one line (exit code 2, like every other refusal)."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def run(prog: str, body, debug: bool) -> int:
