@@ -19,7 +19,7 @@ def check_values(name: str, tensor, where: str, allow_non_finite: bool = False) 
 
     if allow_non_finite or not tensor.is_floating_point() or tensor.numel() == 0:
         return
-    finite = torch.isfinite(tensor)
+    finite = torch.isfinite(tensor if tensor.element_size() > 1 else tensor.float())  # no float8 isfinite
     if bool(finite.all()):
         return
     flat = int((~finite).reshape(-1).nonzero()[0, 0])
