@@ -29,6 +29,11 @@ from ..ops.usage import record
 from .grouped_experts import GroupedSequentialMLP
 
 
+def _gather_sum_k(t: torch.Tensor, idx: torch.Tensor, k: int) -> torch.Tensor:
+    """rows ``t[idx]`` ([N·k, H], token-major) summed per token over its k rows in fp32 -> [N, H]."""
+    return t.index_select(0, idx).view(idx.numel() // k, k, -1).sum(1, dtype=torch.float32).to(t.dtype)
+
+
 class _Dispatch(torch.autograd.Function):
     """rows ``x[token_of]`` ([N·k, H], expert-major); backward: sum of each token's k rows."""
 
@@ -41,8 +46,7 @@ class _Dispatch(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         (inv,) = ctx.saved_tensors
-        n = inv.numel() // ctx.k
-        return g.index_select(0, inv).view(n, ctx.k, -1).sum(1, dtype=torch.float32).to(g.dtype), None, None, None
+        return _gather_sum_k(g, inv, ctx.k), None, None, None
 
 
 class _Combine(torch.autograd.Function):
@@ -53,8 +57,7 @@ class _Combine(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y, inv, token_of, k):
         ctx.save_for_backward(token_of)
-        n = inv.numel() // k
-        return y.index_select(0, inv).view(n, k, -1).sum(1, dtype=torch.float32).to(y.dtype)
+        return _gather_sum_k(y, inv, k)
 
     @staticmethod
     def backward(ctx, g):
@@ -68,10 +71,9 @@ class TopKPermuteDispatcher(MoEAllGatherTokenDispatcher):
     def dispatch_postprocess(self, hidden_states, probs):
         self.hidden_shape_before_permute = hidden_states.shape
         routing_map, k = self.routing_map, self.router_topk
-        n = routing_map.shape[0]
-        # each token's k experts, ascending (exactly k per token: no capacity dropping on this path)
+        # each token's k experts, ascending (a stable sort keeps equal keys in order; exactly k per
+        # token: no capacity dropping on this path)
         experts = routing_map.to(torch.int8).argsort(dim=1, descending=True, stable=True)[:, :k]
-        experts = experts.sort(dim=1).values
         order = torch.argsort(experts.reshape(-1), stable=True)
         inv = torch.empty_like(order)
         inv[order] = torch.arange(order.numel(), device=order.device)
