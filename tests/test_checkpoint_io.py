@@ -149,3 +149,22 @@ def test_conf_model_names_match_their_size():
         millions = int(re.search(r"_(\d+)m$", name).group(1))
         _, n = _count(name)
         assert 0.7 * millions * 1e6 <= n <= 1.3 * millions * 1e6, (name, n)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float8_e4m3fn,
+                                   torch.float8_e5m2])
+def test_non_finite_check_names_first_bad_index(dtype):
+    """The index in the error is numpy's first non-finite position; finite tensors pass."""
+    import numpy as np
+
+    from nemo_qwen3_next.checkpoint import CheckpointError, check_values
+
+    t = torch.zeros(3, 5, 2)
+    check_values("w", t.to(dtype), "f.safetensors")
+    t[2, 4, 1], t[1, 3, 0] = float("inf"), float("nan")
+    t = t.to(dtype)
+    first = np.argwhere(~np.isfinite(t.float().numpy()))[0].tolist()
+    assert first == [1, 3, 0]
+    with pytest.raises(CheckpointError, match=rf"'w' in f\.safetensors .* index \[1, 3, 0\]"):
+        check_values("w", t, "f.safetensors")
+    check_values("w", t, "f.safetensors", allow_non_finite=True)  # the opt-out
