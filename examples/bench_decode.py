@@ -4,7 +4,7 @@ Implementations, same random weights for ours (`bench_model.reduced_config`: 80B
 3 GDN + 1 gated attention, 64 experts top-10 + gated shared expert, vocab 151936; bf16):
 
 * ``graph``: `inference.Decoder` with the decode step as a CUDA graph, fla kernels (chunked prefill,
-  fused recurrent decode), the MoE routed without host syncs through the grouped-GEMM experts;
+  fused recurrent decode), the MoE's top-k permutation (no host syncs) into the grouped-GEMM experts;
 * ``eager``: the same step launched op by op (no graph): its tokens must equal ``graph``'s exactly;
 * ``plain``: our plain-PyTorch path (``linear_attention_backend="torch"``, the expert loop, Megatron's
   dispatcher, no graph): the reference;
@@ -95,7 +95,7 @@ def _build(cfg_name: str, plain: bool, dtype, device, state=None):
     nq.init_single_process()
     over = dict(params_dtype=dtype, bf16=dtype == torch.bfloat16, use_cpu_initialization=device.type == "cpu")
     if plain:
-        over["linear_attention_backend"] = "torch"
+        over.update(linear_attention_backend="torch", moe_fast_permute=False)  # Megatron's dispatcher
     old = os.environ.get("QWEN3_NEXT_MOE_EXPERTS")
     if plain:
         os.environ["QWEN3_NEXT_MOE_EXPERTS"] = "sequential"  # read when the experts are built

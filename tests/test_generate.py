@@ -96,16 +96,18 @@ def test_decode_logits_equal_full_forward(sync_free):
 
 @pytest.mark.parametrize("experts", ["sequential", "grouped_mm"])
 def test_sync_free_moe_equals_megatron_dispatcher(experts, monkeypatch):
-    """Both sync-free forms (sorted pairs through the grouped experts; every expert weighted) = Megatron's."""
+    """Both sync-free forms (the layer's top-k permutation + grouped experts; every expert weighted) =
+    Megatron's dispatcher (`moe_fast_permute=False`) on the same weights."""
     if experts == "grouped_mm" and not hasattr(torch, "_grouped_mm"):
         pytest.skip("needs torch._grouped_mm")
     monkeypatch.setenv("QWEN3_NEXT_MOE_EXPERTS", experts)
-    _, ours = _pair()
-    mlp = ours.decoder.layers[0].mlp
-    x = torch.randn(3, 2, ours.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    hf = random_hf_model(tiny_hf_config(), seed=1)
+    mlp = load_hf(hf, linear_attention_chunk_size=16).decoder.layers[0].mlp
+    ref_mlp = load_hf(hf, linear_attention_chunk_size=16, moe_fast_permute=False).decoder.layers[0].mlp
+    x = torch.randn(3, 2, hf.config.hidden_size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        ref, _ = mlp(x)
-        out = moe_forward_sync_free(mlp, x)
+        ref, _ = ref_mlp(x)
+        out, _ = moe_forward_sync_free(mlp, x)
     assert (out - ref).abs().max().item() <= 1e-6
 
 

@@ -14,8 +14,8 @@ differently, because their training forward keeps no state:
   cache under the mask ``slot <= position``.
 
 Everything a decode step does has fixed shapes and no host synchronisation when ``sync_free=True``
-(the MoE then runs `moe_forward_sync_free` instead of Megatron's dispatcher, whose permutation sizes
-are read on the host): that step is what `inference.cuda_graph` captures.
+(the MoE then runs `moe_forward_sync_free`: the layer itself where its top-k permutation and grouped
+experts apply, else a form without host-sized splits): that step is what `inference.cuda_graph` captures.
 """
 
 from __future__ import annotations
@@ -71,10 +71,8 @@ def forward(model, state: InferenceState, tokens: torch.Tensor, batch: Batch, ro
         else:
             h = _add(h, attention_forward(layer.self_attention, x, slot, batch, freqs))
         x = layer.pre_mlp_layernorm(h)
-        if sync_free and isinstance(layer.mlp, MoELayer):
-            h = h + moe_forward_sync_free(layer.mlp, x)
-        else:
-            h = _add(h, layer.mlp(x))
+        sync_free_moe = sync_free and isinstance(layer.mlp, MoELayer)
+        h = _add(h, moe_forward_sync_free(layer.mlp, x) if sync_free_moe else layer.mlp(x))
     if batch.prefill:  # only each prompt's last token goes through the LM head
         h = h[batch.cu_seqlens[1:].long() - 1].transpose(0, 1)  # [1, N, H]
     h = model.decoder.final_layernorm(h)
@@ -150,36 +148,25 @@ def attention_forward(m, x: torch.Tensor, slot: KVSlot, batch: Batch, freqs: tor
     return m.linear_proj(out)
 
 
-def moe_forward_sync_free(mlp: MoELayer, x: torch.Tensor) -> torch.Tensor:
-    """Megatron's `MoELayer` output (router, experts, gated shared expert) without host syncs.
+def moe_forward_sync_free(mlp: MoELayer, x: torch.Tensor):
+    """The `MoELayer`'s ``(output, bias)`` without host syncs, for a captured decode step.
 
-    Megatron's dispatcher reads the tokens-per-expert counts on the host to size its permutation. Here,
-    where the experts run as grouped GEMMs (`GroupedSequentialMLP`: sm90+ bf16, or forced), the ``N·k``
-    (token, expert) pairs are sorted by expert on the device and handed to the layer's own experts in
-    the dispatcher's format; elsewhere (the expert loop, which also reads counts on the host) every
-    expert runs on every token with its routing weight, zero for tokens not routed to it: the same sum,
-    fixed shapes, E small GEMMs. One process, TP = EP = 1 (other layouts use the dispatcher).
+    Where `Qwen3NextMoELayer` permutes tokens from the top-k indices and the experts run as grouped GEMMs
+    (TP x EP = 1, sm90+ bf16 or forced), the layer itself is sync-free. Elsewhere the expert loop splits
+    tokens by counts read on the host, so here every expert runs on every token with its routing weight,
+    zero for tokens not routed to it: the same sum, fixed shapes, E small GEMMs (the router and the gated
+    shared expert are the layer's own).
     """
-    shape = x.shape
-    x2 = x.reshape(-1, shape[-1])
-    probs, _ = mlp.router(x2)  # [N, E], zero outside each token's top-k
     experts = mlp.experts
-    if isinstance(experts, GroupedSequentialMLP) and experts._grouped(x2):
-        k = mlp.router.topk
-        weights, chosen = probs.topk(k, dim=-1)  # [N, k]
-        flat = chosen.reshape(-1)
-        order = torch.argsort(flat, stable=True)  # pairs grouped by expert
-        counts = torch.zeros(probs.shape[-1], dtype=torch.long, device=x.device)
-        counts.scatter_add_(0, flat, torch.ones_like(flat))
-        y, _ = experts(x2[order // k], counts, weights.reshape(-1)[order])
-        back = torch.empty_like(order)
-        back[order] = torch.arange(order.numel(), device=x.device)
-        out = y[back].view(-1, k, shape[-1]).float().sum(1).to(x2.dtype)  # a fixed order: no atomics
-    else:
-        out = torch.zeros_like(x2)
-        for e, expert in enumerate(experts.local_experts):
-            y, _ = expert(x2, probs[:, e])
-            out += y.to(x2.dtype)
+    if getattr(mlp, "fast_permute_off", None) == "" and isinstance(experts, GroupedSequentialMLP) \
+            and experts._grouped(x):
+        return mlp(x)
+    x2 = x.reshape(-1, x.shape[-1])
+    probs, _ = mlp.router(x2)  # [N, E], zero outside each token's top-k
+    out = torch.zeros_like(x2)
+    for e, expert in enumerate(experts.local_experts):
+        y, _ = expert(x2, probs[:, e])
+        out += y.to(x2.dtype)
     if mlp.use_shared_expert:
         out = out + mlp.shared_experts(x2)
-    return out.view(shape)
+    return out.view(x.shape), None
