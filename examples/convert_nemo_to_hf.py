@@ -36,6 +36,7 @@ def main(argv=None) -> int:
         for path in remove_stale_temp_dirs(a.output):
             print(f"note: cleaned up {path}, left behind by a killed run", file=console())
         check_output(a.output, a.overwrite)
+        check_nemo_dir(a.input, deep=True)  # every stored chunk inside its file: needs torch (~2 s), not NeMo
         from nemo_qwen3_next.nemo.convert import convert_nemo_to_hf
 
         return convert_nemo_to_hf(a.input, a.output, overwrite=a.overwrite, progress=not a.no_progress,
