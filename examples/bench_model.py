@@ -84,15 +84,9 @@ def step_times(step, warmup: int, rep: int):
     first = time.perf_counter() - t0
     for _ in range(max(0, warmup - 1)):
         step()
-    times = []
-    for _ in range(rep):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        step()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return times, first
+    from benchmark import event_times  # noqa: the sibling script
+
+    return event_times(step, rep), first
 
 
 def process_age_s():

@@ -61,6 +61,19 @@ def flops_fwd(module: str, T: int) -> float:
 
 
 # ----------------------------------------------------------------------------- timing
+def event_times(fn, rep: int) -> list:
+    """ms of each of `rep` calls, by CUDA events around each (the GPU's time, not the launch's)."""
+    times = []
+    for _ in range(rep):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return times
+
+
 def time_ms(fn, warmup: int, rep: int, max_s: float = 4.0) -> float:
     """Median of per-call CUDA-event times, after warm-up; fewer reps if a call is slow."""
     for _ in range(warmup):
@@ -71,14 +84,7 @@ def time_ms(fn, warmup: int, rep: int, max_s: float = 4.0) -> float:
     torch.cuda.synchronize()
     one = time.perf_counter() - t0
     rep = max(3, min(rep, int(max_s / max(one, 1e-6))))
-    times = []
-    for _ in range(rep):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
+    times = event_times(fn, rep)
     return statistics.median(times)
 
 
