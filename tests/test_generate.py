@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from nemo_qwen3_next import generate, load_hf
+from nemo_qwen3_next import generate, load_hf, stream
 from nemo_qwen3_next.inference import Decoder, filter_logits, next_tokens
 from nemo_qwen3_next.inference.forward import moe_forward_sync_free
 from nemo_qwen3_next.ops import causal_conv1d, causal_conv1d_update
@@ -219,6 +219,7 @@ def test_bad_input_one_line_each():
     _one_line_error(lambda: generate(ours, ids, 4, attention_mask=mask), "prompt 1 is empty")
     for p in (0.0, -0.1, 1.5):
         _one_line_error(lambda: generate(ours, ids[:1], 4, temperature=1.0, top_p=p), r"top_p .* \(0, 1\]")
+    _one_line_error(lambda: stream(ours, ids[:1], 4, temperature=1.0, top_p=0.0), "top_p")  # at the call
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -138,8 +138,9 @@ def stream(model, input_ids: torch.Tensor, max_new_tokens: int, *, temperature: 
            seed: Optional[int] = None, cuda_graph: Optional[bool] = None) -> Iterator[torch.Tensor]:
     """Yield the next token of every sequence (``[B]``, on the model's device) step by step.
 
-    Arguments as `generate`. Stops after ``max_new_tokens`` or once every sequence has emitted EOS
-    (checked every step on CPU, every 8 steps on CUDA, so that the loop does not wait for the GPU).
+    Arguments as `generate`; they are checked here, before the first token is asked for. Stops after
+    ``max_new_tokens`` or once every sequence has emitted EOS (checked every step on CPU, every 8 steps
+    on CUDA, so that the loop does not wait for the GPU).
     """
     check_sampling(temperature, top_k, top_p)
     model = unwrap(model)
@@ -149,10 +150,14 @@ def stream(model, input_ids: torch.Tensor, max_new_tokens: int, *, temperature: 
     if longest > limit:
         raise ValueError(f"prompt has {longest} tokens, more than max_position_embeddings={limit}")
     if max_new_tokens < 1:
-        return
+        return iter(())
     dec = Decoder(model, len(prompts), longest + max_new_tokens, cuda_graph=cuda_graph)
     generator = None if seed is None else torch.Generator(dec.device).manual_seed(seed)
     pad = eos_token_id if pad_token_id is None else pad_token_id
+    return _steps(dec, prompts, max_new_tokens, temperature, top_k, top_p, eos_token_id, pad, generator)
+
+
+def _steps(dec: Decoder, prompts, max_new_tokens, temperature, top_k, top_p, eos_token_id, pad, generator):
     broadcast = temperature > 0 and dec.tp_group.size() > 1
     finished = torch.zeros(len(prompts), dtype=torch.bool, device=dec.device)
     check_every = 8 if dec.device.type == "cuda" else 1
