@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from megatron.core.transformer.moe.moe_layer import MoELayer
 
 from nemo_qwen3_next import (
     PRESETS,
@@ -96,7 +97,8 @@ def test_registry_and_layer_selection():
     layers = model.decoder.layers
     kinds = [type(layer.self_attention) for layer in layers]
     assert kinds == [GatedSelfAttention, GatedDeltaNet, GatedDeltaNet, GatedSelfAttention]
-    assert [type(layer.mlp).__name__ for layer in layers] == ["MoELayer", "MoELayer", "MLP", "MoELayer"]
+    assert [type(layer.mlp).__name__ for layer in layers] == ["Qwen3NextMoELayer"] * 2 + ["MLP", "Qwen3NextMoELayer"]
+    assert isinstance(layers[0].mlp, MoELayer)  # Megatron's MoE layer, with the top-k permutation swapped in
     assert layers[0].mlp.shared_experts.use_shared_expert_gate
 
 
