@@ -11,6 +11,7 @@ Times forward, backward and forward+backward of
 * ``moe``:   the MoE block (512 experts, top-10, gated shared expert; local ``SequentialMLP``);
 * ``layer``: a whole decoder layer (RMSNorm + GDN + RMSNorm + MoE, residuals),
 * ``model``: a whole reduced model's training step, ours vs HF (``examples/bench_model.py`` says how),
+* ``decode``: prefill and decode tokens/s of the reduced model, ours vs HF ``generate`` (``examples/bench_decode.py``),
 
 over a ladder of (B, T), and reports ms, tokens/s and achieved TFLOP/s (FLOP model below).
 ``--check`` compares the fused GDN path in bf16 with the fp32 reference path on the same weights
@@ -39,7 +40,8 @@ import time
 
 import torch
 
-import bench_model  # the sibling script: --modules model
+import bench_decode  # the sibling scripts: --modules decode
+import bench_model  # --modules model
 
 DEFAULT_SHAPES = "1x1024,1x2048,1x4096,1x8192,1x16384,1x32768,1x65536,4x4096"
 PASSES = ("fwd", "bwd", "fwdbwd")
@@ -389,6 +391,7 @@ def main():
                          "FLA_FLASH_QLA=0, their stock fla Triton path; ours calls FlashQLA directly)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     bench_model.add_args(ap)
+    bench_decode.add_args(ap)
     args = ap.parse_args()
     args.passes = [p for p in args.passes.split(",") if p]
     if not args.baseline_flash_qla:  # before fla is imported; inherited by the megatron-core child
@@ -445,12 +448,15 @@ def main():
         result["numerics"] = check_numerics()
         print("numerics:", json.dumps(result["numerics"]), flush=True)
 
+    if "decode" in modules:
+        result["decode"] = bench_decode.run(args)  # its own JSON: --decode-out
+        save()
     if "model" in modules:
         bench_model.run(args, os.path.abspath(__file__), result, save)
         if args.visualize:
             result["plots"] = bench_model.visualize(result, os.path.splitext(args.out)[0])
         save()
-    for module in [m for m in modules if m != "model"]:
+    for module in [m for m in modules if m not in ("model", "decode")]:
         for B, T in shapes:
             cands = ["ours"] if module != "gdn" else [i for i in impls if i != "mcore"]
             for impl in cands:
