@@ -12,6 +12,8 @@ megatron-core assumes a GPU in a few spots that do not matter for the math (meas
 * `model_parallel_cuda_manual_seed` needs CUDA RNG states; `seed_cpu` gives the same
   tensor-parallel RNG tracker with CPU generators. Activation checkpointing (selective recompute)
   saves and restores the CUDA RNG state: without CUDA that becomes a no-op.
+* Under context parallelism, RoPE's `get_pos_emb_on_this_cp_rank` builds its chunk index in pinned
+  memory and moves it with `.cuda()`: without CUDA the same index is built on the embedding's device.
 
 * Without TE, Megatron's `CheckpointWithoutOutput` (selective recompute of norms / MoE activations)
   calls TE's FP8 state manager: `fix_te_less_checkpoint()` binds no-FP8 stand-ins (any device).
@@ -70,8 +72,20 @@ def apply_cpu_compat() -> bool:
 
     mpu_random._get_cuda_rng_state = lambda *a, **k: None
     mpu_random._set_cuda_rng_state = lambda *a, **k: None
+    from megatron.core.models.common.embeddings import rotary_pos_embedding
+
+    rotary_pos_embedding.get_pos_emb_on_this_cp_rank = _pos_emb_on_this_cp_rank
     _APPLIED = True
     return True
+
+
+def _pos_emb_on_this_cp_rank(pos_emb, seq_dim: int, cp_group):
+    """Megatron's `get_pos_emb_on_this_cp_rank` (chunks r and 2·CP-1-r) without pinned memory / `.cuda()`."""
+    size, rank = cp_group.size(), cp_group.rank()
+    idx = torch.tensor([rank, 2 * size - 1 - rank], device=pos_emb.device)
+    pos_emb = pos_emb.view(*pos_emb.shape[:seq_dim], 2 * size, -1, *pos_emb.shape[seq_dim + 1:])
+    pos_emb = pos_emb.index_select(seq_dim, idx)
+    return pos_emb.view(*pos_emb.shape[:seq_dim], -1, *pos_emb.shape[seq_dim + 2:])
 
 
 def seed_cpu(seed: int) -> None:

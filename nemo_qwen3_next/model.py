@@ -29,8 +29,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed(tp: int = 1, pp: int = 1, ep: int = 1, seed: int = 1234) -> None:
-    """Initialise torch.distributed (one process if not launched by torchrun) and Megatron state."""
+def init_distributed(tp: int = 1, pp: int = 1, ep: int = 1, seed: int = 1234, cp: int = 1) -> None:
+    """Initialise torch.distributed (one process if not launched by torchrun) and Megatron state.
+
+    ``cp`` is the context-parallel size (`nemo_qwen3_next.parallel.context`); TP x PP x CP must divide
+    the world size, checked here in one line rather than deep inside Megatron.
+    """
     from megatron.core import parallel_state
 
     apply_cpu_compat()
@@ -45,8 +49,16 @@ def init_distributed(tp: int = 1, pp: int = 1, ep: int = 1, seed: int = 1234) ->
                 backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1
             )
     if not parallel_state.model_parallel_is_initialized():
+        world = dist.get_world_size()
+        if cp > world:
+            raise ValueError(f"context_parallel_size (cp={cp}) > world size ({world}); launch at least {cp} "
+                             f"processes (torchrun --nproc-per-node {cp}) or lower cp.")
+        if world % (tp * pp * cp):
+            raise ValueError(f"tp x pp x cp = {tp} x {pp} x {cp} = {tp * pp * cp} does not divide the world size "
+                             f"({world}); launch a multiple of {tp * pp * cp} processes or lower tp/pp/cp.")
         parallel_state.initialize_model_parallel(
-            tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, expert_model_parallel_size=ep
+            tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, expert_model_parallel_size=ep,
+            context_parallel_size=cp,
         )
     seed_all(seed)
 

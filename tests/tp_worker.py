@@ -38,8 +38,8 @@ def reduce_replicated_grads(model, config):
             torch.distributed.all_reduce(p.grad, group=group)
 
 
-def tiny_tp_model(sp: bool):
-    """This rank's shard of the tiny HF model (seed 1) at TP = WORLD_SIZE: (model, config, rank)."""
+def tiny_tp_model(sp: bool, cp: int = 1, **overrides):
+    """This rank's shard of the tiny HF model (seed 1) at TP = WORLD_SIZE / cp: (model, config, rank)."""
     from megatron.core import parallel_state
 
     from nemo_qwen3_next import Qwen3NextConfig, build_model, init_distributed
@@ -47,17 +47,19 @@ def tiny_tp_model(sp: bool):
     from nemo_qwen3_next.sharding import shard_state_dict
     from nemo_qwen3_next.testing import random_hf_model, tiny_hf_config
 
-    world = int(os.environ["WORLD_SIZE"])
-    init_distributed(tp=world)
+    tp = int(os.environ["WORLD_SIZE"]) // cp
+    init_distributed(tp=tp, cp=cp)
     hf = random_hf_model(tiny_hf_config(), seed=1)
+    kw = dict(linear_attention_chunk_size=16, use_cpu_initialization=True, perform_initialization=False,
+              params_dtype=torch.float32)
+    kw.update(overrides)
     config = Qwen3NextConfig.from_hf(
-        hf.config, tensor_model_parallel_size=world, sequence_parallel=sp, linear_attention_chunk_size=16,
-        use_cpu_initialization=True, perform_initialization=False, params_dtype=torch.float32,
+        hf.config, tensor_model_parallel_size=tp, sequence_parallel=sp, context_parallel_size=cp, **kw
     )
     model = build_model(config, backend="local", parallel_output=False).eval()
     full = hf_to_ours(hf.state_dict(), config)
     rank = parallel_state.get_tensor_model_parallel_rank()
-    missing, unexpected = model.load_state_dict(shard_state_dict(full, model, rank, world), strict=False)
+    missing, unexpected = model.load_state_dict(shard_state_dict(full, model, rank, tp), strict=False)
     assert not unexpected and all(k.endswith("_extra_state") for k in missing), (missing, unexpected)
     return model, config, rank
 

@@ -25,6 +25,10 @@ Math per token t and value head j (key head j // r), all gates in fp32::
 Packed sequences (`packed_seq_params.cu_seqlens_q`) restart both the conv history and the
 recurrent state at every document boundary.
 
+Context parallelism (a CP group of size > 1): the reference path runs the same conv and rule on
+this rank's two sequence chunks through `parallel.context` (conv left context and chunk states
+exchanged, exact); the fused path is not used under CP yet.
+
 Two forward paths, one set of parameters:
 
 * `_forward_reference` (CPU, or `linear_attention_backend="torch"`): the math above step by step in
@@ -43,6 +47,7 @@ Two forward paths, one set of parameters:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Optional, Union
 
 import torch
@@ -57,6 +62,7 @@ from megatron.core.utils import divide
 
 from ..ops import causal_conv1d, gated_delta_rule
 from ..ops.gated_delta_rule import gdn_gate
+from ..parallel.context import causal_conv1d_cp, cp_group_or_none, gated_delta_rule_cp
 from .norms import GatedRMSNorm
 
 
@@ -81,8 +87,9 @@ class GatedDeltaNet(MegatronModule):
     ):
         super().__init__(config=config)
         if pg_collection is None:
-            pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp"])
+            pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp", "cp"])
         self.pg_collection = pg_collection
+        self.cp_group = cp_group_or_none(pg_collection)  # None: no context parallelism
         self.layer_number = layer_number
         tp = pg_collection.tp.size()
 
@@ -163,7 +170,7 @@ class GatedDeltaNet(MegatronModule):
             if cu_seqlens is None:
                 cu_seqlens = packed_seq_params.cu_seqlens_q
 
-        if hidden_states.is_cuda and self.backend != "torch":
+        if hidden_states.is_cuda and self.backend != "torch" and self.cp_group is None:
             return self._forward_fused(hidden_states, cu_seqlens)
         return self._forward_reference(hidden_states, cu_seqlens)
 
@@ -182,7 +189,10 @@ class GatedDeltaNet(MegatronModule):
     def _mix_reference(self, qkv, z, beta, a, cu_seqlens):
         """conv -> gated delta rule -> gated norm on the reference path (z, beta, a: per key head)."""
         b, s = qkv.shape[:2]
-        qkv, _ = causal_conv1d(
+        conv, rule = causal_conv1d, gated_delta_rule
+        if self.cp_group is not None:  # the same math over this rank's two chunks of the sequence
+            conv, rule = (partial(f, group=self.cp_group) for f in (causal_conv1d_cp, gated_delta_rule_cp))
+        qkv, _ = conv(
             qkv, self.conv1d.weight.squeeze(1), activation="silu", cu_seqlens=cu_seqlens, backend=self.backend
         )
         qkv = qkv.view(b, s, self.num_key_heads, self.conv_group)
@@ -195,7 +205,7 @@ class GatedDeltaNet(MegatronModule):
         a = a.reshape(b, s, self.num_value_heads)
         g = gdn_gate(a, self.A_log, self.dt_bias)
 
-        o, _ = gated_delta_rule(
+        o, _ = rule(
             q,
             k,
             v,

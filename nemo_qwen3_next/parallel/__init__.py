@@ -1,0 +1,1 @@
+"""Parallelism beyond Megatron's own: context parallelism for GDN and gated attention (`context`)."""

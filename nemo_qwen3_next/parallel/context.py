@@ -1,0 +1,179 @@
+"""Context parallelism (CP) for the hybrid model, on Megatron's sequence layout.
+
+Layout (Megatron's ``get_batch_on_this_cp_rank``): the sequence is cut into ``2·CP`` equal chunks
+and CP rank ``r`` holds chunks ``r`` and ``2·CP-1-r``, in that order, so every rank gets the same
+causal-attention work and NeMo's data path is unchanged.
+
+What crosses ranks, per layer (``L`` = tokens per chunk, ``b`` = micro-batch):
+
+* causal conv (GDN): the last ``W-1`` conv inputs of every chunk, all-gathered (each chunk takes
+  its left context from the chunk before it); ``2·CP·b·(W-1)·channels`` values.
+* gated delta rule (GDN), exact state passing: each chunk runs the rule from a zero state *and*
+  from the identity, as one call with ``[v | 0]`` and initial state ``[0 | I]`` (the rule acts on
+  every state column alone, so that is two runs in one). It yields the chunk's final state ``F``
+  ``[Hv, Dk, Dv]`` and its transition ``P`` ``[Hv, Dk, Dk]`` (``S_out = P·S_in + F``), plus
+  ``o_P``, each token's read-out of ``P``. ``[F | P]`` is all-gathered (``2·CP·b·Hv·Dk·(Dk+Dv)``
+  fp32 values, no activations), every rank chains ``S_in(c+1) = P_c·S_in(c) + F_c`` from
+  ``S_in(0) = 0`` and corrects its outputs exactly: ``o = o_0 + o_P·S_in``. No head count is
+  involved, so any CP size works.
+* attention: K and V all-gathered (``2·CP·L·b·groups·head_dim`` each); queries attend with the
+  causal offsets of their own chunks.
+
+All gathers are Megatron's ``gather_from_sequence_parallel_region`` on the CP group, whose backward
+reduce-scatters the gradients to their owners, so forward and backward run through autograd.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import torch
+
+from ..ops import causal_conv1d, gated_delta_rule
+
+
+def cp_group_or_none(pg_collection) -> Optional[torch.distributed.ProcessGroup]:
+    """The CP group from a Megatron ``ProcessGroupCollection``, or None when CP is off (size 1)."""
+    group = getattr(pg_collection, "cp", None)
+    return group if group is not None and group.size() > 1 else None
+
+
+def _all_gather(x: torch.Tensor, group) -> torch.Tensor:
+    """``[n, ...]`` -> ``[size·n, ...]`` in rank order; backward reduce-scatters."""
+    from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
+
+    return gather_from_sequence_parallel_region(x.contiguous(), tensor_parallel_output_grad=True, group=group)
+
+
+def _local_chunks(rank: int, size: int):
+    """Global indices of the two chunks CP rank ``rank`` holds."""
+    return rank, 2 * size - 1 - rank
+
+
+def _gathered_index(chunk: int, size: int) -> int:
+    """Where global chunk ``chunk`` sits in a rank-order gather of ``[2, ...]`` per rank."""
+    return 2 * chunk if chunk < size else 2 * (2 * size - 1 - chunk) + 1
+
+
+def local_positions(local_len: int, rank: int, size: int, device=None) -> torch.Tensor:
+    """Global token positions of CP rank ``rank``'s ``local_len`` tokens (two chunks of ``local_len // 2``)."""
+    L = local_len // 2
+    return torch.cat([torch.arange(c * L, (c + 1) * L, device=device) for c in _local_chunks(rank, size)])
+
+
+def split_batch(batch: Dict[str, Optional[torch.Tensor]], group=None) -> Dict[str, Optional[torch.Tensor]]:
+    """This CP rank's part of a ``[b, s]`` batch (``attention_mask`` ``[b, 1, s, s]``): Megatron's split,
+    after a one-line check that ``s`` is divisible by ``2·CP``. Returns a new dict."""
+    from megatron.core import parallel_state
+    from megatron.core.utils import get_batch_on_this_cp_rank
+
+    size = group.size() if group is not None else parallel_state.get_context_parallel_world_size()
+    for key, val in batch.items():
+        if val is not None:
+            s = val.shape[2 if key == "attention_mask" else 1]
+            if s % (2 * size):
+                fix = (s // (2 * size) + 1) * 2 * size
+                raise ValueError(f"sequence length {s} ({key}) is not divisible by 2 x context_parallel_size = "
+                                 f"{2 * size}; pad or cut sequences to a multiple of {2 * size} (e.g. {fix}).")
+    return get_batch_on_this_cp_rank(dict(batch))
+
+
+def gather_sequence(x: torch.Tensor, group, seq_dim: int = 1) -> torch.Tensor:
+    """Inverse of `split_batch` for one tensor: every rank's part, back in global sequence order."""
+    size = group.size()
+    parts = _all_gather(x.movedim(seq_dim, 0), group).chunk(2 * size, dim=0)  # rank order
+    ordered = [parts[_gathered_index(c, size)] for c in range(2 * size)]
+    return torch.cat(ordered, dim=0).movedim(0, seq_dim)
+
+
+def _chunks_to_batch(x: torch.Tensor) -> torch.Tensor:
+    """``[b, 2L, ...]`` -> ``[2b, L, ...]`` (first chunk's rows, then the second's)."""
+    b, s = x.shape[:2]
+    return x.reshape(b, 2, s // 2, *x.shape[2:]).transpose(0, 1).reshape(2 * b, s // 2, *x.shape[2:])
+
+
+def _batch_to_chunks(x: torch.Tensor) -> torch.Tensor:
+    """Inverse of `_chunks_to_batch`."""
+    b2, L = x.shape[:2]
+    return x.reshape(2, b2 // 2, L, *x.shape[2:]).transpose(0, 1).reshape(b2 // 2, 2 * L, *x.shape[2:])
+
+
+def _check_local_len(s: int, what: str, min_chunk: int = 1) -> None:
+    if s % 2 or s // 2 < min_chunk:
+        raise ValueError(f"{what} under context parallelism needs the local sequence to be two equal chunks of "
+                         f">= {min_chunk} tokens (Megatron's CP split); got {s} local tokens.")
+
+
+def causal_conv1d_cp(x: torch.Tensor, weight: torch.Tensor, bias=None, activation="silu", *, group,
+                     cu_seqlens=None, backend: str = "auto"):
+    """`ops.causal_conv1d` on this rank's two chunks ``x`` ``[b, 2L, D]``, each continuing the chunk
+    before it in the global sequence (its last ``W-1`` inputs come through an all-gather)."""
+    if cu_seqlens is not None:
+        raise NotImplementedError("packed documents (cu_seqlens) under context parallelism are not supported yet.")
+    W1 = weight.shape[1] - 1
+    _check_local_len(x.shape[1], "the causal conv", max(W1, 1))
+    x2 = _chunks_to_batch(x)  # [2b, L, D]
+    b, L = x.shape[0], x2.shape[1]
+    initial = None
+    if W1:
+        size, rank = group.size(), group.rank()
+        tails = _all_gather(x2[:, L - W1:].reshape(2, b, W1, -1), group)  # [2·size, b, W-1, D]
+        left = [tails[_gathered_index(c - 1, size)] if c > 0 else torch.zeros_like(tails[0])
+                for c in _local_chunks(rank, size)]
+        initial = torch.cat(left, dim=0).transpose(1, 2)  # [2b, D, W-1]
+    y, _ = causal_conv1d(x2, weight, bias, activation, initial_state=initial, backend=backend)
+    return _batch_to_chunks(y), None
+
+
+def gated_delta_rule_cp(q, k, v, g, beta, *, group, initial_state=None, output_final_state=False,
+                        cu_seqlens=None, **kwargs):
+    """`ops.gated_delta_rule` on this rank's two chunks (``[b, 2L, H, *]``), exact for the global
+    sequence by state passing (module docstring). Keywords as `ops.gated_delta_rule`; returns ``(o, None)``."""
+    if cu_seqlens is not None:
+        raise NotImplementedError("packed documents (cu_seqlens) under context parallelism are not supported yet.")
+    if initial_state is not None or output_final_state:
+        raise NotImplementedError("initial/final states are not supported under context parallelism.")
+    _check_local_len(q.shape[1], "the gated delta rule")
+    q, k, v, g, beta = (_chunks_to_batch(t) for t in (q, k, v, g, beta))
+    B, L, Hv, V = v.shape
+    K = k.shape[-1]
+    dtype = torch.promote_types(v.dtype, torch.float32)  # the rule's compute dtype (its state's)
+    # [v | 0] from [0 | I]: one run gives the zero-state result and the chunk's transition.
+    v_aug = torch.cat([v, v.new_zeros(B, L, Hv, K)], dim=-1)
+    eye = torch.eye(K, dtype=dtype, device=v.device).expand(B, Hv, K, K)
+    s0 = torch.cat([eye.new_zeros(B, Hv, K, V), eye], dim=-1)
+    o_aug, s_aug = gated_delta_rule(q, k, v_aug, g, beta, initial_state=s0, output_final_state=True, **kwargs)
+    o0, o_p = o_aug.split([V, K], dim=-1)
+
+    size, rank = group.size(), group.rank()
+    b = B // 2
+    states = _all_gather(s_aug.to(dtype).reshape(2, b, Hv, K, V + K), group)  # [2·size, b, Hv, K, V+K]
+    mine = _local_chunks(rank, size)
+    s_in, start = {}, torch.zeros(b, Hv, K, V, dtype=dtype, device=v.device)
+    for c in range(max(mine) + 1):  # S_in(c+1) = P_c · S_in(c) + F_c
+        if c in mine:
+            s_in[c] = start
+        f_c, p_c = states[_gathered_index(c, size)].split([V, K], dim=-1)
+        start = p_c @ start + f_c
+    s_in = torch.cat([s_in[c] for c in mine], dim=0)  # [2b, Hv, K, V]
+    o = (o0.to(dtype) + torch.einsum("blhk,bhkv->blhv", o_p.to(dtype), s_in)).to(v.dtype)
+    return _batch_to_chunks(o), None
+
+
+def gather_kv(key: torch.Tensor, value: torch.Tensor, group, attention_mask: Optional[torch.Tensor] = None):
+    """All-gather ``[sk, b, ng, hn]`` K/V over CP; return them with the boolean ``[sq, sk_all]`` mask
+    (True = may attend) that gives this rank's queries their global causal offsets.
+
+    ``attention_mask`` (Megatron's, True = masked) is the one `split_batch` leaves: queries local,
+    keys in global order; its key columns are permuted to the gathered order."""
+    s = key.shape[0]
+    _check_local_len(s, "attention")
+    size = group.size()
+    key_all, value_all = _all_gather(key, group), _all_gather(value, group)  # rank order
+    kpos = torch.cat([local_positions(s, r, size, key.device) for r in range(size)])
+    qpos = local_positions(s, group.rank(), size, key.device)
+    mask = qpos[:, None] >= kpos[None, :]
+    if attention_mask is not None:
+        mask = mask & ~attention_mask[..., kpos]
+    return key_all, value_all, mask
+

@@ -1,0 +1,69 @@
+"""torchrun worker: the tiny HF model at context parallelism CP (x TP), in training mode.
+
+The batch is cut with Megatron's CP split; each rank computes the per-token loss of its own tokens,
+divided by the global token count, and backpropagates; gradients are then summed over CP (and over
+TP for TP-replicated parameters), as Megatron's finalize_model_grads does. Every rank writes
+OUT_DIR/rank{r}.pt: full-sequence logits (gathered back to global order), the global loss and its
+gradients (its TP shards). Usage: torchrun --nproc-per-node N tests/cp_worker.py OUT_DIR CP [--sp]
+"""
+
+import os
+import sys
+
+os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from tp_worker import reduce_replicated_grads, tiny_tp_model
+
+CHUNK = 8  # GDN chunk size: the per-rank chunks (88 / 2CP tokens) are not multiples of it
+BATCH, SEQ = 2, 88
+
+
+def batch():
+    """The global batch: ids, next-token labels and a loss mask without the last position."""
+    torch.manual_seed(3)
+    ids = torch.randint(0, 256, (BATCH, SEQ))
+    mask = torch.ones(BATCH, SEQ)
+    mask[:, -1] = 0
+    return ids, torch.roll(ids, -1, 1), mask
+
+
+def token_loss(logits, labels, mask, num_tokens):
+    """Sum of this rank's per-token losses over the global token count (the same function at CP=1)."""
+    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none")
+    return (ce * mask.reshape(-1)).sum() / num_tokens
+
+
+def main(out_dir: str, cp: int, sp: bool):
+    from megatron.core import parallel_state
+
+    from nemo_qwen3_next.parallel.context import gather_sequence, split_batch
+
+    model, config, _ = tiny_tp_model(sp, cp=cp, linear_attention_chunk_size=CHUNK)
+    model.train()  # dropout is 0; training mode applies the MoE aux loss
+    group = parallel_state.get_context_parallel_group()
+    ids, labels, mask = batch()
+    pos = torch.arange(SEQ).unsqueeze(0).expand_as(ids)
+    local = split_batch({"tokens": ids, "position_ids": pos, "labels": labels, "loss_mask": mask}, group)
+    logits = model(local["tokens"], local["position_ids"], None)  # [b, 2L, vocab]
+    loss = token_loss(logits, local["labels"], local["loss_mask"], mask.sum())
+    loss.backward()
+    reduce_replicated_grads(model, config)
+    for p in model.parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad, group=group)
+    loss = loss.detach()
+    dist.all_reduce(loss, group=group)
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    full_logits = gather_sequence(logits.detach(), group, seq_dim=1)
+    torch.save({"logits": full_logits, "loss": loss, "grads": grads,
+                "tp_rank": parallel_state.get_tensor_model_parallel_rank()},
+               os.path.join(out_dir, f"rank{dist.get_rank()}.pt"))
+    dist.barrier()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]), "--sp" in sys.argv[3:])
