@@ -156,3 +156,22 @@ def test_gpu_auto_grouped_equals_the_loop_in_bf16(monkeypatch):
     out_l, _ = super(GroupedSequentialMLP, module).forward(x, counts, probs)
     err = ((out_g.float() - out_l.float()).norm() / out_l.float().norm()).item()
     assert err <= 1e-2, f"grouped vs loop relative error {err}"
+
+
+def test_stacked_weights_are_reused_without_grad_and_follow_updates(monkeypatch):
+    """Inference reuses the stacked expert weights until a weight changes in place; autograd restacks."""
+    if not hasattr(torch, "_grouped_mm"):
+        pytest.skip("needs torch._grouped_mm")
+    monkeypatch.setenv("QWEN3_NEXT_MOE_EXPERTS", "grouped_mm")
+    hf = random_hf_model(tiny_hf_config(), seed=1)
+    model = load_hf(hf, linear_attention_chunk_size=16)
+    experts = model.decoder.layers[0].mlp.experts
+    with torch.no_grad():
+        a1, _ = experts._stacked_weights()
+        b1, _ = experts._stacked_weights()
+        assert a1 is b1  # reused
+        experts.local_experts[1].linear_fc1.weight.mul_(2.0)  # an in-place update, as an optimizer step
+        a2, _ = experts._stacked_weights()
+        assert a2 is not a1 and torch.equal(a2[1], experts.local_experts[1].linear_fc1.weight)
+    w1, _ = experts._stacked_weights()  # grad mode: a fresh stack that carries gradients
+    assert w1.requires_grad and w1 is not a2

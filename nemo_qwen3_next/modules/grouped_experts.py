@@ -113,6 +113,27 @@ class GroupedSequentialMLP(SequentialMLP):
             return self._auto[key]
         return self.impl == "grouped_mm"
 
+    def _stacked_weights(self):
+        """All local experts' fc1 / fc2 weights as two stacked tensors.
+
+        With autograd on they are stacked anew each call (the gradient flows back to each expert's
+        own parameter). Without it (generation, evaluation) the stack is kept and reused until a
+        weight changes: decode steps at the reduced widths would otherwise copy ~1.6 GB of expert
+        weights per token. A weight's in-place update (optimizer step, `load_state_dict`) bumps its
+        version counter, which is part of the key.
+        """
+        ws1 = [e.linear_fc1.weight for e in self.local_experts]
+        ws2 = [e.linear_fc2.weight for e in self.local_experts]
+        if torch.is_grad_enabled():
+            self._stack_cache = None
+            return torch.stack(ws1), torch.stack(ws2)
+        key = tuple((w.data_ptr(), w._version) for w in ws1 + ws2)
+        cached = getattr(self, "_stack_cache", None)
+        if cached is None or cached[0] != key:
+            cached = (key, torch.stack(ws1), torch.stack(ws2))
+            self._stack_cache = cached
+        return cached[1], cached[2]
+
     def forward(self, permuted_local_hidden_states, tokens_per_expert, permuted_probs):
         x, probs = permuted_local_hidden_states, permuted_probs
         if not self._grouped(x):
@@ -124,8 +145,7 @@ class GroupedSequentialMLP(SequentialMLP):
             probs = None
         # group ends; int32 on the tokens' device (no host sync, unlike the parent's .tolist())
         offs = torch.cumsum(torch.as_tensor(tokens_per_expert, device=x.device), 0).to(torch.int32)
-        w1 = torch.stack([e.linear_fc1.weight for e in self.local_experts])  # [E, 2F/tp, H]
-        w2 = torch.stack([e.linear_fc2.weight for e in self.local_experts])  # [E, H, F/tp]
+        w1, w2 = self._stacked_weights()  # [E, 2F/tp, H], [E, H, F/tp]
         h = torch._grouped_mm(x, w1.to(x.dtype).transpose(1, 2), offs=offs)  # [T, 2F/tp]
         gate, up = torch.chunk(h, 2, dim=-1)  # megatron's fc1 holds [gate; up] on every TP rank
         act = swiglu(gate, up)
