@@ -4,7 +4,9 @@ The batch is cut with Megatron's CP split; each rank computes the per-token loss
 divided by the global token count, and backpropagates; gradients are then summed over CP (and over
 TP for TP-replicated parameters), as Megatron's finalize_model_grads does. Every rank writes
 OUT_DIR/rank{r}.pt: full-sequence logits (gathered back to global order), the global loss and its
-gradients (its TP shards). Usage: torchrun --nproc-per-node N tests/cp_worker.py OUT_DIR CP [--sp]
+gradients (its TP shards). Several layouts run in one launch (one process start-up for all):
+each RUN is ``cpC`` or ``tpT_sp_cpC`` with T x C = N, and writes OUT_DIR/RUN_rank{r}.pt.
+Usage: torchrun --nproc-per-node N tests/cp_worker.py OUT_DIR RUN [RUN ...]
 """
 
 import os
@@ -37,11 +39,13 @@ def token_loss(logits, labels, mask, num_tokens):
     return (ce * mask.reshape(-1)).sum() / num_tokens
 
 
-def main(out_dir: str, cp: int, sp: bool):
+def run(out_dir: str, name: str):
     from megatron.core import parallel_state
 
     from nemo_qwen3_next.parallel.context import gather_sequence, split_batch
 
+    cp, sp = int(name.rsplit("cp", 1)[1]), "_sp_" in name
+    parallel_state.destroy_model_parallel()  # the previous run's layout
     model, config, _ = tiny_tp_model(sp, cp=cp, linear_attention_chunk_size=CHUNK)
     model.train()  # dropout is 0; training mode applies the MoE aux loss
     group = parallel_state.get_context_parallel_group()
@@ -61,9 +65,10 @@ def main(out_dir: str, cp: int, sp: bool):
     full_logits = gather_sequence(logits.detach(), group, seq_dim=1)
     torch.save({"logits": full_logits, "loss": loss, "grads": grads,
                 "tp_rank": parallel_state.get_tensor_model_parallel_rank()},
-               os.path.join(out_dir, f"rank{dist.get_rank()}.pt"))
+               os.path.join(out_dir, f"{name}_rank{dist.get_rank()}.pt"))
     dist.barrier()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), "--sp" in sys.argv[3:])
+    for name in sys.argv[2:]:
+        run(sys.argv[1], name)
