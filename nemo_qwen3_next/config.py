@@ -223,9 +223,6 @@ class Qwen3NextConfig(TransformerConfig):
             self.moe_aux_loss_coeff]
         for c in coeffs:
             check_field("moe_aux_loss_coeff", c, "nonnegf")
-        if self.num_moe_experts and self.moe_ffn_hidden_size is None:
-            raise ConfigError("moe_ffn_hidden_size is None but num_moe_experts is set; give the routed experts' "
-                              "hidden size (HF moe_intermediate_size).")
 
     def _validate_and_derive(self):
         self._check_fields()

@@ -302,7 +302,7 @@ CONFIG = {
     "mlp_only_layers_float": (dict(mlp_only_layers=[0.5]), "mlp_only_layers"),
     "odd_rope_channels": (dict(kv_channels=6, layer_types=["full"] * 4), "rotary_percent"),
     "aux_loss_negative": (dict(moe_aux_loss_coeff=-1.0), "moe_aux_loss_coeff"),
-    "experts_without_ffn": (dict(moe_ffn_hidden_size=None), "moe_ffn_hidden_size"),
+    "topk_zero": (dict(moe_router_topk=0), "moe_router_topk = 0"),
     "tp_size_zero": (dict(tensor_model_parallel_size=0), "tensor_model_parallel_size"),
 }
 
