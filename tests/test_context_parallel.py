@@ -70,6 +70,69 @@ def test_cp_matches_cp1(cp_runs, cp1, name):
             assert _rel(grad, ref) <= 1e-5, (r, pname, _rel(grad, ref))
 
 
+def _simulate_ranks(size, inputs, local, compose):
+    """CP in one process: cut each global [b, T, ...] input into every rank's two chunks, run `local` per
+    rank, stack what the ranks send in rank order (the all-gather), `compose` per rank, and put the
+    outputs back in global order. Autograd runs through all of it, so input grads are global too."""
+    from nemo_qwen3_next.parallel.context import local_positions
+
+    T = inputs[0].shape[1]
+    pos = [local_positions(T // size, r, size, inputs[0].device) for r in range(size)]
+    parts = [local(*(t[:, p] for t in inputs)) for p in pos]
+    sent = torch.cat([part[-1] for part in parts], dim=0)
+    outs = [compose(part, sent, r) for r, part in enumerate(parts)]
+    return torch.cat(outs, dim=1)[:, torch.argsort(torch.cat(pos))]
+
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("size", [2, 3, 4])
+def test_gdn_composition_simulated(device, size):
+    """The CP conv and delta rule, all ranks simulated in one process, = one call on the whole sequence,
+    outputs and input gradients. CPU: the torch reference, fp32, <= 1e-5 (chunks of 7, rule chunk 4).
+    CUDA: the kernels (fla) in bf16 against the same kernels on the whole sequence (not run yet)."""
+    from nemo_qwen3_next.ops import causal_conv1d, gated_delta_rule
+    from nemo_qwen3_next.parallel.context import (chunk_states, conv_tails, conv_with_left_context,
+                                                  correct_with_states)
+
+    dtype, tol = (torch.float32, 1e-5) if device == "cpu" else (torch.bfloat16, 2e-2)
+    torch.manual_seed(size)
+    B, T, Hk, Hv, K, V, D, W = 2, 2 * size * 7, 2, 4, 32, 32, 24, 4
+    shapes = [(B, T, Hk, K), (B, T, Hk, K), (B, T, Hv, V), (B, T, Hv), (B, T, Hv), (B, T, D)]
+    q, k, v, a, b, x = (torch.randn(*sh, device=device).to(dtype).requires_grad_() for sh in shapes)
+    w = torch.randn(D, W, device=device, dtype=dtype, requires_grad=True)
+    leaves = (q, k, v, a, b, x, w)
+    kw = dict(use_qk_l2norm=True, chunk_size=4)
+
+    def rule_and_conv(rule, conv, q, k, v, a, b, x):
+        g, beta = -torch.nn.functional.softplus(a.float()), b.float().sigmoid()
+        return rule(q, k, v, g, beta), conv(x)
+
+    def whole(q, k, v, g, beta):
+        return gated_delta_rule(q, k, v, g, beta, **kw)[0]
+
+    def cp_rule(q, k, v, g, beta):
+        return _simulate_ranks(size, (q, k, v, g, beta), lambda *t: chunk_states(*t, **kw),
+                               lambda part, sent, r: correct_with_states(part[0], part[1], sent, r, size))
+
+    def cp_conv(x):
+        return _simulate_ranks(size, (x,), lambda x: (x, conv_tails(x, W - 1)),
+                               lambda part, sent, r: conv_with_left_context(part[0], w, None, "silu", sent, r, size))
+
+    results = []
+    for rule, conv in ((whole, lambda x: causal_conv1d(x, w, activation="silu")[0]), (cp_rule, cp_conv)):
+        o, y = rule_and_conv(rule, conv, q, k, v, a, b, x)
+        torch.manual_seed(0)
+        (o.float() * torch.randn_like(o.float())).sum().add((y.float() * torch.randn_like(y.float())).sum()).backward()
+        results.append([o.detach(), y.detach()] + [t.grad.clone() for t in leaves])
+        for t in leaves:
+            t.grad = None
+    for got, ref in zip(results[1], results[0]):
+        assert _rel(got.float(), ref.float()) <= tol
+
+
 def test_sequence_not_divisible_by_2cp_is_one_line():
     from nemo_qwen3_next.parallel.context import split_batch
 

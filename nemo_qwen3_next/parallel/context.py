@@ -110,19 +110,30 @@ def causal_conv1d_cp(x: torch.Tensor, weight: torch.Tensor, bias=None, activatio
     before it in the global sequence (its last ``W-1`` inputs come through an all-gather)."""
     if cu_seqlens is not None:
         raise NotImplementedError("packed documents (cu_seqlens) under context parallelism are not supported yet.")
-    W1 = weight.shape[1] - 1
+    tails = conv_tails(x, weight.shape[1] - 1)
+    tails = None if tails is None else _all_gather(tails, group)
+    return conv_with_left_context(x, weight, bias, activation, tails, group.rank(), group.size(), backend), None
+
+
+def conv_tails(x: torch.Tensor, W1: int) -> Optional[torch.Tensor]:
+    """What this rank sends for the conv: the last ``W1`` inputs of each of its chunks, ``[2, b, W1, D]``."""
     _check_local_len(x.shape[1], "the causal conv", max(W1, 1))
+    if not W1:
+        return None
+    x2 = _chunks_to_batch(x)
+    return x2[:, x2.shape[1] - W1:].reshape(2, x.shape[0], W1, x.shape[2])
+
+
+def conv_with_left_context(x, weight, bias, activation, tails, rank: int, size: int, backend: str = "auto"):
+    """The conv of rank ``rank``'s chunks ``x`` ``[b, 2L, D]`` given every rank's `conv_tails` (rank order)."""
     x2 = _chunks_to_batch(x)  # [2b, L, D]
-    b, L = x.shape[0], x2.shape[1]
     initial = None
-    if W1:
-        size, rank = group.size(), group.rank()
-        tails = _all_gather(x2[:, L - W1:].reshape(2, b, W1, -1), group)  # [2·size, b, W-1, D]
+    if tails is not None:
         left = [tails[_gathered_index(c - 1, size)] if c > 0 else torch.zeros_like(tails[0])
                 for c in _local_chunks(rank, size)]
         initial = torch.cat(left, dim=0).transpose(1, 2)  # [2b, D, W-1]
     y, _ = causal_conv1d(x2, weight, bias, activation, initial_state=initial, backend=backend)
-    return _batch_to_chunks(y), None
+    return _batch_to_chunks(y)
 
 
 def gated_delta_rule_cp(q, k, v, g, beta, *, group, initial_state=None, output_final_state=False,
@@ -133,31 +144,43 @@ def gated_delta_rule_cp(q, k, v, g, beta, *, group, initial_state=None, output_f
         raise NotImplementedError("packed documents (cu_seqlens) under context parallelism are not supported yet.")
     if initial_state is not None or output_final_state:
         raise NotImplementedError("initial/final states are not supported under context parallelism.")
+    o0, o_p, states = chunk_states(q, k, v, g, beta, **kwargs)
+    return correct_with_states(o0, o_p, _all_gather(states, group), group.rank(), group.size()), None
+
+
+def chunk_states(q, k, v, g, beta, **kwargs):
+    """This rank's local part: the rule on its two chunks from ``[0 | I]`` with ``[v | 0]``.
+
+    Returns ``o0`` (zero-state outputs) and ``o_p`` (read-outs of the transition), both ``[2b, L, Hv, *]``,
+    and what it sends, ``[F | P]`` ``[2, b, Hv, Dk, Dv+Dk]`` in the compute dtype (at least fp32)."""
     _check_local_len(q.shape[1], "the gated delta rule")
     q, k, v, g, beta = (_chunks_to_batch(t) for t in (q, k, v, g, beta))
     B, L, Hv, V = v.shape
     K = k.shape[-1]
     dtype = torch.promote_types(v.dtype, torch.float32)  # the rule's compute dtype (its state's)
-    # [v | 0] from [0 | I]: one run gives the zero-state result and the chunk's transition.
     v_aug = torch.cat([v, v.new_zeros(B, L, Hv, K)], dim=-1)
     eye = torch.eye(K, dtype=dtype, device=v.device).expand(B, Hv, K, K)
     s0 = torch.cat([eye.new_zeros(B, Hv, K, V), eye], dim=-1)
     o_aug, s_aug = gated_delta_rule(q, k, v_aug, g, beta, initial_state=s0, output_final_state=True, **kwargs)
     o0, o_p = o_aug.split([V, K], dim=-1)
+    return o0, o_p, s_aug.to(dtype).reshape(2, B // 2, Hv, K, V + K)
 
-    size, rank = group.size(), group.rank()
-    b = B // 2
-    states = _all_gather(s_aug.to(dtype).reshape(2, b, Hv, K, V + K), group)  # [2·size, b, Hv, K, V+K]
+
+def correct_with_states(o0, o_p, states, rank: int, size: int) -> torch.Tensor:
+    """Rank ``rank``'s exact outputs ``[b, 2L, Hv, Dv]`` from its `chunk_states` outputs and every rank's
+    ``[F | P]`` (rank order, ``[2·size, b, Hv, Dk, Dv+Dk]``): chain the states, add ``o_p · S_in``."""
+    _, b, Hv, K, VK = states.shape
+    V = VK - K
     mine = _local_chunks(rank, size)
-    s_in, start = {}, torch.zeros(b, Hv, K, V, dtype=dtype, device=v.device)
+    s_in, start = {}, states.new_zeros(b, Hv, K, V)
     for c in range(max(mine) + 1):  # S_in(c+1) = P_c · S_in(c) + F_c
         if c in mine:
             s_in[c] = start
         f_c, p_c = states[_gathered_index(c, size)].split([V, K], dim=-1)
         start = p_c @ start + f_c
     s_in = torch.cat([s_in[c] for c in mine], dim=0)  # [2b, Hv, K, V]
-    o = (o0.to(dtype) + torch.einsum("blhk,bhkv->blhv", o_p.to(dtype), s_in)).to(v.dtype)
-    return _batch_to_chunks(o), None
+    o = o0.to(states.dtype) + torch.einsum("blhk,bhkv->blhv", o_p.to(states.dtype), s_in)
+    return _batch_to_chunks(o.to(o0.dtype))
 
 
 def gather_kv(key: torch.Tensor, value: torch.Tensor, group, attention_mask: Optional[torch.Tensor] = None):
