@@ -5,7 +5,8 @@ divided by the global token count, and backpropagates; gradients are then summed
 TP for TP-replicated parameters), as Megatron's finalize_model_grads does. Every rank writes
 OUT_DIR/rank{r}.pt: full-sequence logits (gathered back to global order), the global loss and its
 gradients (its TP shards). Several layouts run in one launch (one process start-up for all):
-each RUN is ``cpC`` or ``tpT_sp_cpC`` with T x C = N, and writes OUT_DIR/RUN_rank{r}.pt.
+each RUN is ``cpC``, ``tpT_sp_cpC`` (T x C = N) or ``cpC_thd`` (packed documents, Megatron's THD
+CP layout), and writes OUT_DIR/RUN_rank{r}.pt.
 Usage: torchrun --nproc-per-node N tests/cp_worker.py OUT_DIR RUN [RUN ...]
 """
 
@@ -33,6 +34,19 @@ def batch():
     return ids, torch.roll(ids, -1, 1), mask
 
 
+DOCS = [24, 8, 40, 16]  # packed run: row 0 of the batch as four documents (multiples of 2CP for CP <= 4)
+
+
+def packed(ids, labels, mask):
+    """Row 0 of the batch as packed documents: (ids, labels, mask, Megatron's PackedSeqParams)."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    cu = torch.tensor([0] + DOCS, dtype=torch.int32).cumsum(0).to(torch.int32)
+    params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, cu_seqlens_q_padded=cu,
+                             cu_seqlens_kv_padded=cu, max_seqlen_q=max(DOCS), max_seqlen_kv=max(DOCS))
+    return ids[:1], labels[:1], mask[:1], params
+
+
 def token_loss(logits, labels, mask, num_tokens):
     """Sum of this rank's per-token losses over the global token count (the same function at CP=1)."""
     ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none")
@@ -42,17 +56,25 @@ def token_loss(logits, labels, mask, num_tokens):
 def run(out_dir: str, name: str):
     from megatron.core import parallel_state
 
-    from nemo_qwen3_next.parallel.context import gather_sequence, split_batch
+    from nemo_qwen3_next.parallel.context import gather_sequence, split_batch, split_packed
 
-    cp, sp = int(name.rsplit("cp", 1)[1]), "_sp_" in name
+    cp, sp, thd = int(name.split("cp")[1].split("_")[0]), "_sp_" in name, name.endswith("_thd")
     parallel_state.destroy_model_parallel()  # the previous run's layout
     model, config, _ = tiny_tp_model(sp, cp=cp, linear_attention_chunk_size=CHUNK)
     model.train()  # dropout is 0; training mode applies the MoE aux loss
     group = parallel_state.get_context_parallel_group()
     ids, labels, mask = batch()
+    params, cu = None, None
+    if thd:
+        ids, labels, mask, params = packed(ids, labels, mask)
+        cu = params.cu_seqlens_q
     pos = torch.arange(SEQ).unsqueeze(0).expand_as(ids)
-    local = split_batch({"tokens": ids, "position_ids": pos, "labels": labels, "loss_mask": mask}, group)
-    logits = model(local["tokens"], local["position_ids"], None)  # [b, 2L, vocab]
+    full = {"tokens": ids, "position_ids": pos, "labels": labels, "loss_mask": mask}
+    if thd:  # cu_seqlens stay global (Megatron's THD CP convention)
+        local = {key: split_packed(val, cu, group) for key, val in full.items()}
+    else:
+        local = split_batch(full, group)
+    logits = model(local["tokens"], local["position_ids"], None, packed_seq_params=params)  # [b, 2L, vocab]
     loss = token_loss(logits, local["labels"], local["loss_mask"], mask.sum())
     loss.backward()
     reduce_replicated_grads(model, config)
@@ -62,7 +84,7 @@ def run(out_dir: str, name: str):
     loss = loss.detach()
     dist.all_reduce(loss, group=group)
     grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
-    full_logits = gather_sequence(logits.detach(), group, seq_dim=1)
+    full_logits = gather_sequence(logits.detach(), group, seq_dim=1, cu_seqlens=cu)
     torch.save({"logits": full_logits, "loss": loss, "grads": grads,
                 "tp_rank": parallel_state.get_tensor_model_parallel_rank()},
                os.path.join(out_dir, f"{name}_rank{dist.get_rank()}.pt"))

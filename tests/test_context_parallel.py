@@ -14,27 +14,34 @@ from nemo_qwen3_next.sharding import shard_tensor
 from nemo_qwen3_next.testing import random_hf_model, tiny_hf_config
 
 sys.path.insert(0, os.path.dirname(__file__))
-from cp_worker import CHUNK, batch, token_loss  # noqa: E402
+from cp_worker import CHUNK, batch, packed, token_loss  # noqa: E402
 
 WORKER = os.path.join(os.path.dirname(__file__), "cp_worker.py")
 
 
-@pytest.fixture(scope="module")
-def cp1():
-    """The single-rank reference: logits, loss, gradients by name (training mode, like the workers)."""
+def _reference(thd: bool):
+    """The single-rank run: logits, loss, gradients by name (training mode, like the workers)."""
     model = load_hf(random_hf_model(tiny_hf_config(), seed=1), linear_attention_chunk_size=CHUNK).train()
     ids, labels, mask = batch()
-    logits = model(ids, torch.arange(ids.shape[1]).unsqueeze(0).expand_as(ids), None)
+    params = None
+    if thd:
+        ids, labels, mask, params = packed(ids, labels, mask)
+    logits = model(ids, torch.arange(ids.shape[1]).unsqueeze(0).expand_as(ids), None, packed_seq_params=params)
     loss = token_loss(logits, labels, mask, mask.sum())
     loss.backward()
     return logits.detach(), loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.fixture(scope="module")
+def cp1():
+    return {thd: _reference(thd) for thd in (False, True)}
 
 
 def _rel(got, ref):
     return ((got - ref).abs().max() / ref.abs().max()).item()
 
 
-LAUNCHES = {2: ["cp2"], 4: ["cp4", "tp2_sp_cp2"]}  # processes -> runs of one torchrun launch
+LAUNCHES = {2: ["cp2", "cp2_thd"], 4: ["cp4", "tp2_sp_cp2", "cp4_thd"]}  # processes -> runs of one torchrun launch
 
 
 @pytest.fixture(scope="module")
@@ -51,14 +58,16 @@ def cp_runs(tmp_path_factory):
     return out, runs
 
 
-@pytest.mark.parametrize("name", ["cp2", "cp4", "tp2_sp_cp2"])
+@pytest.mark.parametrize("name", ["cp2", "cp4", "tp2_sp_cp2", "cp2_thd", "cp4_thd"])
 def test_cp_matches_cp1(cp_runs, cp1, name):
     """88 tokens = 2CP chunks of 22 / 11 per rank (the GDN chunk is 8); CP=4 with 2 GDN key heads;
-    every rank holds the full gradient of its TP shard after the CP all-reduce."""
+    every rank holds the full gradient of its TP shard after the CP all-reduce. ``_thd``: four packed
+    documents (24, 8, 40, 16 tokens), each cut into 2CP chunks (1 to 10 tokens, some shorter than the
+    conv's 3-token left context), document boundaries at chunk and rank boundaries."""
     out, runs = cp_runs
-    logits, loss, grads = cp1
+    logits, loss, grads = cp1[name.endswith("_thd")]
     nproc = runs[name]
-    tp = nproc // int(name.rsplit("cp", 1)[1])
+    tp = nproc // int(name.split("cp")[1].split("_")[0])
     for r in range(nproc):
         got = torch.load(out / f"{name}_rank{r}.pt")
         assert got["logits"].shape == logits.shape
@@ -70,14 +79,16 @@ def test_cp_matches_cp1(cp_runs, cp1, name):
             assert _rel(grad, ref) <= 1e-5, (r, pname, _rel(grad, ref))
 
 
-def _simulate_ranks(size, inputs, local, compose):
-    """CP in one process: cut each global [b, T, ...] input into every rank's two chunks, run `local` per
-    rank, stack what the ranks send in rank order (the all-gather), `compose` per rank, and put the
-    outputs back in global order. Autograd runs through all of it, so input grads are global too."""
-    from nemo_qwen3_next.parallel.context import local_positions
+def _simulate_ranks(size, inputs, local, compose, cu=None):
+    """CP in one process: cut each global [b, T, ...] input into every rank's chunks (packed: THD layout
+    of the documents `cu`), run `local` per rank, stack what the ranks send in rank order (the
+    all-gather), `compose` per rank, and put the outputs back in global order. Autograd runs through
+    all of it, so input grads are global too."""
+    from nemo_qwen3_next.parallel.context import local_positions, thd_positions
 
-    T = inputs[0].shape[1]
-    pos = [local_positions(T // size, r, size, inputs[0].device) for r in range(size)]
+    T, dev = inputs[0].shape[1], inputs[0].device
+    pos = [local_positions(T // size, r, size, dev) if cu is None else thd_positions(cu, r, size, dev)
+           for r in range(size)]
     parts = [local(*(t[:, p] for t in inputs)) for p in pos]
     sent = torch.cat([part[-1] for part in parts], dim=0)
     outs = [compose(part, sent, r) for r, part in enumerate(parts)]
@@ -87,12 +98,14 @@ def _simulate_ranks(size, inputs, local, compose):
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["bshd", "thd"])
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("size", [2, 3, 4])
-def test_gdn_composition_simulated(device, size):
+def test_gdn_composition_simulated(device, size, packed):
     """The CP conv and delta rule, all ranks simulated in one process, = one call on the whole sequence,
-    outputs and input gradients. CPU: the torch reference, fp32, <= 1e-5 (chunks of 7, rule chunk 4).
-    CUDA: the kernels (fla) in bf16 against the same kernels on the whole sequence (not run yet)."""
+    outputs and input gradients. CPU: the torch reference, fp32, <= 1e-5 (chunks of 7, rule chunk 4;
+    packed: three documents in chunks of 3, 1, 5 tokens). CUDA: the kernels (fla) in bf16 against the
+    same kernels on the whole sequence (not run yet)."""
     from nemo_qwen3_next.ops import causal_conv1d, gated_delta_rule
     from nemo_qwen3_next.parallel.context import (chunk_states, conv_tails, conv_with_left_context,
                                                   correct_with_states)
@@ -100,6 +113,10 @@ def test_gdn_composition_simulated(device, size):
     dtype, tol = (torch.float32, 1e-5) if device == "cpu" else (torch.bfloat16, 2e-2)
     torch.manual_seed(size)
     B, T, Hk, Hv, K, V, D, W = 2, 2 * size * 7, 2, 4, 32, 32, 24, 4
+    cu = None
+    if packed:
+        B, cu = 1, torch.tensor([0, 6 * size, 8 * size, 18 * size], device=device)
+        T = int(cu[-1])
     shapes = [(B, T, Hk, K), (B, T, Hk, K), (B, T, Hv, V), (B, T, Hv), (B, T, Hv), (B, T, D)]
     q, k, v, a, b, x = (torch.randn(*sh, device=device).to(dtype).requires_grad_() for sh in shapes)
     w = torch.randn(D, W, device=device, dtype=dtype, requires_grad=True)
@@ -111,18 +128,19 @@ def test_gdn_composition_simulated(device, size):
         return rule(q, k, v, g, beta), conv(x)
 
     def whole(q, k, v, g, beta):
-        return gated_delta_rule(q, k, v, g, beta, **kw)[0]
+        return gated_delta_rule(q, k, v, g, beta, cu_seqlens=cu, **kw)[0]
 
     def cp_rule(q, k, v, g, beta):
-        return _simulate_ranks(size, (q, k, v, g, beta), lambda *t: chunk_states(*t, **kw),
-                               lambda part, sent, r: correct_with_states(part[0], part[1], sent, r, size))
+        return _simulate_ranks(size, (q, k, v, g, beta), lambda *t: chunk_states(*t, cu_seqlens=cu, size=size, **kw),
+                               lambda part, sent, r: correct_with_states(part[0], part[1], sent, r, size, cu), cu)
 
     def cp_conv(x):
-        return _simulate_ranks(size, (x,), lambda x: (x, conv_tails(x, W - 1)),
-                               lambda part, sent, r: conv_with_left_context(part[0], w, None, "silu", sent, r, size))
+        return _simulate_ranks(size, (x,), lambda x: (x, conv_tails(x, W - 1, cu, size)),
+                               lambda part, sent, r: conv_with_left_context(part[0], w, None, "silu", sent, r, size,
+                                                                            cu_seqlens=cu), cu)
 
     results = []
-    for rule, conv in ((whole, lambda x: causal_conv1d(x, w, activation="silu")[0]), (cp_rule, cp_conv)):
+    for rule, conv in ((whole, lambda x: causal_conv1d(x, w, activation="silu", cu_seqlens=cu)[0]), (cp_rule, cp_conv)):
         o, y = rule_and_conv(rule, conv, q, k, v, a, b, x)
         torch.manual_seed(0)
         (o.float() * torch.randn_like(o.float())).sum().add((y.float() * torch.randn_like(y.float())).sum()).backward()
@@ -148,6 +166,15 @@ def test_context_parallel_size_is_validated():
     with pytest.raises(ConfigError, match=r"^context_parallel_size = 0 \(int\) must be an integer >= 1; fix "
                                           r"context_parallel_size\.$"):
         qwen3_next_tiny_5m(context_parallel_size=0)
+
+
+def test_packed_document_not_divisible_by_2cp_is_one_line():
+    from nemo_qwen3_next.parallel.context import split_packed
+
+    group = types.SimpleNamespace(size=lambda: 2, rank=lambda: 0)
+    with pytest.raises(ValueError, match=r"^packed document 1 has 6 tokens, not a multiple of 2 x "
+                                         r"context_parallel_size = 4; pad every document .*\.$"):
+        split_packed(torch.zeros(1, 14), torch.tensor([0, 8, 14]), group)
 
 
 def test_cp_larger_than_world_is_one_line():

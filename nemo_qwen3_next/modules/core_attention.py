@@ -53,19 +53,18 @@ class SDPAttention(MegatronModule):
                 packed_seq_params=None, **_unused):
         """query [sq, b, np, hn], key/value [sk, b, ng, hn] (or [t, n, hn] when packed) -> [sq, b, np*hn]."""
         packed = packed_seq_params is not None
+        cu = None
+        if packed:
+            cu = packed_seq_params.cu_seqlens_q_padded
+            cu = packed_seq_params.cu_seqlens_q if cu is None else cu
         mask = None
-        if self.cp_group is not None:
-            if packed:
-                raise NotImplementedError("packed documents (cu_seqlens) under context parallelism are not "
-                                          "supported yet; use unpacked [b, s] batches with CP.")
-            key, value, mask = gather_kv(key, value, self.cp_group, attention_mask)
+        if self.cp_group is not None:  # global cu_seqlens under CP (Megatron's THD convention)
+            key, value, mask = gather_kv(key, value, self.cp_group, attention_mask, cu)
         if packed:  # thd: add the dummy batch dim back
             query, key, value = (x.unsqueeze(1) for x in (query, key, value))
         # [s, b, n, d] -> [b, n, s, d]
         q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))
-        if packed:
-            cu = packed_seq_params.cu_seqlens_q_padded
-            cu = packed_seq_params.cu_seqlens_q if cu is None else cu
+        if packed and self.cp_group is None:
             mask = block_causal_mask(cu, q.shape[2], q.device)
         elif attention_mask is not None and self.cp_group is None:  # under CP, gather_kv's mask has it
             # Megatron masks are True where attention is *not* allowed.
