@@ -72,9 +72,11 @@ def run(out_dir: str, name: str):
     full = {"tokens": ids, "position_ids": pos, "labels": labels, "loss_mask": mask}
     if thd:  # cu_seqlens stay global (Megatron's THD CP convention)
         local = {key: split_packed(val, cu, group) for key, val in full.items()}
-    else:
+        local["attention_mask"] = None
+    else:  # with the dense causal mask NeMo sends without TE (True = masked), split along the queries
+        full["attention_mask"] = torch.ones(1, 1, SEQ, SEQ, dtype=torch.bool).triu(1).expand(BATCH, 1, SEQ, SEQ)
         local = split_batch(full, group)
-    logits = model(local["tokens"], local["position_ids"], None, packed_seq_params=params)  # [b, 2L, vocab]
+    logits = model(local["tokens"], local["position_ids"], local["attention_mask"], packed_seq_params=params)
     loss = token_loss(logits, local["labels"], local["loss_mask"], mask.sum())
     loss.backward()
     reduce_replicated_grads(model, config)
