@@ -5,8 +5,9 @@ divided by the global token count, and backpropagates; gradients are then summed
 TP for TP-replicated parameters), as Megatron's finalize_model_grads does. Every rank writes
 OUT_DIR/rank{r}.pt: full-sequence logits (gathered back to global order), the global loss and its
 gradients (its TP shards). Several layouts run in one launch (one process start-up for all):
-each RUN is ``cpC``, ``tpT_sp_cpC`` (T x C = N) or ``cpC_thd`` (packed documents, Megatron's THD
-CP layout), and writes OUT_DIR/RUN_rank{r}.pt.
+each RUN is ``cpC``, ``tpT_sp_cpC`` (T x C = N), ``cpC_thd`` (packed documents, Megatron's THD
+CP layout) or ``cpC_recompute`` (GDN recompute: the exchanges run again in backward), and writes
+OUT_DIR/RUN_rank{r}.pt.
 Usage: torchrun --nproc-per-node N tests/cp_worker.py OUT_DIR RUN [RUN ...]
 """
 
@@ -60,7 +61,8 @@ def run(out_dir: str, name: str):
 
     cp, sp, thd = int(name.split("cp")[1].split("_")[0]), "_sp_" in name, name.endswith("_thd")
     parallel_state.destroy_model_parallel()  # the previous run's layout
-    model, config, _ = tiny_tp_model(sp, cp=cp, linear_attention_chunk_size=CHUNK)
+    model, config, _ = tiny_tp_model(sp, cp=cp, linear_attention_chunk_size=CHUNK,
+                                     linear_attention_recompute=name.endswith("_recompute"))
     model.train()  # dropout is 0; training mode applies the MoE aux loss
     group = parallel_state.get_context_parallel_group()
     ids, labels, mask = batch()

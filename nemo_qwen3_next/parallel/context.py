@@ -83,6 +83,7 @@ def thd_positions(cu_seqlens: torch.Tensor, rank: int, size: int, device=None) -
 
 
 def _positions(local_len: int, rank: int, size: int, cu_seqlens=None, device=None) -> torch.Tensor:
+    """Global positions of a rank's tokens, unpacked (`local_positions`) or packed (`thd_positions`)."""
     if cu_seqlens is None:
         return local_positions(local_len, rank, size, device)
     return thd_positions(cu_seqlens, rank, size, device)
