@@ -41,7 +41,8 @@ def _rel(got, ref):
     return ((got - ref).abs().max() / ref.abs().max()).item()
 
 
-LAUNCHES = {2: ["cp2", "cp2_thd", "cp2_recompute"], 4: ["cp4", "tp2_sp_cp2", "cp4_thd"]}  # processes -> runs of one torchrun launch
+# processes -> the runs of one torchrun launch (see cp_worker.py for the names)
+LAUNCHES = {2: ["cp2", "cp2_thd", "cp2_recompute"], 4: ["cp4", "tp2_sp_cp2", "cp4_thd", "tp2_sp_cp2_thd"]}
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +59,8 @@ def cp_runs(tmp_path_factory):
     return out, runs
 
 
-@pytest.mark.parametrize("name", ["cp2", "cp4", "tp2_sp_cp2", "cp2_thd", "cp4_thd", "cp2_recompute"])
+@pytest.mark.parametrize("name", ["cp2", "cp4", "tp2_sp_cp2", "cp2_thd", "cp4_thd", "tp2_sp_cp2_thd",
+                                  "cp2_recompute"])
 def test_cp_matches_cp1(cp_runs, cp1, name):
     """88 tokens = 2CP chunks of 22 / 11 per rank (the GDN chunk is 8); CP=4 with 2 GDN key heads;
     every rank holds the full gradient of its TP shard after the CP all-reduce. ``_thd``: four packed
