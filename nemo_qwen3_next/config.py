@@ -59,6 +59,7 @@ _FIELD_KINDS = {
     "tie_word_embeddings": "bool", "attention_output_gate": "bool", "linear_attention_use_recurrent": "bool",
     "qk_layernorm": "bool", "moe_shared_expert_gate": "bool", "moe_norm_topk_prob": "bool",
     "fused_linear_cross_entropy": "bool", "moe_fast_permute": "bool", "add_qkv_bias": "bool",
+    "mixer_cuda_graphs": "bool",
 }
 _KIND_TEXT = {"pos": "an integer >= 1", "nonneg": "an integer >= 0", "posf": "a number > 0",
               "nonnegf": "a number >= 0", "prob": "a number in [0, 1)", "bool": "true or false"}
@@ -164,6 +165,9 @@ class Qwen3NextConfig(TransformerConfig):
     # --- activation memory: recompute each GDN layer's conv + delta rule + gated norm in backward
     # (with Megatron's recompute_granularity="selective", recompute_modules=["core_attn", "moe", ...])
     linear_attention_recompute: bool = False
+    # --- launch overhead: replay each GDN / gated-attention mixer's forward and backward as CUDA
+    # graphs in training (fixed shapes, one GPU per TP group; see modules/cuda_graphs.py)
+    mixer_cuda_graphs: bool = False
 
     # --- MoE (HF: decoder_sparse_step, mlp_only_layers, norm_topk_prob, shared_expert_gate)
     decoder_sparse_step: int = 1
