@@ -18,14 +18,11 @@ import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from .checkpoint.errors import read_json_object
+from .field_checks import ConfigError, check_field
 
 LINEAR = "linear_attention"
 FULL = "full_attention"
 _LAYER_TYPE_ALIASES = {"linear_attention": LINEAR, "linear": LINEAR, "full_attention": FULL, "full": FULL}
-
-
-class ConfigError(ValueError):
-    """A Qwen3-Next config field has a bad value; the message names the field and the fix."""
 
 
 def normalize_layer_types(layer_types: List[str]) -> List[str]:
@@ -61,25 +58,6 @@ _FIELD_KINDS = {
     "fused_linear_cross_entropy": "bool", "moe_fast_permute": "bool", "add_qkv_bias": "bool",
     "mixer_cuda_graphs": "bool",
 }
-_KIND_TEXT = {"pos": "an integer >= 1", "nonneg": "an integer >= 0", "posf": "a number > 0",
-              "nonnegf": "a number >= 0", "prob": "a number in [0, 1)", "bool": "true or false"}
-
-
-def check_field(name: str, value: Any, kind: str, where: str = "") -> None:
-    """One line naming the field if `value` is not of `kind` (see `_FIELD_KINDS`); bools are not numbers."""
-    base = kind.rstrip("?")
-    if value is None and kind.endswith("?"):
-        return
-    is_int = isinstance(value, int) and not isinstance(value, bool)
-    is_num = is_int or isinstance(value, float)
-    ok = {"pos": is_int and value >= 1, "nonneg": is_int and value >= 0,
-          "posf": is_num and value > 0 and value == value and value != float("inf"),
-          "nonnegf": is_num and value >= 0 and value != float("inf"),
-          "prob": is_num and 0 <= value < 1, "bool": isinstance(value, bool)}[base]
-    if not ok:
-        what = _KIND_TEXT[base] + (" or null" if kind.endswith("?") else "")
-        raise ConfigError(f"{where}{name} = {value!r} ({type(value).__name__}) must be {what}; fix {name}.")
-
 
 def layer_types_from_interval(num_layers: int, full_attention_interval: int) -> List[str]:
     """HF's default pattern: every `full_attention_interval`-th layer is full attention."""
