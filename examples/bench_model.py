@@ -47,6 +47,7 @@ VARIANTS = {
     "no_fused_ce": dict(fused_linear_cross_entropy=False),
     "no_fast_permute": dict(moe_fast_permute=False),
     "all_off": dict(fused_linear_cross_entropy=False, moe_fast_permute=False),
+    "graphs": dict(mixer_cuda_graphs=True),  # GDN / attention mixers replayed from CUDA graphs
 }
 
 

@@ -3,7 +3,8 @@
 Times forward, backward and forward+backward of
 
 * ``gdn``:   the Gated DeltaNet layer, side by side: ``ours`` (fused CUDA path; FlashQLA's chunk kernel
-  when installed), ``ours-fla`` (the same with fla's chunk kernel), ``hf`` (transformers'
+  when installed), ``ours-graphs`` (the same with ``config.mixer_cuda_graphs``: forward+backward replayed
+  from CUDA graphs; also for ``attn``/``layer``), ``ours-fla`` (the same with fla's chunk kernel), ``hf`` (transformers'
   ``Qwen3NextGatedDeltaNet``), ``mcore`` (megatron-core 0.16.1's ``GatedDeltaNet`` with local linears,
   run in a child process with that version first on ``PYTHONPATH``: ``--anchor-path``) and ``ref``
   (our plain-torch reference path, only up to ``--ref-max-tokens``);
@@ -93,12 +94,15 @@ def time_ms(fn, warmup: int, rep: int, max_s: float = 4.0) -> float:
 def bench(forward, x, params, args):
     """{pass: ms} for a module given as forward(x) -> tensor."""
     res = {}
-    if "fwd" in args.passes:
+    only = getattr(forward, "fwdbwd_only", False)
+    if "fwd" in args.passes and not only:
         res["fwd"] = time_ms(lambda: forward(x), args.warmup, args.rep)
     y = forward(x)
     gy = torch.randn_like(y)
-    if "bwd" in args.passes:
+    if "bwd" in args.passes and not only:
         res["bwd"] = time_ms(lambda: y.backward(gy, retain_graph=True), args.warmup, args.rep)
+    if only:  # a graphed forward waits for its backward before it replays again
+        y.backward(gy)
     del y
 
     def step():
@@ -166,6 +170,21 @@ def our_forward(module: str, B: int, T: int):
     emb = rope(T)
     m = layer.self_attention
     return (lambda x: m(x, None, rotary_pos_emb=emb)[0]), list(m.parameters())
+
+
+def with_mixer_graphs(module, fwd):
+    """fwd with `config.mixer_cuda_graphs` on while it runs. A graph replays a forward only once before
+    its backward, so only the fwdbwd pass means anything for it (`bench` skips the others)."""
+    cfg = our_layer("attn" if module == "attn" else "gdn").config
+
+    def run(x):
+        cfg.mixer_cuda_graphs = True
+        try:
+            return fwd(x)
+        finally:
+            cfg.mixer_cuda_graphs = False
+    run.fwdbwd_only = True
+    return run
 
 
 def with_chunk_kernel(kernel, fwd):
@@ -458,7 +477,10 @@ def main():
         save()
     for module in [m for m in modules if m not in ("model", "decode")]:
         for B, T in shapes:
-            cands = ["ours"] if module != "gdn" else [i for i in impls if i != "mcore"]
+            if module == "gdn":
+                cands = [i for i in impls if i != "mcore"]
+            else:  # only our own implementations exist for the other modules
+                cands = [i for i in impls if i in ("ours", "ours-graphs")] or ["ours"]
             for impl in cands:
                 if impl == "ref" and B * T > args.ref_max_tokens:
                     continue
@@ -468,6 +490,9 @@ def main():
                 try:
                     if impl == "ours":
                         fwd, params = our_forward(module, B, T)
+                    elif impl == "ours-graphs":  # ours with config.mixer_cuda_graphs (fwd+bwd only)
+                        fwd, params = our_forward(module, B, T)
+                        fwd = with_mixer_graphs(module, fwd)
                     elif impl == "ours-fla":  # ours with fla's chunk kernel instead of FlashQLA
                         fwd, params = our_forward(module, B, T)
                         fwd = with_chunk_kernel("fla", fwd)

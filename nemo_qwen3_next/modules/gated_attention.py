@@ -25,6 +25,8 @@ from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubm
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.spec_utils import build_module
 
+from .cuda_graphs import graphed_or_none
+
 
 class GatedSelfAttention(SelfAttention):
     """Self-attention with Qwen3-Next's sigmoid output gate (when `config.attention_output_gate`)."""
@@ -75,6 +77,24 @@ class GatedSelfAttention(SelfAttention):
                 "GatedSelfAttention does not support Megatron inference contexts yet (KV-cache "
                 "generation is planned); run the model without inference_context."
             )
+        rope_is_tensor = rotary_pos_emb is None or isinstance(rotary_pos_emb, torch.Tensor)
+        if getattr(self.config, "mixer_cuda_graphs", False) and rope_is_tensor and attention_bias is None:
+            ropes = () if rotary_pos_emb is None else (rotary_pos_emb,)
+            out = graphed_or_none(self, self._unpacked_output, hidden_states, *ropes,
+                                  attention_mask=attention_mask, packed_seq_params=packed_seq_params,
+                                  recompute=bool(self.checkpoint_core_attention))
+            if out is not None:
+                return out, None
+        return self._attend(hidden_states, attention_mask, rotary_pos_emb, attention_bias, packed_seq_params)
+
+    def _unpacked_output(self, hidden_states, rotary_pos_emb=None):
+        """Unmasked, unpacked attention's output alone, as `config.mixer_cuda_graphs` captures it."""
+        out, bias = self._attend(hidden_states, None, rotary_pos_emb, None, None)
+        if bias is not None:
+            raise RuntimeError("linear_proj returns a separate bias; CUDA-graph replay supports none")
+        return out
+
+    def _attend(self, hidden_states, attention_mask, rotary_pos_emb, attention_bias, packed_seq_params):
         query, key, value, gate = self.get_query_key_value_tensors(hidden_states)
 
         cu_seqlens = None

@@ -63,6 +63,7 @@ from megatron.core.utils import divide
 from ..ops import causal_conv1d, gated_delta_rule
 from ..ops.gated_delta_rule import gdn_gate
 from ..parallel.context import causal_conv1d_cp, cp_group_or_none, gated_delta_rule_cp
+from .cuda_graphs import graphed_or_none
 from .norms import GatedRMSNorm
 
 
@@ -170,9 +171,21 @@ class GatedDeltaNet(MegatronModule):
             if cu_seqlens is None:
                 cu_seqlens = packed_seq_params.cu_seqlens_q
 
+        if getattr(self.config, "mixer_cuda_graphs", False) and self.backend != "torch":
+            out = graphed_or_none(self, self._fused_output, hidden_states, packed_seq_params=packed_seq_params,
+                                  recompute=bool(getattr(self.config, "linear_attention_recompute", False)))
+            if out is not None:
+                return out, None
         if hidden_states.is_cuda and self.backend != "torch" and self.cp_group is None:
             return self._forward_fused(hidden_states, cu_seqlens)
         return self._forward_reference(hidden_states, cu_seqlens)
+
+    def _fused_output(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The fused path's output alone, as `config.mixer_cuda_graphs` captures it (no packing)."""
+        out, bias = self._forward_fused(hidden_states, None)
+        if bias is not None:
+            raise RuntimeError("out_proj returns a separate bias; CUDA-graph replay supports none")
+        return out
 
     def _forward_reference(self, hidden_states: torch.Tensor, cu_seqlens: Optional[torch.Tensor]):
         """Plain-torch path (CPU): every step spelled out, the ground truth for the fused path."""
