@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from .checkpoint.errors import read_json_object
+from .field_checks import MODEL_FIELD_KINDS as _FIELD_KINDS  # add a new field's kind there
 from .field_checks import ConfigError, check_field
 
 LINEAR = "linear_attention"
@@ -38,26 +39,6 @@ def normalize_layer_types(layer_types: List[str]) -> List[str]:
         out.append(_LAYER_TYPE_ALIASES[key])
     return out
 
-
-# Field checks (name -> kind) run before anything else, so a wrong type or sign is named here rather
-# than failing later inside Megatron: "pos" int >= 1, "nonneg" int >= 0, "pos?"/"nonneg?" also None,
-# "posf" number > 0, "nonnegf" number >= 0, "prob" number in [0, 1), "bool".
-_FIELD_KINDS = {
-    "num_layers": "pos", "hidden_size": "pos", "num_attention_heads": "pos", "vocab_size": "pos",
-    "max_position_embeddings": "pos", "full_attention_interval": "pos", "linear_num_key_heads": "pos",
-    "linear_num_value_heads": "pos", "linear_key_head_dim": "pos", "linear_value_head_dim": "pos",
-    "linear_conv_kernel_dim": "pos", "linear_attention_chunk_size": "pos", "decoder_sparse_step": "pos",
-    "moe_router_topk": "pos", "tensor_model_parallel_size": "pos", "pipeline_model_parallel_size": "pos",
-    "expert_model_parallel_size": "pos", "context_parallel_size": "pos",
-    "num_query_groups": "pos?", "kv_channels": "pos?", "ffn_hidden_size": "pos?", "num_moe_experts": "nonneg?",
-    "moe_ffn_hidden_size": "pos?", "moe_shared_expert_intermediate_size": "pos?",
-    "layernorm_epsilon": "posf", "rotary_base": "posf", "rotary_percent": "posf", "init_method_std": "nonnegf",
-    "hidden_dropout": "prob", "attention_dropout": "prob",
-    "tie_word_embeddings": "bool", "attention_output_gate": "bool", "linear_attention_use_recurrent": "bool",
-    "qk_layernorm": "bool", "moe_shared_expert_gate": "bool", "moe_norm_topk_prob": "bool",
-    "fused_linear_cross_entropy": "bool", "moe_fast_permute": "bool", "add_qkv_bias": "bool",
-    "mixer_cuda_graphs": "bool",
-}
 
 def layer_types_from_interval(num_layers: int, full_attention_interval: int) -> List[str]:
     """HF's default pattern: every `full_attention_interval`-th layer is full attention."""

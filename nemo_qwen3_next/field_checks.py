@@ -16,6 +16,26 @@ _KIND_TEXT = {"pos": "an integer >= 1", "nonneg": "an integer >= 0", "posf": "a 
               "nonnegf": "a number >= 0", "prob": "a number in [0, 1)", "bool": "true or false"}
 
 
+# `Qwen3NextConfig` field -> kind, checked first in its __post_init__ (and by the pretrain CLI before
+# megatron-core is imported), so a wrong type or sign is named rather than failing inside Megatron.
+MODEL_FIELD_KINDS = {
+    "num_layers": "pos", "hidden_size": "pos", "num_attention_heads": "pos", "vocab_size": "pos",
+    "max_position_embeddings": "pos", "full_attention_interval": "pos", "linear_num_key_heads": "pos",
+    "linear_num_value_heads": "pos", "linear_key_head_dim": "pos", "linear_value_head_dim": "pos",
+    "linear_conv_kernel_dim": "pos", "linear_attention_chunk_size": "pos", "decoder_sparse_step": "pos",
+    "moe_router_topk": "pos", "tensor_model_parallel_size": "pos", "pipeline_model_parallel_size": "pos",
+    "expert_model_parallel_size": "pos", "context_parallel_size": "pos",
+    "num_query_groups": "pos?", "kv_channels": "pos?", "ffn_hidden_size": "pos?", "num_moe_experts": "nonneg?",
+    "moe_ffn_hidden_size": "pos?", "moe_shared_expert_intermediate_size": "pos?",
+    "layernorm_epsilon": "posf", "rotary_base": "posf", "rotary_percent": "posf", "init_method_std": "nonnegf",
+    "hidden_dropout": "prob", "attention_dropout": "prob",
+    "tie_word_embeddings": "bool", "attention_output_gate": "bool", "linear_attention_use_recurrent": "bool",
+    "qk_layernorm": "bool", "moe_shared_expert_gate": "bool", "moe_norm_topk_prob": "bool",
+    "fused_linear_cross_entropy": "bool", "moe_fast_permute": "bool", "add_qkv_bias": "bool",
+    "mixer_cuda_graphs": "bool",
+}
+
+
 def check_field(name: str, value: Any, kind: str, where: str = "") -> None:
     """One line naming the field if `value` is not of `kind` (see `_KIND_TEXT`); bools are not numbers."""
     base = kind.rstrip("?")
