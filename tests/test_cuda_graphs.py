@@ -10,7 +10,7 @@ import importlib.util
 
 import pytest
 import torch
-from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
+from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
 
 from nemo_qwen3_next.config import qwen3_next_tiny_10m
 from nemo_qwen3_next.model import build_model, init_single_process
@@ -20,7 +20,7 @@ from nemo_qwen3_next.ops.usage import kernels_used, reset
 def _steps(model, device, vocab, T=128):
     """Loss and grads of: step 1 (fwd+bwd); an in-place weight update; step 2 = two micro-batches
     forwarded before either backward (accumulated grads)."""
-    clear_aux_losses_tracker()  # megatron's global per-layer tracker is sized by the last model built
+    get_moe_layer_wise_logging_tracker().clear()  # megatron sizes its global per-layer tracker once, by the first model
     g = torch.Generator(device=device).manual_seed(1)
     ids = [torch.randint(0, vocab, (2, T), device=device, generator=g) for _ in range(3)]
     pos = torch.arange(T, device=device)[None].expand(2, -1)
