@@ -2,9 +2,9 @@
 # One device call for the whole-model speed work (issue 10): run the named steps, each under its limit.
 # Usage (device, repo root, after the stage-a install call of ../shared/device/README.md):
 #   bash benchmarks/device_model.sh [install] STEP[:SECONDS] ...      (carry .devwheels/b for install)
-# Steps: tests (GPU numerics of the speed paths), model (ours with lever variants + HF, B=2/1 T=4096,
+# Steps: tests (GPU numerics of the speed paths; GPU_TESTS = other test files), model (ours with lever variants + HF, B=2/1 T=4096,
 # breakdown, profile), second (a new process on the warm machine: time to its first step), gdn (our GDN layer
-# at the acceptance shapes), nemo (examples/pretrain.py on the same model, data=mock, NEMO_STEPS steps), cache (tar of the kernel cache into $OUT). Logs and JSON go to $OUT.
+# at the acceptance shapes, eager and CUDA-graphed; GDN_IMPLS, GDN_SHAPES), nemo (examples/pretrain.py on the same model, data=mock, NEMO_STEPS steps), cache (tar of the kernel cache into $OUT). Logs and JSON go to $OUT.
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -26,13 +26,13 @@ for item in "$@"; do
   step=${item%%:*}; lim=${item#*:}; [ "$lim" = "$item" ] && lim=300
   s=$(date +%s); echo "===== $step (limit $lim s)"
   case $step in
-    tests) timeout -k 5 "$lim" python3 -m pytest -q -s -p no:cacheprovider tests/test_gpu_speed_paths.py 2>&1 | tee "$OUT/gpu_speed_tests.log" ;;
+    tests) timeout -k 5 "$lim" python3 -m pytest -q -s -p no:cacheprovider ${GPU_TESTS:-tests/test_gpu_speed_paths.py} 2>&1 | tee "$OUT/${GPU_TESTS_LOG:-gpu_speed_tests.log}" ;;
     model) timeout -k 5 "$lim" python3 examples/benchmark.py --modules model --model-impls "${MODEL_IMPLS:-hf,ours}" --shapes "${MODEL_SHAPES:-2x4096,1x4096}" \
              --variants "${MODEL_VARIANTS:-base,no_fused_ce,no_fast_permute,all_off}" --rep "${MODEL_REP:-10}" \
              --hf-timeout "${HF_TIMEOUT:-240}" --profile "$OUT/h200_model_profile" --out "$OUT/h200_model.json" --visualize 2>&1 | tee "$OUT/model.log" ;;
     second) timeout -k 5 "$lim" python3 examples/benchmark.py --modules model --model-impls ours --shapes 1x4096 \
              --rep 3 --no-breakdown --out "$OUT/h200_model_second_process.json" 2>&1 | tee "$OUT/second.log" ;;
-    gdn) timeout -k 5 "$lim" python3 examples/benchmark.py --modules gdn --impls ours --shapes 1x4096,4x4096,1x32768 \
+    gdn) timeout -k 5 "$lim" python3 examples/benchmark.py --modules gdn --impls "${GDN_IMPLS:-ours,ours-graphs}" --shapes "${GDN_SHAPES:-1x4096,4x4096,1x32768}" \
              --rep 10 --out "$OUT/h200_gdn_now.json" 2>&1 | tee "$OUT/gdn.log" ;;
     nemo) PYTHONPATH=/tmp/nemosite:$PYTHONPATH timeout -k 10 "$lim" python3 examples/pretrain.py model=qwen3_next_reduced \
              data=mock trainer.precision=bf16-mixed trainer.max_steps=${NEMO_STEPS:-40} trainer.val_check_interval=1000 \
