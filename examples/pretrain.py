@@ -97,52 +97,68 @@ class _BadConfig(Exception):
 
 
 @contextlib.contextmanager
-def _hold_stderr():
-    """Hold back what goes to stderr (fd 2) meanwhile; replay it only if the block succeeds."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as buf:
-        os.dup2(buf.fileno(), 2)
+def _hold_output():
+    """Hold back what goes to stdout and stderr (fds 1 and 2: Hydra logs the imports' warnings to
+    stdout) meanwhile; replay each only if the block succeeds."""
+    with contextlib.ExitStack() as stack:
+        held = {}
+        for fd, stream in ((1, sys.stdout), (2, sys.stderr)):
+            stream.flush()
+            held[fd] = (os.dup(fd), stack.enter_context(tempfile.TemporaryFile()), stream)
+            os.dup2(held[fd][1].fileno(), fd)
         ok = False
         try:
             yield
             ok = True
         finally:
-            sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-            if ok:
-                buf.seek(0)
-                os.write(2, buf.read())
+            for fd, (saved, buf, stream) in held.items():
+                stream.flush()
+                os.dup2(saved, fd)
+                os.close(saved)
+                if ok:
+                    buf.seek(0)
+                    os.write(fd, buf.read())
 
 
-def _validate(raw):
-    """The typed config and the recipe module; `_BadConfig` (one line) if anything is wrong.
-    Nothing is allocated here: configs are checked and the model config is constructed only."""
-    from nemo_qwen3_next.config import ConfigError
+def _world_size(raw) -> int:
+    if raw.get("dry_run"):  # the layout the config describes, not this process
+        p = raw.get("parallelism") or {}
+        return (p.get("devices") or 1) * ((raw.get("trainer") or {}).get("num_nodes") or 1)
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _check_values(raw):
+    """The typed config, checked with stdlib code only (types, signs, paths, parallel sizes): a bad
+    value answers in well under a second, before torch / Megatron / NeMo are imported."""
+    from nemo_qwen3_next.field_checks import ConfigError
+    from nemo_qwen3_next.training import config as train_config
 
     try:
-        from nemo_qwen3_next.training import config as train_config
+        return train_config.validate(raw, _world_size(raw), model_keys=False)
+    except ConfigError as e:
+        raise _BadConfig(str(e)) from None
 
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        if raw.get("dry_run"):  # the layout the config describes, not this process
-            p = raw.get("parallelism") or {}
-            world = (p.get("devices") or 1) * ((raw.get("trainer") or {}).get("num_nodes") or 1)
-        tc = train_config.validate(raw, world)
-        from nemo_qwen3_next.training import recipe
 
-        if not tc.dry_run:
-            import torch
+def _check_model(tc):
+    """The recipe module after the checks that need the heavy imports (model keys, the model config
+    itself, the accelerator); `_BadConfig` (one line) if anything is wrong. Nothing is allocated."""
+    from nemo_qwen3_next.field_checks import ConfigError
 
-            if tc.trainer.accelerator == "gpu" and not torch.cuda.is_available():
+    try:
+        if not tc.dry_run and tc.trainer.accelerator == "gpu":
+            import torch  # ~1 s; NeMo's imports take ~10 s more
+
+            if not torch.cuda.is_available():
                 raise ConfigError("trainer.accelerator=gpu but no CUDA device is visible; run on GPUs, set "
                                   "trainer.accelerator=auto, or inspect the config with --dry-run.")
-            if tc.data.paths == "???":
-                raise ConfigError("data.paths is required for this config: give data.paths='[/path/prefix]' "
-                                  "(see docs/pretraining.md)")
+        from nemo_qwen3_next.training import config as train_config
+        from nemo_qwen3_next.training import recipe
+
+        train_config.check_model_keys(tc.model)
+        if not tc.dry_run:
             recipe.model_config(tc, recipe.on_cpu(tc))
             recipe.check_run_options(tc)
-        return tc, recipe
+        return recipe
     except ConfigError as e:
         raise _BadConfig(str(e)) from None
 
@@ -161,8 +177,9 @@ if __name__ == "__main__":  # the checkpoint writer spawns processes that re-imp
 
         quiet_console(bool((raw.get("logging") or {}).get("verbose")))  # before the imports that log
         try:
-            with _hold_stderr():  # a bad config prints one line, not the imports' warnings
-                tc, recipe = _validate(raw)
+            tc = _check_values(raw)
+            with _hold_output():  # a bad config prints one line, not the imports' warnings
+                recipe = _check_model(tc)
         except _BadConfig as e:
             _fail(str(e))
         if tc.dry_run:

@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, Optional
 
-from ..config import ConfigError, check_field
+from ..field_checks import MODEL_FIELD_KINDS, ConfigError, check_field
 
 
 @dataclass
@@ -143,8 +143,10 @@ def _model_field_names():
     return {f.name for f in dataclasses.fields(cfg_cls)}
 
 
-def validate(raw: Dict[str, Any], world_size: int) -> PretrainConfig:
-    """Check a composed config (a plain dict) and return it typed. Raises `ConfigError`."""
+def validate(raw: Dict[str, Any], world_size: int, model_keys: bool = True) -> PretrainConfig:
+    """Check a composed config (a plain dict) and return it typed. Raises `ConfigError`.
+    Stdlib only up to the `model` keys, which need NeMo's config class (~4 s of imports): a CLI
+    passes ``model_keys=False`` to answer a bad value at once, then calls `check_model_keys`."""
     raw = dict(raw)
     top = {f.name for f in dataclasses.fields(PretrainConfig)}
     for key in raw:
@@ -166,6 +168,9 @@ def validate(raw: Dict[str, Any], world_size: int) -> PretrainConfig:
             raise ConfigError(f"{name}: {e}") from None
 
     model = dict(raw.get("model") or {})
+    for name, kind in MODEL_FIELD_KINDS.items():  # the model config checks these again when it is built
+        if name in model:
+            check_field(f"model.{name}", model[name], kind)
     check_field("seed", raw.get("seed", PretrainConfig.seed), "nonneg")
     cfg = PretrainConfig(
         name=raw.get("name", PretrainConfig.name),
@@ -178,7 +183,11 @@ def validate(raw: Dict[str, Any], world_size: int) -> PretrainConfig:
     _check_values(cfg)
     _check_parallel_layout(cfg, world_size)
     _check_batch(cfg, world_size)
-    _check_model_keys(model)  # imports NeMo (slow), so after the cheap checks
+    if cfg.data.paths == "???" and not cfg.dry_run:  # a config that names no data; --dry-run only inspects
+        raise ConfigError("data.paths is required for this config: give data.paths='[/path/prefix]' "
+                          "(see docs/pretraining.md)")
+    if model_keys:
+        check_model_keys(model)
     return cfg
 
 
@@ -252,7 +261,8 @@ def _check_values(cfg: PretrainConfig) -> None:
                           f"or set checkpoint.init_from=null.")
 
 
-def _check_model_keys(model: Dict[str, Any]) -> None:
+def check_model_keys(model: Dict[str, Any]) -> None:
+    """Each `model` key is a field of the model config (needs NeMo) and not owned by another group."""
     known = _model_field_names()
     for key in model:
         if key in _MODEL_FIELDS_ELSEWHERE:
