@@ -31,9 +31,11 @@ def _fail(msg: str) -> None:
 
 
 def _check_overrides(argv) -> None:
-    """Compose once up front so an unknown override fails in one line, not Hydra's multi-line report."""
+    """Compose once up front and check the values: an unknown override or a bad value fails in one
+    line (not Hydra's multi-line report) before Hydra creates the run's output directory."""
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
+    from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
     config_name, overrides = "qwen3_next_tiny", []
@@ -47,12 +49,17 @@ def _check_overrides(argv) -> None:
             overrides.append(arg)
     try:
         with initialize_config_dir(config_dir=os.path.abspath(CONF_DIR), version_base=None):
-            compose(config_name=config_name, overrides=overrides)
+            cfg = compose(config_name=config_name, overrides=overrides)
+        raw = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
     except (HydraException, OmegaConfBaseException) as e:
         m = re.match(r"Could not override '([^']+)'", str(e))
         if m:
             _fail(_unknown_key_message(config_name, m.group(1)))
         _fail(" ".join(str(e).split()) or type(e).__name__)
+    try:
+        _check_values(raw)
+    except _BadConfig as e:
+        _fail(str(e))
 
 
 def _unknown_key_message(config_name: str, key: str) -> str:
