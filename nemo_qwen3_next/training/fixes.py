@@ -63,12 +63,48 @@ def fix_numpy2_product() -> None:
         np.product = np.prod
 
 
+def fix_cp_aux_loss_scale() -> None:
+    """Under context parallelism each CP rank's MoE aux loss (load balancing, also the z-loss: same
+    scaler) is its share of the sequence's, and DDP averages gradients over data x context parallel;
+    megatron-core 0.15.3 sets the aux-loss gradient scale to 1 / micro-batches without the CP size, so
+    the aux loss weighs 1/CP of its CP=1 weight. Megatron-LM #2217/#2237 (later megatron-core)
+    multiplies that scale by the CP size, as the main loss is; do the same on 0.15.3. Per-token-loss
+    runs (``calculate_per_token_loss``) keep Megatron's scale: their normalisation differs."""
+    import inspect
+
+    from megatron.core import parallel_state
+    from megatron.core.pipeline_parallel import schedules
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+    orig = schedules.forward_step_calc_loss
+    if getattr(orig, "_qwen3_next_fixed", False):
+        return
+    if "loss_scale * cp_group_size" in inspect.getsource(orig):  # a megatron-core that has the fix
+        return
+    signature = inspect.signature(orig)
+
+    @functools.wraps(orig)
+    def forward_step_calc_loss(*args, **kwargs):
+        out = orig(*args, **kwargs)
+        bound = signature.bind(*args, **kwargs).arguments
+        config = bound["config"]
+        if getattr(config, "num_moe_experts", None) and not config.calculate_per_token_loss:
+            cp = bound.get("cp_group_size") or parallel_state.get_context_parallel_world_size()
+            if cp > 1:
+                MoEAuxLossAutoScaler.set_loss_scale(MoEAuxLossAutoScaler.main_loss_backward_scale * cp)
+        return out
+
+    forward_step_calc_loss._qwen3_next_fixed = True
+    schedules.forward_step_calc_loss = forward_step_calc_loss
+
+
 def apply(force_cpu: bool = False) -> bool:
     """Apply the fixes, and the CPU workarounds when CUDA is unavailable. Idempotent.
     Returns True when the CPU workarounds are active."""
     fix_rank0_timer_allgather()
     stub_missing_resiliency_ext()
     fix_numpy2_product()
+    fix_cp_aux_loss_scale()
     if torch.cuda.is_available():
         if force_cpu:
             raise RuntimeError("trainer.accelerator=cpu on a machine with CUDA is not supported; "
