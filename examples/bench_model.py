@@ -24,7 +24,9 @@ head (+ loss), each timed alone (forward; forward + backward) on the inputs it s
 ``other`` = step minus their sum (norms of the residual stream, residual adds, gaps).
 
 ``--variants`` times ours with speed levers switched off one at a time, in the same process:
-``base`` (all on), ``no_fused_ce``, ``no_fast_permute``, ``seq_experts``, ``all_off``.
+``base`` (all on), ``no_fused_ce``, ``no_fast_permute``, ``all_off``; ``graphs`` adds
+``mixer_cuda_graphs``; ``megatron_step`` is ``base`` plus Megatron DDP and the mixed-precision Adam step
+(the NeMo loop's bare baseline, ``megatron_step``).
 """
 
 from __future__ import annotations
@@ -48,6 +50,9 @@ VARIANTS = {
     "no_fast_permute": dict(moe_fast_permute=False),
     "all_off": dict(fused_linear_cross_entropy=False, moe_fast_permute=False),
     "graphs": dict(mixer_cuda_graphs=True),  # GDN / attention mixers replayed from CUDA graphs
+    # base + what Megatron's own loop adds: DDP grad buffers, the mixed-precision Adam step (the NeMo
+    # loop's baseline; see `megatron_step`)
+    "megatron_step": {},
 }
 
 
@@ -199,6 +204,8 @@ def run_ours(args, B, T, variant: str):
         model.zero_grad(set_to_none=True)
         bwd(fwd())
 
+    if variant == "megatron_step":
+        step = megatron_step(model, cfg, fwd)
     t0 = time.perf_counter()
     step()
     torch.cuda.synchronize()
@@ -221,6 +228,30 @@ def run_ours(args, B, T, variant: str):
     del model
     torch.cuda.empty_cache()
     return res
+
+
+def megatron_step(model, cfg, fwd):
+    """A training step as Megatron's loop runs it, with the DDP and optimizer settings of our NeMo recipe
+    (`training/recipe.py`: fp32 grad buffers, overlapped grad reduce, NaN check; `conf/optim/tiny.yaml`'s
+    Adam, clip 1.0, no distributed optimizer): the bare baseline the NeMo loop is held to (>= 95%)."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    ddp = DistributedDataParallel(cfg, DistributedDataParallelConfig(
+        check_for_nan_in_grad=True, grad_reduce_in_fp32=True, overlap_grad_reduce=True,
+        use_distributed_optimizer=False, average_in_collective=True), model)
+    opt = get_megatron_optimizer(OptimizerConfig(
+        optimizer="adam", lr=3e-4, weight_decay=0.1, adam_beta1=0.9, adam_beta2=0.95, adam_eps=1e-8, clip_grad=1.0,
+        bf16=True, params_dtype=torch.bfloat16, use_distributed_optimizer=False), [ddp])
+
+    def step():
+        ddp.zero_grad_buffer()
+        opt.zero_grad()
+        fwd().mean().backward()  # fwd calls the wrapped module; DDP's hooks fill the grad buffers
+        ddp.finish_grad_sync()
+        opt.step()
+
+    return step
 
 
 def _profile(step, path):
