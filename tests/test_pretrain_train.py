@@ -9,13 +9,16 @@
 * rerunning a finished run with a smaller max_steps says there is nothing to do and exits 0;
 * `data=mock` trains on random tokens at the model's vocabulary (loss stays at ~ln V);
 * TP=2 + SP under torchrun, started from the same initial weights, reproduces the one-process
-  curve (tolerance below).
+  curve (tolerance below);
+* CP=2 (`parallelism=cp2`, MoE aux loss on) reproduces it too, with the same expert-load metrics, and
+  its checkpoint resumes at CP=1, a CP=1 checkpoint at CP=2.
 """
 
 import json
 import math
 import os
 import re
+import shutil
 import signal
 import statistics
 import subprocess
@@ -34,6 +37,9 @@ STEPS, EVERY = 16, 8
 # room for other BLAS builds and thread counts while still catching any real sharding error
 # (a wrong split or missing reduction moves the loss by > 0.01 within a step or two).
 TP2_ATOL = 1e-3
+# CP=2 vs one process, aux loss on: measured max |diff| 9.5e-7 over 16 steps. The aux loss's old 1/CP
+# gradient weight (fixed in training/fixes.py) moved it by 1.3e-4 at step 3 and 5.2e-3 by step 14.
+CP2_ATOL = 1e-4
 RESUME_ATOL = 1e-5  # same process layout and op order: identical up to rounding noise
 
 
@@ -197,6 +203,46 @@ def test_tp2_sp_reproduces_single_process_curve(reference, workdir):
     print("TP=2 vs TP=1 max |loss diff|:", max(diffs))
     assert max(diffs) < TP2_ATOL, diffs
     assert rec[1]["loss"] == pytest.approx(ref[1]["loss"], abs=1e-4)  # same initial weights
+
+
+def _stopped_at_first_checkpoint(run_dir, copy_dir):
+    """`run_dir` as a run stopped after its first checkpoint leaves it: the step-8 checkpoint is the
+    ``-last`` one (the directory NeMo resumes from), the later ones are gone."""
+    shutil.copytree(run_dir, copy_dir)
+    ckpts = copy_dir / "checkpoints"
+    (first,) = [d for d in ckpts.iterdir() if d.name.startswith(f"step={EVERY - 1}-") and not d.name.endswith("last")]
+    for d in ckpts.iterdir():
+        if d != first:
+            shutil.rmtree(d)
+    first.rename(ckpts / (first.name + "-last"))
+    return copy_dir
+
+
+def test_cp2_reproduces_single_process_curve_and_resumes_across_layouts(reference, workdir):
+    """CP=2 from the same initial weights gives the one-process losses and expert-load metrics (MoE
+    global aux loss on); a CP=2 checkpoint resumed at CP=1 and a CP=1 checkpoint resumed at CP=2 give
+    the one-process steps 9-16 (torch_dist checkpoints hold global tensors)."""
+    ref_dir, ref, _, _ = reference
+    cp2 = ["-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone", PRETRAIN]
+    run_dir = workdir / "cp2"
+    _run([sys.executable, *cp2, *_args(run_dir, workdir / "data", "parallelism=cp2",
+                                        f"checkpoint.init_from={ref_dir / 'init_checkpoint'}")], cwd=workdir)
+    rec = _losses(run_dir)
+    assert sorted(rec) == list(range(1, STEPS + 1))
+    diffs = [abs(rec[s]["loss"] - ref[s]["loss"]) for s in rec]
+    print("CP=2 vs CP=1 max |loss diff|:", max(diffs))
+    assert max(diffs) < CP2_ATOL, diffs
+    for s in rec:  # counts summed over the CP ranks = the one process's counts
+        moe = [k for k in ref[s] if k.startswith("moe/")]
+        assert moe and all(rec[s][k] == pytest.approx(ref[s][k], rel=1e-6) for k in moe), s
+    for layout, stopped in ((["parallelism=cp2"], _stopped_at_first_checkpoint(ref_dir, workdir / "cp1_to_cp2")),
+                            ([], _stopped_at_first_checkpoint(run_dir, workdir / "cp2_to_cp1"))):
+        launch = cp2 if layout else [PRETRAIN]
+        out = _run([sys.executable, *launch, *_args(stopped, workdir / "data", *layout)], cwd=workdir).stdout
+        assert re.search(rf"^resuming {stopped} from step {EVERY} ", out, flags=re.M), out[:2000]
+        got = _losses(stopped)
+        assert sorted(got) == list(range(1, STEPS + 1))
+        assert max(abs(got[s]["loss"] - ref[s]["loss"]) for s in range(EVERY + 1, STEPS + 1)) < CP2_ATOL, stopped
 
 
 def test_val_interval_longer_than_one_pass_over_the_data(tmp_path):
