@@ -185,6 +185,14 @@ if __name__ == "__main__":  # the checkpoint writer spawns processes that re-imp
         quiet_console(bool((raw.get("logging") or {}).get("verbose")))  # before the imports that log
         try:
             tc = _check_values(raw)
+            if not tc.dry_run:
+                from nemo_qwen3_next.training.run_plan import plan
+
+                what, todo = plan(tc)
+                if not todo:  # a finished run's rerun answers at once, before the heavy imports
+                    if os.environ.get("RANK", "0") == "0":
+                        print(what, flush=True)
+                    return
             with _hold_output():  # a bad config prints one line, not the imports' warnings
                 recipe = _check_model(tc)
         except _BadConfig as e:
