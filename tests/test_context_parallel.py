@@ -185,3 +185,58 @@ def test_cp_larger_than_world_is_one_line():
                           env=dict(os.environ, TORCHDYNAMO_DISABLE="1"))
     assert proc.returncode != 0
     assert "ValueError: context_parallel_size (cp=2) > world size (1); launch at least 2" in proc.stderr
+
+
+def _compose(*overrides, world_size=1):
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from nemo_qwen3_next.training import config
+
+    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
+    with initialize_config_dir(config_dir=root, version_base=None):
+        raw = OmegaConf.to_container(compose(config_name="qwen3_next_tiny", overrides=list(overrides)), resolve=True)
+    return config.validate(raw, world_size=world_size)
+
+
+def test_tp2_cp2_conf_composes_and_needs_four_ranks():
+    """conf/parallelism/tp2_cp2.yaml: TP=2 + SP x CP=2, accepted on 4 ranks (DP=1) and 8 (DP=2), refused
+    in one line on 2. (A 4-process CPU run of it: 16 steps = one process to 4.8e-7, 51 s; docs/parallelism.md.)"""
+    from nemo_qwen3_next.config import ConfigError
+
+    p = _compose("parallelism=tp2_cp2", world_size=4).parallelism
+    assert (p.tensor_model_parallel_size, p.context_parallel_size, p.sequence_parallel) == (2, 2, True)
+    _compose("parallelism=tp2_cp2", "data.global_batch_size=16", world_size=8)
+    with pytest.raises(ConfigError, match=r"^world size 2 is not divisible by tensor\(2\) x pipeline\(1\) x "
+                                          r"context\(2\) = 4"):
+        _compose("parallelism=tp2_cp2", world_size=2)
+
+
+def test_dry_run_memory_counts_the_cp_exchanges():
+    """--dry-run under CP: a rank's activations are those of seq_length / CP tokens plus what the CP
+    exchanges keep for backward: every attention layer's gathered K/V (the whole sequence), every GDN
+    layer's gathered [F | P] (fp32) and its o_P read-outs (sizes written out here from the config)."""
+    import dataclasses
+
+    from nemo_qwen3_next.training import recipe
+    from nemo_qwen3_next.training.dry_run import count_parameters, memory_estimate
+
+    T, b, cp = 4096, 2, 4
+    tc = _compose("parallelism=cp2", f"parallelism.context_parallel_size={cp}", f"data.seq_length={T}",
+                  f"data.micro_batch_size={b}", f"data.global_batch_size={b}", world_size=cp)
+    mcfg = recipe.model_config(tc, cpu=True)
+    counts = count_parameters(mcfg)
+    mem = memory_estimate(counts, mcfg, tc, cp)
+    short = dataclasses.replace(tc, data=dataclasses.replace(tc.data, seq_length=T // cp),
+                                parallelism=dataclasses.replace(tc.parallelism, context_parallel_size=1))
+    base = memory_estimate(counts, mcfg, short, 1)
+    act = 2 if mcfg.bf16 else 4
+    kv = 2 * T * b * mcfg.num_query_groups * mcfg.kv_channels * act
+    hv, dk, dv = mcfg.linear_num_value_heads, mcfg.linear_key_head_dim, mcfg.linear_value_head_dim
+    gdn = 2 * cp * b * hv * dk * (dk + dv) * 4 + (T // cp) * b * hv * dk * act
+    kinds = mcfg.layer_types
+    expected = kinds.count("full_attention") * kv + kinds.count("linear_attention") * gdn
+    assert kinds.count("full_attention") and kinds.count("linear_attention")
+    assert mem["cp_exchange_gib"] * 1024**3 == pytest.approx(expected, rel=1e-12)
+    assert mem["activations_gib"] == pytest.approx(base["activations_gib"] + mem["cp_exchange_gib"], rel=1e-12)
+    assert base["cp_exchange_gib"] == 0

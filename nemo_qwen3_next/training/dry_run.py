@@ -13,6 +13,10 @@ once); the memory estimate is arithmetic on that count:
   flash attention) plus, for MoE layers, the routed tokens' expert activations
   (s/TP)·b·k·(2h + 3f)·2 bytes; times the layers of a stage and the PP micro-batches the first
   stage holds in flight under 1F1B. Recompute and CUDA/NCCL workspaces are not modelled.
+* context parallelism (CP > 1): ``s`` above is the rank's ``seq_length / CP``, plus what the CP
+  exchanges keep for backward (`cp_exchange_bytes`): each gated-attention layer's all-gathered K/V
+  (the whole sequence), each GDN layer's all-gathered ``[F | P]`` states (fp32) and its tokens'
+  transition read-outs ``o_P`` (``Dk`` extra value columns per head).
 """
 
 from __future__ import annotations
@@ -76,6 +80,20 @@ def count_named_parameters(named_parameters, full) -> Dict[str, float]:
     }
 
 
+def cp_exchange_bytes(mcfg, seq_length: int, micro_batch: int, tp: int, cp: int) -> Dict[str, float]:
+    """Bytes one rank keeps for backward from the CP exchanges (see docs/parallelism.md), per layer of
+    each kind: ``attention`` (gathered K and V, ``2·T·b·groups·head_dim``) and ``gdn`` (gathered
+    ``[F | P]`` ``2·CP·b·Hv·Dk·(Dk+Dv)`` fp32 + ``o_P`` ``(T/CP)·b·Hv·Dk``); heads and groups per TP rank."""
+    if cp <= 1:
+        return {"attention": 0.0, "gdn": 0.0}
+    act = 2 if mcfg.bf16 else 4
+    groups = max(1, (mcfg.num_query_groups or mcfg.num_attention_heads) // tp)
+    hv, dk, dv = max(1, mcfg.linear_num_value_heads // tp), mcfg.linear_key_head_dim, mcfg.linear_value_head_dim
+    b = micro_batch
+    return {"attention": 2.0 * seq_length * b * groups * mcfg.kv_channels * act,
+            "gdn": 2.0 * cp * b * hv * dk * (dk + dv) * 4 + seq_length / cp * b * hv * dk * act}
+
+
 def memory_estimate(counts: Dict[str, float], mcfg, cfg, world_size: int) -> Dict[str, float]:
     p, d = cfg.parallelism, cfg.data
     tp, pp, cp, ep = (p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.context_parallel_size,
@@ -99,13 +117,17 @@ def memory_estimate(counts: Dict[str, float], mcfg, cfg, world_size: int) -> Dic
     if mcfg.num_moe_experts:
         act_layer += (s / tp) * b * mcfg.moe_router_topk * (2 * h + 3 * mcfg.moe_ffn_hidden_size) * 2
     in_flight = pp if pp > 1 else 1
-    activations = act_layer * layers_per_stage * in_flight
+    ex = cp_exchange_bytes(mcfg, d.seq_length, b, tp, cp)
+    kinds = list(mcfg.layer_types)
+    cp_exchange = sum(ex["attention"] if k == "full_attention" else ex["gdn"]
+                      for k in kinds[:layers_per_stage]) * in_flight  # the first stage (PP cuts in order)
+    activations = act_layer * layers_per_stage * in_flight + cp_exchange
     return {
         "world_size": world_size, "data_parallel": dp, "expert_data_parallel": edp,
         "layers_per_stage": layers_per_stage,
         "params_per_gpu": dense_local + expert_local,
         "weights_gib": weights / GiB, "grads_gib": grads / GiB, "optimizer_gib": optim / GiB,
-        "activations_gib": activations / GiB,
+        "activations_gib": activations / GiB, "cp_exchange_gib": cp_exchange / GiB,
         "total_gib": (weights + grads + optim + activations) / GiB,
     }
 
@@ -116,6 +138,7 @@ def report(mcfg, cfg) -> str:
     counts = count_parameters(mcfg)
     mem = memory_estimate(counts, mcfg, cfg, world)
     etp = p.expert_tensor_parallel_size or p.tensor_model_parallel_size
+    cp_part = f" (of which CP exchanges {mem['cp_exchange_gib']:.1f} GiB)" if p.context_parallel_size > 1 else ""
     lines = [
         f"model: {cfg.name}  layers={mcfg.num_layers} ({mcfg.layer_types.count('linear_attention')} Gated DeltaNet, "
         f"{mcfg.layer_types.count('full_attention')} gated attention)  experts={mcfg.num_moe_experts} top-{mcfg.moe_router_topk}",
@@ -129,6 +152,6 @@ def report(mcfg, cfg) -> str:
         f"per-GPU memory estimate (largest stage, {mem['layers_per_stage']} layers, "
         f"{mem['params_per_gpu'] / 1e9:.2f}B params): weights {mem['weights_gib']:.1f} GiB + grads "
         f"{mem['grads_gib']:.1f} GiB + optimizer {mem['optimizer_gib']:.1f} GiB + activations ~"
-        f"{mem['activations_gib']:.1f} GiB = {mem['total_gib']:.1f} GiB",
+        f"{mem['activations_gib']:.1f} GiB{cp_part} = {mem['total_gib']:.1f} GiB",
     ]
     return "\n".join(lines)
