@@ -116,9 +116,10 @@ def plan(text, work, hf_dir):
         elif script == "pretrain.py":
             words = words + FAST
             run_dir = _run_dir(words)
-            steps.append(Step(section, command, words, "pretrain", {run_dir}, check_pretrain))
+            paths = {run_dir, "runs/data"}  # and the data cache every run of the tiny config shares
+            steps.append(Step(section, command, words, "pretrain", paths, check_pretrain))
             if not any(s.kind == "rerun" for s in steps):
-                steps.append(Step(section, command, list(words), "rerun", {run_dir}, check_rerun, extra=True))
+                steps.append(Step(section, command, list(words), "rerun", paths, check_rerun, extra=True))
         elif script in ("convert_hf_to_nemo.py", "convert_nemo_to_hf.py"):
             steps.append(Step(section, command, words, script, {_option(words, "--input"), _option(words, "--output")},
                               check_h2n if script == "convert_hf_to_nemo.py" else check_n2h))
