@@ -6,8 +6,8 @@ TP for TP-replicated parameters), as Megatron's finalize_model_grads does. Every
 OUT_DIR/rank{r}.pt: full-sequence logits (gathered back to global order), the global loss and its
 gradients (its TP shards). Several layouts run in one launch (one process start-up for all):
 each RUN is ``cpC``, ``tpT_sp_cpC`` (T x C = N), ``cpC_thd`` (packed documents, Megatron's THD
-CP layout) or ``cpC_recompute`` (GDN recompute: the exchanges run again in backward), and writes
-OUT_DIR/RUN_rank{r}.pt.
+CP layout), ``cpC_recompute`` (GDN recompute: the exchanges run again in backward) or ``cpC_schedule``
+(Megatron's schedule + DDP, NeMo's loss: `schedule_grads`), and writes OUT_DIR/RUN_rank{r}.pt.
 Usage: torchrun --nproc-per-node N tests/cp_worker.py OUT_DIR RUN [RUN ...]
 """
 
@@ -54,6 +54,48 @@ def token_loss(logits, labels, mask, num_tokens):
     return (ce * mask.reshape(-1)).sum() / num_tokens
 
 
+def schedule_grads(model, local, num_tokens):
+    """One training step as NeMo runs it: Megatron's schedule with NeMo's masked-token loss (its three
+    outputs: the schedule divides by the rank's token count) and Megatron's DDP, which averages over
+    data x context parallel; the aux-loss scale fix applied. Returns (main grads by name, the loss summed
+    over CP ranks' token sums / ``num_tokens``)."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.pipeline_parallel.schedules import forward_backward_no_pipelining
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+    from nemo_qwen3_next.training.fixes import fix_cp_aux_loss_scale
+
+    fix_cp_aux_loss_scale()
+    MoEAuxLossAutoScaler.main_loss_backward_scale = None  # as in a fresh training process (see the end)
+    ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, average_in_collective=True), model)
+    ddp.zero_grad_buffer()
+
+    def step(it, m):
+        b = next(it)
+        out = m(b["tokens"], b["position_ids"], b.get("attention_mask"), labels=b["labels"])
+
+        def loss(per_token):
+            total = (per_token.float() * b["loss_mask"]).sum()
+            return total, b["loss_mask"].sum().to(torch.int), {"sum": total.detach().clone()}  # the schedule divides total in place
+        return out, loss
+
+    zeros = torch.zeros  # on CPU: the schedule makes its token counter with device="cuda"
+    if not torch.cuda.is_available():
+        torch.zeros = lambda *a, device=None, **k: zeros(*a, device="cpu" if device == "cuda" else device, **k)
+    try:
+        out = forward_backward_no_pipelining(forward_step_func=step, data_iterator=iter([local]), model=[ddp],
+                                             num_microbatches=1, seq_length=0, micro_batch_size=0)
+    finally:
+        torch.zeros = zeros
+        MoEAuxLossAutoScaler.main_loss_backward_scale = None  # the schedule's scale must not outlive its step
+    ddp.finish_grad_sync()
+    loss = out[0]["sum"].clone()
+    if dist.is_initialized():
+        dist.all_reduce(loss)
+    return {n: p.main_grad.clone() for n, p in model.named_parameters()}, loss / num_tokens
+
+
 def run(out_dir: str, name: str):
     from megatron.core import parallel_state
 
@@ -78,6 +120,12 @@ def run(out_dir: str, name: str):
     else:  # with the dense causal mask NeMo sends without TE (True = masked), split along the queries
         full["attention_mask"] = torch.ones(1, 1, SEQ, SEQ, dtype=torch.bool).triu(1).expand(BATCH, 1, SEQ, SEQ)
         local = split_batch(full, group)
+    if name.endswith("_schedule"):  # NeMo's step: all tokens in the loss (equal counts per rank), aux loss on
+        local["loss_mask"] = torch.ones_like(local["loss_mask"])
+        grads, loss = schedule_grads(model, local, ids.numel())
+        torch.save({"grads": grads, "loss": loss}, os.path.join(out_dir, f"{name}_rank{dist.get_rank()}.pt"))
+        dist.barrier()
+        return
     logits = model(local["tokens"], local["position_ids"], local["attention_mask"], packed_seq_params=params)
     loss = token_loss(logits, local["labels"], local["loss_mask"], mask.sum())
     loss.backward()

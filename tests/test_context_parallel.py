@@ -14,7 +14,7 @@ from nemo_qwen3_next.sharding import shard_tensor
 from nemo_qwen3_next.testing import random_hf_model, tiny_hf_config
 
 sys.path.insert(0, os.path.dirname(__file__))
-from cp_worker import CHUNK, batch, packed, token_loss  # noqa: E402
+from cp_worker import CHUNK, batch, packed, schedule_grads, token_loss  # noqa: E402
 
 WORKER = os.path.join(os.path.dirname(__file__), "cp_worker.py")
 
@@ -42,7 +42,7 @@ def _rel(got, ref):
 
 
 # processes -> the runs of one torchrun launch (see cp_worker.py for the names)
-LAUNCHES = {2: ["cp2", "cp2_thd", "cp2_recompute"], 4: ["cp4", "tp2_sp_cp2", "cp4_thd", "tp2_sp_cp2_thd"]}
+LAUNCHES = {2: ["cp2", "cp2_thd", "cp2_recompute", "cp2_schedule"], 4: ["cp4", "tp2_sp_cp2", "cp4_thd", "tp2_sp_cp2_thd"]}
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +79,25 @@ def test_cp_matches_cp1(cp_runs, cp1, name):
         for pname, grad in got["grads"].items():
             ref = shard_tensor(pname, grads[pname], grad.shape, got["tp_rank"], tp, glu=True)
             assert _rel(grad, ref) <= 1e-5, (r, pname, _rel(grad, ref))
+
+
+def test_cp_training_step_matches_cp1(cp_runs):
+    """The step as NeMo runs it (Megatron's schedule, NeMo's masked-token loss, Megatron's DDP averaging
+    over data x context parallel), MoE global aux loss on: CP=2 gives the one-process loss and every
+    parameter's main grad (<= 1e-5). Without `fix_cp_aux_loss_scale` the aux loss's gradient weighs 1/CP
+    and the router grads are off by far more than that."""
+    out, _ = cp_runs
+    model = load_hf(random_hf_model(tiny_hf_config(), seed=1), linear_attention_chunk_size=CHUNK).train()
+    ids, labels, mask = batch()
+    full = {"tokens": ids, "position_ids": torch.arange(ids.shape[1]).unsqueeze(0).expand_as(ids),
+            "labels": labels, "loss_mask": torch.ones_like(mask)}
+    grads, loss = schedule_grads(model, full, ids.numel())
+    for r in range(2):
+        got = torch.load(out / f"cp2_schedule_rank{r}.pt")
+        assert abs(got["loss"].item() - loss.item()) <= 1e-5 * loss.item()
+        assert got["grads"].keys() == grads.keys()
+        for name, grad in got["grads"].items():
+            assert _rel(grad, grads[name]) <= 1e-5, (r, name, _rel(grad, grads[name]))
 
 
 def _simulate_ranks(size, inputs, local, compose, cu=None):
