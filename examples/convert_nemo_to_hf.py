@@ -16,16 +16,13 @@ os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 
 
 def main(argv=None) -> int:
-    from nemo_qwen3_next.checkpoint.cli import ArgumentParser, console, run
+    from nemo_qwen3_next.checkpoint.cli import ArgumentParser, add_converter_options, console, run
 
     p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--input", required=True, help="NeMo checkpoint directory (weights/ + context/)")
     p.add_argument("--output", required=True, help="HF directory to create")
     p.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (default 5GB)")
-    p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
-    p.add_argument("--allow-non-finite", action="store_true", help="accept NaN/inf weights (refused by default)")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--debug", action="store_true", help="show library output and tracebacks")
+    add_converter_options(p)
     a = p.parse_args(argv)
 
     from nemo_qwen3_next.checkpoint import check_nemo_dir, check_output, parse_size, remove_stale_temp_dirs

@@ -25,6 +25,14 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+def add_converter_options(p: argparse.ArgumentParser) -> None:
+    """The options both converters have, after their own."""
+    p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    p.add_argument("--allow-non-finite", action="store_true", help="accept NaN/inf weights (refused by default)")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--debug", action="store_true", help="show library output and tracebacks")
+
+
 def console():
     """The terminal's stderr, also while `quiet` holds `sys.stderr` (for progress bars)."""
     return _console or sys.stderr
