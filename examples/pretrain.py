@@ -19,6 +19,7 @@ import contextlib
 import difflib
 import os
 import re
+import shutil
 import sys
 import tempfile
 
@@ -30,9 +31,9 @@ def _fail(msg: str) -> None:
     sys.exit(2)
 
 
-def _check_overrides(argv) -> None:
+def _check_overrides(argv):
     """Compose once up front and check the values: an unknown override or a bad value fails in one
-    line (not Hydra's multi-line report) before Hydra creates the run's output directory."""
+    line (not Hydra's multi-line report) before Hydra creates the run's output directory. Returns run_dir."""
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
     from omegaconf import OmegaConf
@@ -60,6 +61,14 @@ def _check_overrides(argv) -> None:
         _check_values(raw)
     except _BadConfig as e:
         _fail(str(e))
+    return raw.get("run_dir")
+
+
+def _remove_if_new(run_dir, existed: bool) -> None:
+    """A refused first run leaves nothing: Hydra made `run_dir/hydra` (its log) before the checks
+    that need the heavy imports ran."""
+    if run_dir and not existed and os.path.isdir(run_dir) and set(os.listdir(run_dir)) <= {"hydra"}:
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def _unknown_key_message(config_name: str, key: str) -> str:
@@ -172,7 +181,8 @@ def _check_model(tc):
 
 if __name__ == "__main__":  # the checkpoint writer spawns processes that re-import this file
     sys.argv = [sys.argv[0]] + _options_first([("dry_run=true" if a == "--dry-run" else a) for a in sys.argv[1:]])
-    _check_overrides(sys.argv[1:])
+    run_dir = _check_overrides(sys.argv[1:])
+    run_dir_existed = bool(run_dir) and os.path.exists(run_dir)
 
     import hydra
     from omegaconf import DictConfig, OmegaConf
@@ -196,6 +206,7 @@ if __name__ == "__main__":  # the checkpoint writer spawns processes that re-imp
             with _hold_output():  # a bad config prints one line, not the imports' warnings
                 recipe = _check_model(tc)
         except _BadConfig as e:
+            _remove_if_new(run_dir, run_dir_existed)
             _fail(str(e))
         if tc.dry_run:
             from nemo_qwen3_next.training.dry_run import report

@@ -28,7 +28,8 @@ def _one_line_error(proc, run_dir):
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, proc.stderr[-3000:]
     assert lines[0].startswith("pretrain.py: config error: ")
-    assert not (run_dir / "checkpoints").exists() and not (run_dir / "metrics").exists()
+    assert proc.stdout == "", proc.stdout[-3000:]  # the imports' warnings held back too
+    assert not run_dir.exists(), sorted(os.listdir(run_dir))  # nothing written, Hydra's log dir included
     return lines[0]
 
 
