@@ -4,9 +4,17 @@
 #   bash benchmarks/device_model.sh [install] STEP[:SECONDS] ...      (carry .devwheels/b for install)
 # Steps: tests (GPU numerics of the speed paths; GPU_TESTS = other test files), model (ours with lever variants + HF, B=2/1 T=4096,
 # breakdown, profile), second (a new process on the warm machine: time to its first step), gdn (our GDN layer
-# at the acceptance shapes, eager and CUDA-graphed; GDN_IMPLS, GDN_SHAPES), nemo (examples/pretrain.py on the same model, data=mock, NEMO_STEPS steps), cache (tar of the kernel cache into $OUT). Logs and JSON go to $OUT.
+# at the acceptance shapes, eager and CUDA-graphed; GDN_IMPLS, GDN_SHAPES), nemo (examples/pretrain.py on the same model, data=mock, NEMO_STEPS steps), wave (GPU tests + the model
+# benchmark with every compile at once, then timed alone), cache (tar of the kernel cache into $OUT). Logs and JSON go to $OUT.
 set -u
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+# The device returns at most 8 files: steps write to a work folder; at the end the JSON and PNGs are copied
+# to $OUT, everything else (logs, profiles, metrics) goes into $OUT/logs.tgz, the kernel cache into parts.
+FINAL=${OUT:-/tmp/out}; mkdir -p "$FINAL"
+OUT=/tmp/device_model_work; rm -rf "$OUT"; mkdir -p "$OUT"
+finish() { cp "$OUT"/*.json "$OUT"/*.png "$FINAL"/ 2>/dev/null; mv "$OUT"/kcache.tgz.* "$FINAL"/ 2>/dev/null
+           (cd "$OUT" && tar -czf "$FINAL/logs.tgz" --exclude='*.png' .); ls -la "$FINAL"; }
+trap finish EXIT
+trap 'exit 143' TERM INT
 export PYTHONUNBUFFERED=1
 t0=$(date +%s)
 if [ "${1:-}" = install ]; then
@@ -38,6 +46,18 @@ for item in "$@"; do
              data=mock trainer.precision=bf16-mixed trainer.max_steps=${NEMO_STEPS:-40} trainer.val_check_interval=1000 \
              checkpoint.every_n_steps=1000 checkpoint.save_optim_on_train_end=false run_dir=/tmp/runs/nemo_reduced \
              2>&1 | tee "$OUT/nemo_reduced.log"; cp /tmp/runs/nemo_reduced/metrics/metrics.jsonl "$OUT/nemo_reduced.metrics.jsonl" 2>/dev/null ;;
+    wave) # everything compiles at once (GPU tests, HF child, ours at B=1 in a side process, ours at B=2), then
+          # ours and HF are timed alone on a quiet GPU (bench_model --hf-concurrent --prewarm --wait-file)
+          rm -f /tmp/tests.done /tmp/warm_b1.done
+          ( timeout -k 5 "$((lim - 60))" python3 -m pytest -q -s -p no:cacheprovider ${GPU_TESTS:-tests/test_gpu_speed_paths.py} \
+              > "$OUT/${GPU_TESTS_LOG:-gpu_tests.log}" 2>&1; echo "pytest rc=$?" >> "$OUT/${GPU_TESTS_LOG:-gpu_tests.log}"; touch /tmp/tests.done ) &
+          ( timeout -k 5 "$((lim - 60))" python3 examples/benchmark.py --modules model --model-impls ours --shapes 1x4096 --variants base \
+              --rep 1 --no-breakdown --out /tmp/warm_b1.json > /tmp/warm_b1.log 2>&1; touch /tmp/warm_b1.done ) &
+          timeout -k 5 "$lim" python3 examples/benchmark.py --modules model --model-impls ours,hf --hf-concurrent --prewarm \
+             --wait-file /tmp/tests.done,/tmp/warm_b1.done --shapes "${MODEL_SHAPES:-2x4096,1x4096}" \
+             --variants "${MODEL_VARIANTS:-base,graphs,megatron_step}" --rep "${MODEL_REP:-10}" --hf-timeout "${HF_TIMEOUT:-420}" \
+             --profile "$OUT/h200_model_profile" --out "$OUT/h200_model.json" --visualize 2>&1 | tee "$OUT/model.log"
+          wait ;;
     cache) du -sh .kcache/*; tar -czf /tmp/kcache.tgz .kcache && ls -la /tmp/kcache.tgz && split -b 15m -d /tmp/kcache.tgz "$OUT/kcache.tgz." ;;
   esac
   echo "===== $step rc=${PIPESTATUS[0]} took $(( $(date +%s) - s )) s"
