@@ -5,7 +5,7 @@
 # Steps: tests (GPU numerics of the speed paths; GPU_TESTS = other test files), model (ours with lever variants + HF, B=2/1 T=4096,
 # breakdown, profile), second (a new process on the warm machine: time to its first step), gdn (our GDN layer
 # at the acceptance shapes, eager and CUDA-graphed; GDN_IMPLS, GDN_SHAPES), nemo (examples/pretrain.py on the same model, data=mock, NEMO_STEPS steps), wave (GPU tests + the model
-# benchmark with every compile at once, then timed alone), cache (tar of the kernel cache into $OUT). Logs and JSON go to $OUT.
+# benchmark with every compile at once, then timed alone), decode (examples/bench_decode.py; DECODE_ARGS), cache (tar of the kernel cache into $OUT). Logs and JSON go to $OUT.
 set -u
 # The device returns at most 8 files: steps write to a work folder; at the end the JSON and PNGs are copied
 # to $OUT, everything else (logs, profiles, metrics) goes into $OUT/logs.tgz, the kernel cache into parts.
@@ -58,6 +58,8 @@ for item in "$@"; do
              --variants "${MODEL_VARIANTS:-base,graphs,megatron_step}" --rep "${MODEL_REP:-10}" --hf-timeout "${HF_TIMEOUT:-420}" \
              --profile "$OUT/h200_model_profile" --out "$OUT/h200_model.json" --visualize 2>&1 | tee "$OUT/model.log"
           wait ;;
+    decode) timeout -k 5 "$lim" python3 examples/bench_decode.py --decode-out "$OUT/h200_decode.json" --visualize ${DECODE_ARGS:-} \
+             2>&1 | tee "$OUT/decode.log" ;;
     cache) du -sh .kcache/*; tar -czf /tmp/kcache.tgz .kcache && ls -la /tmp/kcache.tgz && split -b 15m -d /tmp/kcache.tgz "$OUT/kcache.tgz." ;;
   esac
   echo "===== $step rc=${PIPESTATUS[0]} took $(( $(date +%s) - s )) s"
