@@ -395,3 +395,41 @@ def test_resumed_run_drops_the_records_it_logs_again(tmp_path):
     assert [json.loads(line) for line in path.read_text().splitlines()] == [
         {"step": 1, "loss": 6.0}, {"step": 2, "loss": 5.0}, {"step": 3, "loss": 4.0}]
     drop_records_after(str(tmp_path / "absent.jsonl"), 3)  # a fresh run has none
+
+
+def test_quiet_console_drops_library_noise_but_not_other_warnings():
+    """The warnings no user can act on (e.g. Megatron's fused_indices_to_multihot deprecation at import,
+    NeMo's "Unknown MLP type" per layer) stay off the console; any other warning still shows, and
+    `logging.verbose=true` shows everything."""
+    import io
+    import logging
+    import warnings
+
+    from nemo_qwen3_next.training import console
+
+    noise = ("fused_indices_to_multihot has reached end of life. Please migrate to a non-experimental function.",
+             "Unknown MLP type: <class 'megatron.core.transformer.spec_utils.ModuleSpec'>. Using default kwargs.")
+    real = "data.num_workers=0: the data loader runs in the training process"
+    buf = io.StringIO()
+    handler = logging.StreamHandler(buf)
+    root, nemo = logging.getLogger(), logging.getLogger("nemo_logger")
+    root.addHandler(handler)
+    try:
+        console.quiet_console(verbose=True)
+        logging.getLogger("megatron.core.utils").warning(noise[0])
+        assert buf.getvalue().splitlines() == [noise[0]]
+        buf.truncate(0), buf.seek(0)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            console.quiet_console(verbose=False)
+            for msg in (*noise, real):
+                logging.getLogger("megatron.core.transformer").warning(msg)
+                nemo.warning(msg)
+                warnings.warn(msg, UserWarning)
+        assert buf.getvalue().splitlines() == [real, real]  # Megatron's record and NeMo's (propagated here)
+        assert [str(w.message) for w in caught] == [real]
+    finally:
+        root.removeHandler(handler)
+        for h in [*root.handlers, handler]:
+            h.removeFilter(console._DROP)
+        nemo.removeFilter(console._DROP)
