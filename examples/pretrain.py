@@ -12,7 +12,7 @@ whether it resumes, starts fresh, or has nothing to do). A bad config stops befo
 with one line on stderr naming the field (exit code 2). The console shows a progress bar on a terminal
 (one line per logged step in a log file: `logging.progress`), validation losses and a closing summary
 (median step time and tokens/s after `logging.timing_warmup_steps`); `logging.verbose=true` adds the
-libraries' info logs.
+libraries' info logs and the warnings kept off the console (training/console.py).
 """
 
 import contextlib
@@ -179,7 +179,14 @@ def _check_model(tc):
         raise _BadConfig(str(e)) from None
 
 
+_OWN_OPTIONS = """Options besides Hydra's:
+  --dry-run    parameter counts and the per-GPU memory of the config's layout; nothing is allocated,
+               no GPU needed (the same as dry_run=true)
+"""
+
 if __name__ == "__main__":  # the checkpoint writer spawns processes that re-import this file
+    if any(a in ("--help", "-h") for a in sys.argv[1:]):  # ours first, then Hydra's groups and config
+        print(__doc__.strip() + "\n\n" + _OWN_OPTIONS, flush=True)
     sys.argv = [sys.argv[0]] + _options_first([("dry_run=true" if a == "--dry-run" else a) for a in sys.argv[1:]])
     run_dir = _check_overrides(sys.argv[1:])
     run_dir_existed = bool(run_dir) and os.path.exists(run_dir)

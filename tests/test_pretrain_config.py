@@ -2,9 +2,11 @@
 the 80B config on the meta device."""
 
 import os
+import re
 import resource
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -438,3 +440,14 @@ def test_quiet_console_drops_library_noise_but_not_other_warnings():
         for h in [*root.handlers, handler]:
             h.removeFilter(console._DROP)
         nemo.removeFilter(console._DROP)
+
+
+def test_help_lists_dry_run_and_the_groups(tmp_path):
+    """`--help` shows the script's usage and own option (--dry-run) before Hydra's groups, at once."""
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, PRETRAIN, "--help"], capture_output=True, text=True, timeout=60,
+                          cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "--dry-run" in proc.stdout.split("== Configuration groups ==")[0]
+    assert re.search(r"^model: .*qwen3_next_80b_a3b", proc.stdout, re.M)  # Hydra's part follows
+    assert time.perf_counter() - t0 < 3.0
