@@ -127,6 +127,10 @@ class Qwen3NextConfig(TransformerConfig):
     # --- launch overhead: replay each GDN / gated-attention mixer's forward and backward as CUDA
     # graphs in training (fixed shapes, one GPU per TP group; see modules/cuda_graphs.py)
     mixer_cuda_graphs: bool = False
+    # --- launch overhead: each MoE layer's routed experts as two stacked Parameters [E_local, ...] (one
+    # per projection) instead of 2*E_local; state dicts and checkpoints keep the per-expert layout
+    # (see modules/grouped_experts.py)
+    moe_stacked_experts: bool = False
 
     # --- MoE (HF: decoder_sparse_step, mlp_only_layers, norm_topk_prob, shared_expert_gate)
     decoder_sparse_step: int = 1

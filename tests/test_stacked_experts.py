@@ -1,0 +1,241 @@
+"""``moe_stacked_experts``: two stacked Parameters per MoE layer, the same model and checkpoints outside.
+
+References: the unstacked model (megatron's per-expert `SequentialMLP` parameters) with the same
+weights, HF transformers' `Qwen3NextForCausalLM`, and megatron's own `dist_checkpointing` save/load.
+fp32 on CPU; the bf16 grouped-GEMM check runs on a GPU.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nemo_qwen3_next import load_hf
+from nemo_qwen3_next.hf_mapping import ours_to_hf
+from nemo_qwen3_next.modules.grouped_experts import GroupedSequentialMLP
+from nemo_qwen3_next.testing import random_hf_model, tiny_hf_config
+
+cpu_model = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU whole-model reference")
+
+
+def _pair(seed=1, **kw):
+    hf = random_hf_model(tiny_hf_config(), seed=seed)
+    kw.setdefault("linear_attention_chunk_size", 16)
+    return hf, load_hf(hf, backend="local", **kw), load_hf(hf, backend="local", moe_stacked_experts=True, **kw)
+
+
+def _experts(model):
+    return [m for m in model.modules() if isinstance(m, GroupedSequentialMLP)]
+
+
+def _per_expert_grads(model):
+    """Parameter gradients under the old (per-expert) names: stacked grads split along the expert dim."""
+    out = {}
+    for name, p in model.named_parameters():
+        head, _, last = name.rpartition(".")
+        if last in ("weight1", "weight2"):
+            sub = "linear_fc1" if last == "weight1" else "linear_fc2"
+            for i, g in enumerate(p.grad.unbind(0)):
+                out[f"{head}.local_experts.{i}.{sub}.weight"] = g
+        else:
+            out[name] = p.grad
+    return out
+
+
+def _lm_loss(logits, ids):
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+
+
+def test_parameters_are_stacked_and_carry_megatrons_attributes():
+    _, plain, stacked = _pair()
+    for a, b in zip(_experts(plain), _experts(stacked)):
+        names = [n for n, _ in b.named_parameters()]
+        assert names == ["weight1", "weight2"]
+        assert not [n for n, _ in a.named_parameters() if "weight1" in n]
+        for name, sub in (("weight1", "linear_fc1"), ("weight2", "linear_fc2")):
+            p = getattr(b, name)
+            per = [getattr(e, sub).weight for e in a.local_experts]
+            assert p.shape == (len(per), *per[0].shape)
+            torch.testing.assert_close(p.detach(), torch.stack(per).detach(), rtol=0, atol=0)
+            ref = vars(per[0])
+            assert set(vars(p)) == set(ref) and "allreduce" in ref
+            for k, v in ref.items():
+                assert getattr(p, k) == (v + 1 if k == "partition_dim" else v), k
+            # the per-expert weight is a view of the stacked Parameter's current storage
+            assert getattr(b.local_experts[1], sub).weight.data_ptr() == p[1].data_ptr()
+
+
+@cpu_model
+@pytest.mark.parametrize("impl", ["sequential", "grouped_mm"])
+def test_same_loss_and_gradients_as_per_expert_parameters_and_hf(monkeypatch, impl):
+    if impl == "grouped_mm" and not hasattr(torch, "_grouped_mm"):
+        pytest.skip("needs torch._grouped_mm")
+    monkeypatch.setenv("QWEN3_NEXT_MOE_EXPERTS", impl)
+    hf, plain, stacked = _pair()
+    torch.manual_seed(3)
+    ids = torch.randint(0, hf.config.vocab_size, (2, 37))
+    pos = torch.arange(ids.shape[1]).unsqueeze(0).expand_as(ids)
+    losses = {}
+    for key, m in (("hf", hf), ("plain", plain), ("stacked", stacked)):
+        logits = m(ids, use_cache=False).logits if key == "hf" else m(ids, pos, None)
+        losses[key] = _lm_loss(logits, ids)
+        losses[key].backward()
+    assert abs(losses["stacked"].item() - losses["plain"].item()) <= 1e-6
+    assert abs(losses["stacked"].item() - losses["hf"].item()) <= 1e-4
+    g_plain, g_stacked = dict((n, p.grad) for n, p in plain.named_parameters()), _per_expert_grads(stacked)
+    assert g_plain.keys() == g_stacked.keys()
+    for n, g in g_plain.items():
+        torch.testing.assert_close(g_stacked[n], g, rtol=1e-5, atol=1e-7, msg=n)
+    hf_params = dict(hf.named_parameters())
+    experts = 0
+    for name, g in ours_to_hf(g_stacked, stacked.config).items():  # HF parity with the switch on
+        ref = hf_params[name].grad
+        rel = ((g - ref).norm() / ref.norm().clamp_min(1e-12)).item()
+        assert rel <= 1e-4, f"{name}: relative gradient error {rel}"
+        experts += ".mlp.experts." in name
+    assert experts > 0
+
+
+def test_state_dict_round_trip_both_ways():
+    _, plain, stacked = _pair(seed=2)
+    sd_plain, sd_stacked = plain.state_dict(), stacked.state_dict()
+    assert list(sd_plain) == list(sd_stacked)  # same keys, same order
+    for k in sd_plain:
+        if isinstance(sd_plain[k], torch.Tensor):
+            assert torch.equal(sd_plain[k], sd_stacked[k]), k
+    # fresh weights elsewhere, then strict loads across the switch
+    _, plain2, stacked2 = _pair(seed=7)
+    stacked2.load_state_dict(sd_plain, strict=True)
+    plain2.load_state_dict(stacked.state_dict(), strict=True)
+    for a, b in zip(_experts(stacked2), _experts(plain)):
+        torch.testing.assert_close(a.weight1.detach(), torch.stack([e.linear_fc1.weight for e in b.local_experts]),
+                                   rtol=0, atol=0)
+        torch.testing.assert_close(a.weight2.detach(), torch.stack([e.linear_fc2.weight for e in b.local_experts]),
+                                   rtol=0, atol=0)
+    for k, v in plain2.state_dict().items():
+        if isinstance(v, torch.Tensor):
+            assert torch.equal(v, sd_plain[k]), k
+    bad = dict(sd_plain)
+    key = next(k for k in bad if k.endswith("local_experts.0.linear_fc1.weight"))
+    bad[key] = bad[key][:-1]
+    with pytest.raises(RuntimeError, match="size mismatch for .*local_experts.0.linear_fc1.weight"):
+        stacked2.load_state_dict(bad)
+    del bad[key]
+    with pytest.raises(RuntimeError, match="Missing key.*local_experts.0.linear_fc1.weight"):
+        stacked2.load_state_dict(bad)
+
+
+def test_views_follow_dtype_moves_and_inplace_updates():
+    _, _, stacked = _pair(seed=3)
+    stacked.to(torch.float64)
+    e = _experts(stacked)[0]
+    assert e.weight1.dtype == torch.float64 and e.local_experts[2].linear_fc1.weight.dtype == torch.float64
+    assert e.local_experts[2].linear_fc1.weight.data_ptr() == e.weight1[2].data_ptr()
+    with torch.no_grad():
+        e.weight2.mul_(3.0)  # an optimizer step
+    assert torch.equal(e.local_experts[1].linear_fc2.weight, e.weight2[1])
+    assert torch.equal(stacked.state_dict()[next(k for k in stacked.state_dict()
+                                                 if k.endswith("local_experts.1.linear_fc2.weight"))], e.weight2[1])
+
+
+def _sharded(model):
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
+    from megatron.core.dist_checkpointing.mapping import apply_factories
+    from nemo_qwen3_next.nemo.streaming import NEMO_SHARDED_METADATA
+
+    sd = model.sharded_state_dict(prefix="module.", metadata=dict(NEMO_SHARDED_METADATA))
+    facts = [v for v in nested_values(sd) if isinstance(v, ShardedTensorFactory)]
+    apply_factories(sd)
+    return sd, facts
+
+
+def test_sharded_state_dict_writes_the_per_expert_shards():
+    """The stored shards (keys, global shapes, offsets, replica ids, values) equal SequentialMLP's."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+
+    _, plain, stacked = _pair(seed=4)
+
+    def shards(model):
+        sd, _ = _sharded(model)
+        out = {}
+        for sh in nested_values(sd):
+            if hasattr(sh, "global_shape"):
+                k = (sh.key, tuple(sh.global_offset), sh.flattened_range)
+                assert k not in out
+                out[k] = (tuple(sh.global_shape), tuple(sh.local_shape), tuple(sh.axis_fragmentations),
+                          sh.replica_id, sh.prepend_axis_num, sh.data.detach().clone())
+        return out
+
+    a, b = shards(plain), shards(stacked)
+    assert a.keys() == b.keys()
+    assert any("experts.experts.linear_fc1.weight" in k[0] for k in a)
+    for k in a:
+        assert a[k][:5] == b[k][:5], k
+        assert torch.equal(a[k][5], b[k][5]), k
+    # the optimizer finds each stacked Parameter's entry by identity (get_param_id_to_sharded_param_map)
+    from megatron.core.dist_checkpointing.optimizer import get_param_id_to_sharded_param_map
+
+    params = list(stacked.parameters())
+    sd = stacked.sharded_state_dict(prefix="module.")
+    found = get_param_id_to_sharded_param_map(sd, iter(params))
+    assert len(found) == len(params)
+
+
+@pytest.mark.parametrize("save_stacked", [False, True])
+def test_dist_checkpoint_loads_across_the_switch(tmp_path, save_stacked):
+    """megatron `dist_checkpointing.save` with one layout, `load` + strict `load_state_dict` with the other."""
+    from megatron.core import dist_checkpointing
+    from nemo_qwen3_next.nemo.streaming import NEMO_SHARDED_METADATA
+
+    _, plain, stacked = _pair(seed=5)
+    src = stacked if save_stacked else plain
+    meta = dict(NEMO_SHARDED_METADATA)
+    dist_checkpointing.save(src.sharded_state_dict(prefix="module.", metadata=meta), str(tmp_path))
+    _, plain2, stacked2 = _pair(seed=9)
+    dst = plain2 if save_stacked else stacked2
+    state = dist_checkpointing.load(dst.sharded_state_dict(prefix="module.", metadata=meta), str(tmp_path))
+    dst.load_state_dict({k[len("module."):]: v for k, v in state.items()}, strict=True)
+    ref = src.state_dict()
+    for k, v in dst.state_dict().items():
+        if isinstance(v, torch.Tensor):
+            assert torch.equal(v, ref[k]), k
+
+
+def test_inference_decode_equals_the_unstacked_model():
+    from nemo_qwen3_next.inference import generate
+
+    hf, plain, stacked = _pair(seed=6)
+    ids = torch.randint(0, hf.config.vocab_size, (1, 9))
+    a = generate(plain.eval(), ids, max_new_tokens=6)
+    b = generate(stacked.eval(), ids, max_new_tokens=6)
+    assert torch.equal(torch.as_tensor(a), torch.as_tensor(b))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_gpu_stacked_grouped_equals_unstacked_grouped_in_bf16(monkeypatch):
+    """bf16 grouped GEMMs: stacked Parameters give the per-expert model's output and gradients."""
+    monkeypatch.setenv("QWEN3_NEXT_MOE_EXPERTS", "grouped_mm")
+    hf = random_hf_model(tiny_hf_config(), seed=5)
+    mods = []
+    for stacked in (False, True):
+        m = _experts(load_hf(hf, backend="local", moe_stacked_experts=stacked))[0]
+        mods.append(m.to("cuda", torch.bfloat16))
+    E, H = mods[0].num_local_experts, mods[0].config.hidden_size
+    counts = torch.tensor([7, 0] + [5] * (E - 2))
+    x = torch.randn(int(counts.sum()), H, device="cuda", dtype=torch.bfloat16)
+    probs = torch.rand(int(counts.sum()), device="cuda")
+    probe = torch.randn_like(x)
+    outs, grads = [], []
+    for m in mods:
+        assert m._grouped(x)
+        out, _ = m(x, counts, probs)
+        (out.float() * probe.float()).sum().backward()
+        outs.append(out.float())
+        if m.stacked:
+            grads.append((m.weight1.grad.float(), m.weight2.grad.float()))
+        else:
+            grads.append((torch.stack([e.linear_fc1.weight.grad for e in m.local_experts]).float(),
+                          torch.stack([e.linear_fc2.weight.grad for e in m.local_experts]).float()))
+    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=0)  # same kernels on the same stacked values
+    for a, b in zip(grads[1], grads[0]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
