@@ -32,7 +32,7 @@ MODEL_FIELD_KINDS = {
     "tie_word_embeddings": "bool", "attention_output_gate": "bool", "linear_attention_use_recurrent": "bool",
     "qk_layernorm": "bool", "moe_shared_expert_gate": "bool", "moe_norm_topk_prob": "bool",
     "fused_linear_cross_entropy": "bool", "moe_fast_permute": "bool", "add_qkv_bias": "bool",
-    "mixer_cuda_graphs": "bool",
+    "mixer_cuda_graphs": "bool", "moe_stacked_experts": "bool",
 }
 
 
