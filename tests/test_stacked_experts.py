@@ -5,6 +5,10 @@ weights, HF transformers' `Qwen3NextForCausalLM`, and megatron's own `dist_check
 fp32 on CPU; the bf16 grouped-GEMM check runs on a GPU.
 """
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -215,6 +219,69 @@ def test_inference_decode_equals_the_unstacked_model():
     assert torch.equal(torch.as_tensor(a), torch.as_tensor(b))
 
 
+def _tp_worker(out_path):
+    """torchrun body (this file run as a script): TP=2+SP with stacked experts, the expert loop and the
+    grouped GEMMs on the same model; each rank saves its loss, logits and stacked expert gradients."""
+    sys.path.insert(0, os.path.dirname(__file__))
+    from tp_worker import reduce_replicated_grads, tiny_tp_model
+
+    model, config, rank = tiny_tp_model(sp=True, moe_stacked_experts=True)
+    torch.manual_seed(3)
+    ids = torch.randint(0, config.vocab_size, (2, 38))
+    pos = torch.arange(ids.shape[1]).unsqueeze(0).expand_as(ids)
+    res = {}
+    impls = ["sequential"] + (["grouped_mm"] if hasattr(torch, "_grouped_mm") else [])
+    for impl in impls:
+        for m in _experts(model):
+            m.impl = impl
+        model.zero_grad(set_to_none=True)
+        logits = model(ids, pos, None)
+        loss = _lm_loss(logits, ids)
+        loss.backward()
+        reduce_replicated_grads(model, config)
+        res[impl] = {"loss": loss.detach(), "logits": logits.detach(),
+                     "grads": {n: p.grad.clone() for n, p in model.named_parameters() if n.endswith(("weight1", "weight2"))}}
+    torch.save(res, f"{out_path}.{rank}")
+    torch.distributed.barrier()
+
+
+def test_tp2_sp_stacked_equals_tp1_unstacked(tmp_path):
+    """TP=2+SP with the switch on (loop and grouped GEMMs) = TP=1 per-expert model: loss, logits, and
+    each rank's stacked expert gradient = its TP shard of the TP=1 per-expert gradients."""
+    from nemo_qwen3_next.sharding import shard_tensor
+
+    out = tmp_path / "tp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone", __file__, str(out)]
+    env = dict(os.environ, TORCHDYNAMO_DISABLE="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    hf = random_hf_model(tiny_hf_config(), seed=1)
+    ref = load_hf(hf, backend="local", linear_attention_chunk_size=16)
+    torch.manual_seed(3)
+    ids = torch.randint(0, 256, (2, 38))
+    logits = ref(ids, torch.arange(38).unsqueeze(0).expand_as(ids), None)
+    loss = _lm_loss(logits, ids)
+    loss.backward()
+    ref_grads = {n: p.grad for n, p in ref.named_parameters()}
+    checked = 0
+    for rank in range(2):
+        got = torch.load(f"{out}.{rank}")
+        assert len(got) == (2 if hasattr(torch, "_grouped_mm") else 1)
+        for impl, r in got.items():
+            assert abs(r["loss"].item() - loss.item()) <= 1e-5, impl
+            assert (r["logits"] - logits.detach()).abs().max().item() <= 1e-4, impl
+            assert r["grads"], impl
+            for name, g in r["grads"].items():
+                head, _, last = name.rpartition(".")
+                sub = "linear_fc1" if last == "weight1" else "linear_fc2"
+                for i in range(g.shape[0]):
+                    n = f"{head}.local_experts.{i}.{sub}.weight"
+                    want = shard_tensor(n, ref_grads[n], g[i].shape, rank, 2, True)
+                    torch.testing.assert_close(g[i], want, rtol=1e-4, atol=1e-6, msg=f"{impl} rank {rank} {n}")
+                    checked += 1
+    assert checked > 0
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_gpu_stacked_grouped_equals_unstacked_grouped_in_bf16(monkeypatch):
     """bf16 grouped GEMMs: stacked Parameters give the per-expert model's output and gradients."""
@@ -243,3 +310,7 @@ def test_gpu_stacked_grouped_equals_unstacked_grouped_in_bf16(monkeypatch):
     torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=0)  # same kernels on the same stacked values
     for a, b in zip(grads[1], grads[0]):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+if __name__ == "__main__":
+    _tp_worker(sys.argv[1])
