@@ -194,8 +194,13 @@ def run_ours(args, B, T, variant: str):
     ids, labels = _batch(B, T)
     pos = torch.arange(T, device="cuda")[None].expand(B, T)
 
+    losses = []
+
     def fwd():
-        return model(ids, pos, None, labels=labels)
+        loss = model(ids, pos, None, labels=labels)
+        if len(losses) < 2:  # the first step's loss: variants with the same math must agree on it
+            losses.append(loss.detach().float().mean())
+        return loss
 
     def bwd(loss):
         loss.mean().backward()
@@ -216,6 +221,10 @@ def run_ours(args, B, T, variant: str):
     res.update(_summary(times, B, T, args))
     res["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)
     res["impls"] = usage.kernels_used()
+    res["first_loss"] = round(losses[0].item(), 6)
+    if variant != "megatron_step":  # same weights and batch every step: the gradient must match across variants
+        res["grad_norm"] = round(torch.stack([p.grad.float().norm() for p in model.parameters()
+                                               if p.grad is not None]).norm().item(), 6)
     if variant == "base" and not args.no_breakdown:
         try:
             bd = module_breakdown(model, fwd)
@@ -494,7 +503,15 @@ def _line(r):
 
 
 def _acceptance(rows):
-    """ours (all levers on) vs HF per shape, printed last."""
+    """ours (all levers on) vs HF per shape, printed last; variants' loss and gradient norm vs base."""
+    for r in rows:
+        b = next((x for x in rows if x.get("variant") == "base" and x["B"] == r.get("B") and x["T"] == r.get("T")
+                  and "error" not in x), None)
+        if b and "error" not in r and r.get("impl") == "ours" and r["variant"] != "base":
+            r["vs_base"] = dict(loss_rel=abs(r["first_loss"] - b["first_loss"]) / abs(b["first_loss"]))
+            if "grad_norm" in r:
+                r["vs_base"]["grad_norm_rel"] = abs(r["grad_norm"] - b["grad_norm"]) / b["grad_norm"]
+            print(f"B={r['B']} T={r['T']} {r['variant']}: vs base {json.dumps(r['vs_base'])}")
     best = {(r["impl"], r["B"], r["T"]): r for r in rows
             if "error" not in r and (r["impl"] == "hf" or r.get("variant") == "base")}
     for (impl, B, T), r in sorted(best.items()):
