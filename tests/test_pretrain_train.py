@@ -282,3 +282,17 @@ def test_mock_data_trains_on_random_tokens(tmp_path):
     assert summary["measured_steps"] == 4 and summary["tokens_per_step"] == 4 * 64
     assert summary["median_step_time_s"] == pytest.approx(statistics.median(rec[s]["step_time_s"] for s in range(3, 7)))
     assert "over 4 steps after 2 warm-up" in proc.stdout
+
+
+def test_stacked_experts_resume_a_per_expert_checkpoint(reference, workdir):
+    """``moe_stacked_experts`` (two Parameters per MoE layer) resumed from the one-process run's step-8
+    checkpoint (per-expert parameters, Adam state included) gives its steps 9-16 and saves its own."""
+    ref_dir, ref, _, _ = reference
+    stopped = _stopped_at_first_checkpoint(ref_dir, workdir / "stacked")
+    out = _run([sys.executable, PRETRAIN, *_args(stopped, workdir / "data", "+model.moe_stacked_experts=true")],
+               cwd=workdir).stdout
+    assert re.search(rf"^resuming {stopped} from step {EVERY} ", out, flags=re.M), out[:2000]
+    got = _losses(stopped)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    assert max(abs(got[s]["loss"] - ref[s]["loss"]) for s in range(EVERY + 1, STEPS + 1)) < RESUME_ATOL
+    assert any(d.name.startswith(f"step={STEPS - 1}-") for d in (stopped / "checkpoints").iterdir())
