@@ -127,10 +127,11 @@ def _dtype_kw(dtype):
 
 
 def meta_model(config: Qwen3NextConfig):
-    """The TP=1 Megatron `GPTModel` on the meta device (shapes and checkpoint layout, no memory)."""
+    """The TP=1 Megatron `GPTModel` on the meta device (shapes and checkpoint layout, no memory).
+    Per-expert parameters even under `moe_stacked_experts`: the stored checkpoint layout is the same."""
     init_single_process()
     with torch.device("meta"):
-        return build_model(config, backend="local")
+        return build_model(config.replace(moe_stacked_experts=False), backend="local")
 
 
 @dataclass
