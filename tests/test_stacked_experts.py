@@ -209,6 +209,33 @@ def test_dist_checkpoint_loads_across_the_switch(tmp_path, save_stacked):
             assert torch.equal(v, ref[k]), k
 
 
+def test_stacked_checkpoint_exports_to_the_hf_weights(tmp_path):
+    """A dist checkpoint saved with the switch on, exported by the NeMo -> HF converter with the switch
+    still on in its config, gives the HF model's tensors bitwise."""
+    from megatron.core import dist_checkpointing
+    from safetensors.torch import load_file
+
+    from nemo_qwen3_next.nemo import cpu
+    from nemo_qwen3_next.nemo.convert import PREFIX, dist_checkpoint_to_hf
+    from nemo_qwen3_next.nemo.streaming import NEMO_SHARDED_METADATA
+
+    cpu.apply()
+    hf, _, stacked = _pair(seed=8)
+    (tmp_path / "w").mkdir()
+    (tmp_path / "hf").mkdir()
+    meta = dict(NEMO_SHARDED_METADATA)
+    dist_checkpointing.save(stacked.sharded_state_dict(prefix=PREFIX, metadata=meta), str(tmp_path / "w"),
+                            content_metadata=meta)
+    dist_checkpoint_to_hf(str(tmp_path / "w"), stacked.config, str(tmp_path / "hf"), progress=False)
+    got = {}
+    for f in (tmp_path / "hf").glob("*.safetensors"):
+        got.update(load_file(str(f)))
+    ref = hf.state_dict()
+    assert got.keys() == ref.keys() and any(".mlp.experts.3." in k for k in got)
+    for k, v in ref.items():
+        assert torch.equal(got[k], v), k
+
+
 def test_inference_decode_equals_the_unstacked_model():
     from nemo_qwen3_next.inference import generate
 
