@@ -186,6 +186,32 @@ def test_sharded_state_dict_writes_the_per_expert_shards():
     assert len(found) == len(params)
 
 
+def test_flattened_ranges_as_the_distributed_optimizer_asks_for_them():
+    """A flat slice of a stacked Parameter (the distributed optimizer's shard) becomes the matching flat
+    pieces of the per-expert shards (values = those shards' flattened elements), and merges back."""
+    from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace, nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    _, _, stacked = _pair(seed=4)
+    e = _experts(stacked)[0]
+    sd = e.sharded_state_dict(prefix="x.")
+    for name in ("weight1", "weight2"):
+        f, p = sd[f"x.{name}"], getattr(e, name)
+        full = {(sh.key, tuple(sh.global_offset)): sh for sh in nested_values(f.build())}
+        n = p[0].numel()
+        for a, b in ((0, p.numel()), (n // 3, 2 * n + 5), (n + 1, n + 2), (p.numel() - 7, p.numel())):
+            t = p.detach().flatten()[a:b]
+            out = f.build_fn(f.key, t, f.replica_id, slice(a, b))
+            pieces = [sh for sh in nested_values(out) if isinstance(sh, ShardedTensor)]
+            assert sum(sh.data.numel() for sh in pieces) == b - a
+            for sh in pieces:
+                ref = full[(sh.key, tuple(sh.global_offset))]
+                assert sh.local_shape == ref.local_shape
+                assert torch.equal(sh.data, ref.data.flatten()[sh.flattened_range]), (name, a, b)
+            loaded = dict_list_map_inplace(lambda x: x.data.clone() if isinstance(x, ShardedTensor) else x, out)
+            torch.testing.assert_close(f.merge_fn(loaded), t, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("save_stacked", [False, True])
 def test_dist_checkpoint_loads_across_the_switch(tmp_path, save_stacked):
     """megatron `dist_checkpointing.save` with one layout, `load` + strict `load_state_dict` with the other."""
