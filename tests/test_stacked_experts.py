@@ -365,5 +365,75 @@ def test_gpu_stacked_grouped_equals_unstacked_grouped_in_bf16(monkeypatch):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def _ep_worker(out_path):
+    """torchrun body: EP=2 with stacked experts (each rank holds half the experts), the same batch on
+    both ranks; saves loss, logits and the stacked expert gradients with their global expert indices."""
+    import re
+
+    from megatron.core import parallel_state
+
+    from nemo_qwen3_next import Qwen3NextConfig, build_model, init_distributed
+    from nemo_qwen3_next.hf_mapping import hf_to_ours
+
+    init_distributed(ep=2)
+    hf = random_hf_model(tiny_hf_config(), seed=1)
+    config = Qwen3NextConfig.from_hf(hf.config, expert_model_parallel_size=2, linear_attention_chunk_size=16,
+                                     use_cpu_initialization=True, perform_initialization=False,
+                                     params_dtype=torch.float32, moe_stacked_experts=True)
+    model = build_model(config, backend="local", parallel_output=False).eval()
+    full, rank = hf_to_ours(hf.state_dict(), config), parallel_state.get_expert_model_parallel_rank()
+    e_local = _experts(model)[0].num_local_experts
+
+    def global_name(k):  # local expert i on this rank = global expert rank * E_local + i
+        return re.sub(r"local_experts\.(\d+)\.", lambda m: f"local_experts.{rank * e_local + int(m.group(1))}.", k)
+
+    model.load_state_dict({k: full[global_name(k)] for k in model.state_dict() if not k.endswith("_extra_state")},
+                          strict=False)
+    torch.manual_seed(3)
+    ids = torch.randint(0, config.vocab_size, (2, 38))
+    logits = model(ids, torch.arange(38).unsqueeze(0).expand_as(ids), None)
+    loss = _lm_loss(logits, ids)
+    loss.backward()
+    grads = {}
+    for n, p in model.named_parameters():
+        if n.endswith(("weight1", "weight2")):
+            head, _, last = n.rpartition(".")
+            sub = "linear_fc1" if last == "weight1" else "linear_fc2"
+            for i, g in enumerate(p.grad.unbind(0)):
+                grads[global_name(f"{head}.local_experts.{i}.{sub}.weight")] = g.clone()
+    torch.save({"loss": loss.detach(), "logits": logits.detach(), "grads": grads, "e_local": e_local},
+               f"{out_path}.{rank}")
+    torch.distributed.barrier()
+
+
+def test_ep2_stacked_equals_one_process(tmp_path):
+    """Expert parallel (EP=2, half the experts per rank, stacked) = one process with all experts: logits,
+    loss, and every expert's gradient (twice the one-process one: both ranks send the same batch)."""
+    out = tmp_path / "ep"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone", __file__,
+           str(out), "--ep"]
+    env = dict(os.environ, TORCHDYNAMO_DISABLE="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    hf = random_hf_model(tiny_hf_config(), seed=1)
+    ref = load_hf(hf, backend="local", linear_attention_chunk_size=16)
+    torch.manual_seed(3)
+    ids = torch.randint(0, 256, (2, 38))
+    logits = ref(ids, torch.arange(38).unsqueeze(0).expand_as(ids), None)
+    loss = _lm_loss(logits, ids)
+    loss.backward()
+    ref_grads = {n: p.grad for n, p in ref.named_parameters()}
+    seen = set()
+    for rank in range(2):
+        got = torch.load(f"{out}.{rank}")
+        assert got["e_local"] * 2 == _experts(ref)[0].num_local_experts
+        assert abs(got["loss"].item() - loss.item()) <= 1e-5
+        assert (got["logits"] - logits.detach()).abs().max().item() <= 1e-4
+        for n, g in got["grads"].items():
+            torch.testing.assert_close(g, 2 * ref_grads[n], rtol=1e-4, atol=1e-6, msg=n)
+            seen.add(n)
+    assert seen == {n for n in ref_grads if ".local_experts." in n}
+
+
 if __name__ == "__main__":
-    _tp_worker(sys.argv[1])
+    (_ep_worker if "--ep" in sys.argv[2:] else _tp_worker)(sys.argv[1])
