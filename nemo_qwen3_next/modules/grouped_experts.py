@@ -268,7 +268,7 @@ class GroupedSequentialMLP(SequentialMLP):
         own parameter). Without it (generation, evaluation) the stack is kept and reused until a
         weight changes: decode steps at the reduced widths would otherwise copy ~1.6 GB of expert
         weights per token. A weight's in-place update (optimizer step, `load_state_dict`) bumps its
-        version counter, which is part of the key.
+        version counter, which is part of the key. Stacked (`moe_stacked_experts`): the Parameters.
         """
         if self.stacked:
             return self.weight1, self.weight2
