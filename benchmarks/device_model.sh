@@ -55,7 +55,7 @@ for item in "$@"; do
               --rep 1 --no-breakdown --out /tmp/warm_b1.json > /tmp/warm_b1.log 2>&1; touch /tmp/warm_b1.done ) &
           timeout -k 5 "$lim" python3 examples/benchmark.py --modules model --model-impls ours,hf --hf-concurrent --prewarm \
              --wait-file /tmp/tests.done,/tmp/warm_b1.done --shapes "${MODEL_SHAPES:-2x4096,1x4096}" \
-             --variants "${MODEL_VARIANTS:-base,graphs,megatron_step}" --rep "${MODEL_REP:-10}" --hf-timeout "${HF_TIMEOUT:-420}" \
+             --variants "${MODEL_VARIANTS:-base,graphs,stacked,fast,megatron_step}" --rep "${MODEL_REP:-10}" --hf-timeout "${HF_TIMEOUT:-420}" \
              --profile "$OUT/h200_model_profile" --out "$OUT/h200_model.json" --visualize 2>&1 | tee "$OUT/model.log"
           wait ;;
     decode) timeout -k 5 "$lim" python3 examples/bench_decode.py --decode-out "$OUT/h200_decode.json" --visualize ${DECODE_ARGS:-} \

@@ -25,7 +25,7 @@ head (+ loss), each timed alone (forward; forward + backward) on the inputs it s
 
 ``--variants`` times ours with speed levers switched off one at a time, in the same process:
 ``base`` (all on), ``no_fused_ce``, ``no_fast_permute``, ``all_off``; ``graphs`` adds
-``mixer_cuda_graphs``; ``megatron_step`` is ``base`` plus Megatron DDP and the mixed-precision Adam step
+``mixer_cuda_graphs``, ``stacked`` ``moe_stacked_experts``, ``fast`` both; ``megatron_step`` is ``base`` plus Megatron DDP and the mixed-precision Adam step
 (the NeMo loop's bare baseline, ``megatron_step``).
 """
 
@@ -50,6 +50,8 @@ VARIANTS = {
     "no_fast_permute": dict(moe_fast_permute=False),
     "all_off": dict(fused_linear_cross_entropy=False, moe_fast_permute=False),
     "graphs": dict(mixer_cuda_graphs=True),  # GDN / attention mixers replayed from CUDA graphs
+    "stacked": dict(moe_stacked_experts=True),  # one parameter per expert projection per layer
+    "fast": dict(mixer_cuda_graphs=True, moe_stacked_experts=True),  # both
     # base + what Megatron's own loop adds: DDP grad buffers, the mixed-precision Adam step (the NeMo
     # loop's baseline; see `megatron_step`)
     "megatron_step": {},
