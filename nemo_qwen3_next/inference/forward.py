@@ -11,7 +11,9 @@ differently, because their training forward keeps no state:
   neighbours (= HF's left-padded batch, whose positions count real tokens only).
 * decode: one token per sequence at its own position: `ops.causal_conv1d_update` and the recurrent
   rule (fla's fused recurrent kernel on CUDA) on the GDN state, attention of the new query over the
-  cache under the mask ``slot <= position``.
+  cache under the mask ``slot <= position``. A speculative verify step (`inference.speculative`) is a
+  decode of ``s > 1`` tokens per sequence: the GDN layer runs those single-token updates ``s`` times
+  and, with ``Batch(keep_states=True)``, keeps every step's conv and recurrent state for the rollback.
 
 Everything a decode step does has fixed shapes and no host synchronisation when ``sync_free=True``
 (the MoE then runs `moe_forward_sync_free`: the layer itself where its top-k permutation and grouped
@@ -38,12 +40,17 @@ class Batch:
     """Where each token of one forward call belongs.
 
     prefill: ``positions [T, 1]`` (per-document 0..n-1), ``cu_seqlens [N+1]`` (int32) over the packed row;
-    decode: ``positions [1, B]``, the cache slot of each sequence's new token; ``cu_seqlens`` None.
+    decode: ``positions [s, B]``, the cache slots of each sequence's ``s`` new tokens (``s = 1`` but in a
+    speculative verify step); ``cu_seqlens`` None. ``keep_states`` (decode): every GDN layer appends
+    ``(conv [s, B, C, W-1], recurrent [s, B, Hv, K, V])``, its state after each of the ``s`` tokens, to
+    ``gdn_states``.
     """
 
-    def __init__(self, positions: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None, max_seqlen: int = 0):
+    def __init__(self, positions: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None, max_seqlen: int = 0,
+                 keep_states: bool = False):
         self.positions, self.cu_seqlens, self.max_seqlen = positions, cu_seqlens, max_seqlen
         self.bounds = None if cu_seqlens is None else cu_seqlens.tolist()  # prefill only (host values)
+        self.gdn_states = [] if keep_states else None
 
     @property
     def prefill(self) -> bool:
@@ -56,11 +63,13 @@ def _add(residual, out_with_bias):
 
 
 def forward(model, state: InferenceState, tokens: torch.Tensor, batch: Batch, rope: torch.Tensor,
-            sync_free: bool = False) -> torch.Tensor:
-    """``tokens [s, b]`` (packed prompts ``[T, 1]`` or one token per sequence ``[1, B]``) -> logits
-    ``[N, V]`` of each sequence's last token (full vocabulary, gathered over TP).
+            sync_free: bool = False, return_hidden: bool = False):
+    """``tokens [s, b]`` (packed prompts ``[T, 1]`` or ``s`` tokens per sequence ``[s, B]``) -> logits
+    (full vocabulary, gathered over TP): ``[N, V]`` of each prompt's last token, ``[B, V]`` of a one-token
+    step, ``[s, B, V]`` of every token of a multi-token step.
 
-    ``rope`` is the model's RoPE table ``[L, 1, 1, d]`` (`rope_table`).
+    ``rope`` is the model's RoPE table ``[L, 1, 1, d]`` (`rope_table`). ``return_hidden``: also return the
+    last decoder layer's output ``[s, b, H]`` at every token, before the final norm (what an MTP drafter reads).
     """
     h = model.embedding(input_ids=tokens.t(), position_ids=batch.positions.t())  # [s, b, H]
     freqs = rope[:, 0, 0][batch.positions].unsqueeze(2)  # [s, b, 1, d]
@@ -73,12 +82,20 @@ def forward(model, state: InferenceState, tokens: torch.Tensor, batch: Batch, ro
         x = layer.pre_mlp_layernorm(h)
         sync_free_moe = sync_free and isinstance(layer.mlp, MoELayer)
         h = _add(h, moe_forward_sync_free(layer.mlp, x) if sync_free_moe else layer.mlp(x))
+    hidden = h
     if batch.prefill:  # only each prompt's last token goes through the LM head
         h = h[batch.cu_seqlens[1:].long() - 1].transpose(0, 1)  # [1, N, H]
+    logits = lm_head(model, h)
+    logits = logits[0] if logits.shape[0] == 1 else logits
+    return (logits, hidden) if return_hidden else logits
+
+
+def lm_head(model, h: torch.Tensor) -> torch.Tensor:
+    """The final norm and the output layer: ``h [s, b, H]`` -> logits ``[s, b, V]`` (gathered over TP)."""
     h = model.decoder.final_layernorm(h)
     weight = model.shared_embedding_or_output_weight() if model.share_embeddings_and_output_weights else None
     logits, _ = model.output_layer(h, weight=weight, runtime_gather_output=True)
-    return logits[0]
+    return logits
 
 
 def rope_table(model, max_length: int) -> torch.Tensor:
@@ -102,18 +119,33 @@ def gdn_forward(m, x: torch.Tensor, slot: GDNSlot, batch: Batch):
         qkv, conv_state = causal_conv1d(qkv, w, activation="silu", cu_seqlens=batch.cu_seqlens,
                                         output_final_state=True, backend=m.backend)
         slot.conv.copy_(conv_state)
-    else:
-        qkv = causal_conv1d_update(qkv[:, 0], slot.conv, w, activation="silu").unsqueeze(1)
+    else:  # token by token: a verify step's states are then those of s one-token decode steps
+        convs = []
+        for i in range(s):
+            y = causal_conv1d_update(qkv[:, i], slot.conv, w, activation="silu")
+            convs.append((y, slot.conv.clone() if batch.gdn_states is not None else None))
+        qkv = torch.stack([y for y, _ in convs], dim=1)
     Hv, dk, dv = m.num_value_heads, m.key_head_dim, m.value_head_dim
     q, k, v = torch.split(qkv.view(b, s, m.num_key_heads, m.conv_group), [dk, dk, m.heads_per_key * dv], dim=-1)
     z, beta, a = torch.split(zba, [Hv * dv, Hv, Hv], dim=-1)
-    o, final = gated_delta_rule(
-        q, k, v.reshape(b, s, Hv, dv), a, beta,
-        use_qk_l2norm=True, A_log=m.A_log, dt_bias=m.dt_bias, beta_is_logits=True,
-        initial_state=None if batch.prefill else slot.recurrent, output_final_state=True,
-        cu_seqlens=batch.cu_seqlens, use_recurrent=not batch.prefill, chunk_size=m.chunk_size, backend=m.backend,
-    )
-    slot.recurrent.copy_(final)
+    v = v.reshape(b, s, Hv, dv)
+    rule = dict(use_qk_l2norm=True, A_log=m.A_log, dt_bias=m.dt_bias, beta_is_logits=True, output_final_state=True,
+                chunk_size=m.chunk_size, backend=m.backend)
+    if batch.prefill:
+        o, final = gated_delta_rule(q, k, v, a, beta, cu_seqlens=batch.cu_seqlens, **rule)
+        slot.recurrent.copy_(final)
+    else:
+        outs, finals = [], []
+        for i in range(s):
+            t = slice(i, i + 1)
+            o, final = gated_delta_rule(q[:, t], k[:, t], v[:, t], a[:, t], beta[:, t], initial_state=slot.recurrent,
+                                        use_recurrent=True, **rule)
+            slot.recurrent.copy_(final)
+            outs.append(o)
+            finals.append(final)
+        o = outs[0] if s == 1 else torch.cat(outs, dim=1)
+        if batch.gdn_states is not None:
+            batch.gdn_states.append((torch.stack([c for _, c in convs]), torch.stack(finals)))
     o = m.out_norm(o, z.reshape(b, s, Hv, dv)).reshape(b, s, Hv * dv)
     return m.out_proj(o.transpose(0, 1).contiguous())
 
@@ -132,17 +164,17 @@ def attention_forward(m, x: torch.Tensor, slot: KVSlot, batch: Batch, freqs: tor
         for n, (s0, e0) in enumerate(zip(batch.bounds[:-1], batch.bounds[1:])):
             slot.k[n, :, : e0 - s0] = key[s0:e0, 0].transpose(0, 1)
             slot.v[n, :, : e0 - s0] = value[s0:e0, 0].transpose(0, 1)
-    else:
-        pos = batch.positions[0]  # [B]
-        rows = torch.arange(pos.numel(), device=pos.device)
-        slot.k[rows, :, pos] = key[0]
-        slot.v[rows, :, pos] = value[0]
-        visible = torch.arange(slot.k.shape[2], device=pos.device) <= pos[:, None]  # [B, L]
-        q = query.permute(1, 2, 0, 3)  # [B, n, 1, d]
+    else:  # s new tokens per sequence (s = 1 but in a verify step), each seeing the cache up to itself
+        pos = batch.positions  # [s, B]
+        rows = torch.arange(pos.shape[1], device=pos.device).expand_as(pos)
+        slot.k[rows, :, pos] = key
+        slot.v[rows, :, pos] = value
+        visible = torch.arange(slot.k.shape[2], device=pos.device) <= pos.t()[:, :, None]  # [B, s, L]
+        q = query.permute(1, 2, 0, 3)  # [B, n, s, d]
         scale = getattr(m.config, "softmax_scale", None) or q.shape[-1] ** -0.5
-        out = F.scaled_dot_product_attention(q, slot.k, slot.v, attn_mask=visible[:, None, None, :], scale=scale,
+        out = F.scaled_dot_product_attention(q, slot.k, slot.v, attn_mask=visible[:, None], scale=scale,
                                              enable_gqa=q.shape[1] != slot.k.shape[1])
-        out = out.permute(2, 0, 1, 3).reshape(1, q.shape[0], -1)  # [1, B, n·d]
+        out = out.permute(2, 0, 1, 3).reshape(pos.shape[0], q.shape[0], -1)  # [s, B, n·d]
     if gate is not None:
         out = out * torch.sigmoid(gate)
     return m.linear_proj(out)
