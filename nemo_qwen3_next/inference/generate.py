@@ -9,6 +9,10 @@ when all have, as in HF's ``generate``.
 
 Under tensor parallelism every rank runs this with the same inputs; each holds its heads' states,
 the logits are gathered over the group, and sampled tokens are broadcast from TP rank 0.
+
+``speculative_k=k`` decodes greedily with a drafter (``draft``: ``"mtp"``, the checkpoint's MTP block,
+or a `speculative.Drafter`) proposing k tokens per verify forward (`inference.speculative`): the same
+tokens as plain greedy decoding, in fewer forwards; ``stats`` (a `SpeculativeStats`) receives the counts.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import torch
 from .cuda_graph import GraphedStep
 from .forward import Batch, forward, rope_table
 from .sampling import check_sampling, next_tokens
+from .speculative import SpeculativeStats, SpeculativeStream, check_speculative, make_drafter
 from .state import InferenceState
 
 
@@ -81,8 +86,9 @@ class Decoder:
         self._graph = None
 
     @torch.no_grad()
-    def prefill(self, prompts: List[torch.Tensor]) -> torch.Tensor:
-        """Run the prompts (1-D id tensors, one per sequence) -> logits ``[B, V]`` of their last tokens."""
+    def prefill(self, prompts: List[torch.Tensor], return_hidden: bool = False):
+        """Run the prompts (1-D id tensors, one per sequence) -> logits ``[B, V]`` of their last tokens
+        (and, with ``return_hidden``, the last layer's output ``[T, 1, H]`` at every packed prompt token)."""
         if len(prompts) != self.batch:
             raise ValueError(f"{len(prompts)} prompts for a Decoder of batch {self.batch}")
         lengths = [int(p.numel()) for p in prompts]
@@ -90,10 +96,10 @@ class Decoder:
         cu = torch.tensor([0] + lengths, device=self.device).cumsum(0).to(torch.int32)
         positions = torch.cat([torch.arange(n, device=self.device) for n in lengths])
         # Megatron's dispatcher here in every mode: a prefill is not captured, so it may sync with the host.
-        logits = forward(self.model, self.state, tokens[:, None], Batch(positions[:, None], cu, max(lengths)),
-                         self.rope)
+        out = forward(self.model, self.state, tokens[:, None], Batch(positions[:, None], cu, max(lengths)),
+                      self.rope, return_hidden=return_hidden)
         self.positions = torch.tensor(lengths, device=self.device)[None]
-        return logits
+        return out
 
     def _eager(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return forward(self.model, self.state, tokens, Batch(positions), self.rope, self.sync_free)
@@ -135,12 +141,14 @@ def _prompts(input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor]) ->
 def stream(model, input_ids: torch.Tensor, max_new_tokens: int, *, temperature: float = 0.0,
            top_k: Optional[int] = None, top_p: Optional[float] = None, eos_token_id: Optional[int] = None,
            pad_token_id: Optional[int] = None, attention_mask: Optional[torch.Tensor] = None,
-           seed: Optional[int] = None, cuda_graph: Optional[bool] = None) -> Iterator[torch.Tensor]:
+           seed: Optional[int] = None, cuda_graph: Optional[bool] = None, speculative_k: Optional[int] = None,
+           draft="mtp", stats: Optional[SpeculativeStats] = None) -> Iterator[torch.Tensor]:
     """Yield the next token of every sequence (``[B]``, on the model's device) step by step.
 
     Arguments as `generate`; they are checked here, before the first token is asked for. Stops after
     ``max_new_tokens`` or once every sequence has emitted EOS (checked every step on CPU, every 8 steps
-    on CUDA, so that the loop does not wait for the GPU).
+    on CUDA, so that the loop does not wait for the GPU). With ``speculative_k`` the iterator is a
+    `SpeculativeStream` (its ``stats`` fill as it goes).
     """
     check_sampling(temperature, top_k, top_p)
     model = unwrap(model)
@@ -149,8 +157,19 @@ def stream(model, input_ids: torch.Tensor, max_new_tokens: int, *, temperature: 
     longest = max(p.numel() for p in prompts)
     if longest > limit:
         raise ValueError(f"prompt has {longest} tokens, more than max_position_embeddings={limit}")
+    if speculative_k is not None:
+        check_speculative(speculative_k, temperature, len(prompts))
+        if cuda_graph:
+            raise ValueError("cuda_graph=True with speculative_k: the verify step runs eagerly (its width varies); "
+                             "pass cuda_graph=None")
+        drafter = make_drafter(model, draft)
     if max_new_tokens < 1:
         return iter(())
+    if speculative_k is not None:
+        device = next(model.parameters()).device
+        single = _tp_group(model).size() == 1 and (model.config.expert_model_parallel_size or 1) == 1
+        dec = Decoder(model, 1, longest + max_new_tokens, cuda_graph=False, sync_free=device.type == "cuda" and single)
+        return SpeculativeStream(dec, prompts[0], max_new_tokens, speculative_k, drafter, eos_token_id, stats)
     dec = Decoder(model, len(prompts), longest + max_new_tokens, cuda_graph=cuda_graph)
     generator = None if seed is None else torch.Generator(dec.device).manual_seed(seed)
     pad = eos_token_id if pad_token_id is None else pad_token_id
@@ -179,17 +198,20 @@ def _steps(dec: Decoder, prompts, max_new_tokens, temperature, top_k, top_p, eos
 def generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, temperature: float = 0.0,
              top_k: Optional[int] = None, top_p: Optional[float] = None, eos_token_id: Optional[int] = None,
              attention_mask: Optional[torch.Tensor] = None, seed: Optional[int] = None,
-             pad_token_id: Optional[int] = None, cuda_graph: Optional[bool] = None) -> torch.LongTensor:
+             pad_token_id: Optional[int] = None, cuda_graph: Optional[bool] = None,
+             speculative_k: Optional[int] = None, draft="mtp",
+             stats: Optional[SpeculativeStats] = None) -> torch.LongTensor:
     """Prompts ``input_ids [B, T]`` (left-padded, with ``attention_mask``, when lengths differ) ->
     ``[B, T + n]``: the input followed by ``n <= max_new_tokens`` new tokens.
 
     ``temperature=0`` is greedy; otherwise temperature, then ``top_k``, then ``top_p`` (in (0, 1]).
     ``seed`` makes sampling reproducible. With ``eos_token_id`` a sequence stops at its EOS (then
     ``pad_token_id``, default EOS), and ``n`` ends where the last sequence stopped (HF's lengths).
+    ``speculative_k``, ``draft``, ``stats``: speculative greedy decoding (module docstring).
     """
     steps = list(stream(model, input_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                         eos_token_id=eos_token_id, pad_token_id=pad_token_id, attention_mask=attention_mask,
-                        seed=seed, cuda_graph=cuda_graph))
+                        seed=seed, cuda_graph=cuda_graph, speculative_k=speculative_k, draft=draft, stats=stats))
     input_ids = input_ids if input_ids.dim() == 2 else input_ids[None]
     if not steps:
         return input_ids

@@ -1,0 +1,196 @@
+"""Speculative decoding: a drafter proposes k tokens, the model verifies them in one forward.
+
+One round, for a sequence whose last emitted token ``x`` is not yet in the state (at position P):
+
+1. the drafter proposes ``d_1..d_k`` (`Drafter.propose`);
+2. the model runs ``[x, d_1, .., d_k]`` at positions ``P..P+k`` in one forward from the cached state
+   (`inference.forward` with ``s = k + 1`` tokens) -> its greedy choices ``g_0..g_k``;
+3. the longest prefix with ``d_i == g_{i-1}`` is accepted (``a`` tokens), then the model's own ``g_a``
+   is appended: ``a + 1`` new tokens, exactly those that plain greedy decoding would have produced;
+4. the state rolls back to the last accepted token (position ``P + a``):
+
+   * KV cache: nothing to undo. Token ``p`` lives at cache slot ``p`` and a query at ``p`` sees slots
+     ``<= p``, so moving the position pointer to ``P + a + 1`` hides the rejected entries; the next
+     round overwrites them.
+   * GDN conv and recurrent states: the verify forward runs the GDN layers' single-token updates (the
+     conv shift and the recurrent rule, fla's fused recurrent kernel on CUDA) token by token and keeps the
+     state after each of the ``k + 1`` tokens (``Batch(keep_states=True)``); rollback copies the state
+     after token ``a``. This is exact by construction (each kept state *is* the state a one-token decode
+     step would have reached, same kernel) and costs ``(k+1)`` copies of the small per-layer state, no
+     recomputation. The alternative, snapshot + re-running the accepted prefix, saves that memory but
+     adds a second pass over the GDN layers whenever a draft is rejected (most rounds with a weak drafter),
+     and a chunked verify kernel would not produce the one-token kernel's numbers. The conv state kept
+     after token ``a`` is the last ``W-1`` accepted conv inputs.
+
+Greedy only (``temperature=0``): the output is the plain greedy decoding's, whatever the drafter proposes;
+the drafter only changes how many forwards it takes. Batch 1. Per round the host reads one number (the
+accepted count); drafting, verifying and rolling back stay on the device.
+
+Drafters: `MTPDrafter` (the checkpoint's multi-token-prediction block) or any object with `propose`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import torch
+
+from .forward import Batch, forward
+from .state import GDNSlot
+
+
+class Drafter:
+    """Proposes the next ``k`` tokens of a sequence.
+
+    ``propose(tokens, hidden, k) -> [k]`` ids (on any device):
+
+    * ``tokens [n]``: every accepted token so far (prompt + generated); the last one is the model's latest
+      choice, not yet fed to it.
+    * ``hidden [m, H]`` (only if ``needs_hidden``): the model's last-layer output (before the final norm) at
+      positions ``n-1-m .. n-2``, each the state that chose the token after it: the positions that became
+      final since the previous call (``m = n - 1`` the first time, then ``a + 1`` per round). A drafter
+      with a cache of its own keeps positions ``< n-1-m`` and overwrites the rest (its rejected drafts).
+    """
+
+    needs_hidden = False
+
+    def propose(self, tokens: torch.Tensor, hidden: Optional[torch.Tensor], k: int) -> torch.Tensor:
+        raise NotImplementedError
+
+
+@dataclass
+class SpeculativeStats:
+    """What speculation did for one `generate` call: ``acceptance_rate`` = accepted / drafted tokens."""
+
+    rounds: int = 0  # verify forwards
+    drafted: int = 0
+    accepted: int = 0
+    emitted: int = 0  # new tokens, the prefill's first one included
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def tokens_per_round(self) -> float:
+        """New tokens per verify forward (1 = no gain over plain decoding)."""
+        return (self.accepted + self.rounds) / self.rounds if self.rounds else 0.0
+
+    def __str__(self) -> str:
+        return (f"speculative: {self.accepted}/{self.drafted} drafted tokens accepted "
+                f"({100 * self.acceptance_rate:.1f} %), {self.tokens_per_round:.2f} tokens per verify forward")
+
+
+def check_speculative(k, temperature: float, batch: int) -> None:
+    """One-line errors for speculation settings this implementation does not cover."""
+    if int(k) != k or k < 1:
+        raise ValueError(f"speculative_k = {k}: use a positive integer (tokens drafted per round) or None")
+    if temperature != 0:
+        raise ValueError(f"speculative decoding is greedy only: temperature = {temperature}, use 0 or "
+                         "speculative_k=None")
+    if batch != 1:
+        raise ValueError(f"speculative decoding supports batch 1: got {batch} prompts; generate them one by one "
+                         "or use speculative_k=None")
+
+
+def accept_count(drafts: torch.Tensor, greedy: torch.Tensor) -> torch.Tensor:
+    """``drafts [B, k]``, the model's choices ``greedy [B, k+1]`` -> ``[B]``: length of the agreeing prefix."""
+    return (drafts == greedy[:, :-1]).long().cumprod(1).sum(1)
+
+
+def rollback(state, gdn_states, keep: torch.Tensor) -> None:
+    """Set every GDN slot to its state after token ``keep[b]`` of the verify step (``[B]``, on the device)."""
+    rows = torch.arange(keep.numel(), device=keep.device)
+    slots = [s for s in state.slots if isinstance(s, GDNSlot)]
+    for slot, (conv, recurrent) in zip(slots, gdn_states, strict=True):  # [s, B, ...] each
+        slot.conv.copy_(conv[keep, rows])
+        slot.recurrent.copy_(recurrent[keep, rows])
+
+
+def make_drafter(model, draft) -> Drafter:
+    """``draft``: ``"mtp"`` (the model's MTP block) or an object with ``propose``."""
+    if draft == "mtp":
+        return MTPDrafter(model)
+    if not callable(getattr(draft, "propose", None)):
+        raise ValueError(f"draft = {draft!r}: use 'mtp' or a Drafter (an object with propose(tokens, hidden, k))")
+    return draft
+
+
+class SpeculativeStream:
+    """Iterator over the new tokens (``[1]`` each) of greedy speculative decoding; ``stats`` as it goes.
+
+    ``dec`` is a fresh `Decoder` of batch 1 (eager forwards: the verify step has a varying width).
+    """
+
+    def __init__(self, dec, prompt: torch.Tensor, max_new_tokens: int, k: int, drafter,
+                 eos_token_id: Optional[int] = None, stats: Optional[SpeculativeStats] = None):
+        self.dec, self.k, self.drafter, self.eos = dec, int(k), drafter, eos_token_id
+        self.prompt, self.max_new = prompt.to(dec.device), max_new_tokens
+        self.stats = SpeculativeStats() if stats is None else stats
+        self._it = self._run()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        return next(self._it)
+
+    def _run(self) -> Iterator[torch.Tensor]:
+        dec, model = self.dec, self.dec.model
+        T = self.prompt.numel()
+        seq = torch.empty(T + self.max_new, dtype=torch.long, device=dec.device)  # accepted tokens
+        seq[:T] = self.prompt
+        want_hidden = getattr(self.drafter, "needs_hidden", False)
+        with torch.no_grad():
+            logits, hidden = dec.prefill([self.prompt], return_hidden=True)
+            hidden = hidden[:, 0]  # [T, H]
+            seq[T] = logits[0].argmax(-1)
+            n = T + 1  # accepted tokens; seq[n-1] is not yet in the state, at position n-1
+            self.stats.emitted = 1
+            yield seq[T:T + 1]
+            if self.eos is not None and int(seq[T]) == self.eos:
+                return
+            while n - T < self.max_new:
+                k = min(self.k, self.max_new - (n - T) - 1)  # never past max_new_tokens (and the cache)
+                if k > 0:
+                    drafts = self.drafter.propose(seq[:n], hidden if want_hidden else None, k)
+                    drafts = drafts.to(dec.device, torch.long).view(k)
+                else:
+                    drafts = seq[:0]
+                fed = torch.cat([seq[n - 1:n], drafts])  # [k+1]
+                positions = dec.positions + torch.arange(k + 1, device=dec.device)[:, None]  # [k+1, 1]
+                batch = Batch(positions, keep_states=True)
+                logits, h = forward(model, dec.state, fed[:, None], batch, dec.rope, dec.sync_free,
+                                    return_hidden=True)
+                greedy = logits.reshape(k + 1, -1).argmax(-1)  # [k+1]
+                a_dev = accept_count(drafts[None], greedy[None])  # [1]
+                rollback(dec.state, batch.gdn_states, a_dev)
+                dec.positions += a_dev + 1
+                a = int(a_dev)  # the round's one host sync
+                seq[n:n + a] = drafts[:a]
+                seq[n + a] = greedy[a]
+                hidden = h[: a + 1, 0]
+                self.stats.rounds += 1
+                self.stats.drafted += k
+                self.stats.accepted += a
+                stop = a + 1
+                if self.eos is not None:  # one more read per round, not per token
+                    hits = (seq[n:n + a + 1] == self.eos).nonzero()
+                    stop = int(hits[0]) + 1 if hits.numel() else stop
+                for i in range(stop):
+                    self.stats.emitted += 1
+                    yield seq[n + i:n + i + 1]
+                if stop <= a:
+                    return
+                n += a + 1
+
+
+class MTPDrafter(Drafter):
+    """Drafts with the model's multi-token-prediction block (placeholder until the block lands)."""
+
+    needs_hidden = True
+
+    def __init__(self, model):
+        raise ValueError("draft='mtp' needs a model with an MTP block (num_nextn_predict_layers >= 1); "
+                         "pass a Drafter or speculative_k=None")
