@@ -31,8 +31,8 @@ Drafters: `MTPDrafter` (the checkpoint's multi-token-prediction block) or any ob
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Iterator, Optional
+from dataclasses import dataclass, field
+from typing import Iterator, List, Optional
 
 import torch
 
@@ -67,6 +67,7 @@ class SpeculativeStats:
     drafted: int = 0
     accepted: int = 0
     emitted: int = 0  # new tokens, the prefill's first one included
+    accepted_per_round: List[int] = field(default_factory=list)
 
     @property
     def acceptance_rate(self) -> float:
@@ -174,6 +175,7 @@ class SpeculativeStream:
                 self.stats.rounds += 1
                 self.stats.drafted += k
                 self.stats.accepted += a
+                self.stats.accepted_per_round.append(a)
                 stop = a + 1
                 if self.eos is not None:  # one more read per round, not per token
                     hits = (seq[n:n + a + 1] == self.eos).nonzero()
