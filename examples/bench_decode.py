@@ -18,6 +18,20 @@ One untimed warm-up generation per batch size first (kernel autotuning and compi
 
 Acceptance (issue 12): decode at batch 1, ``graph`` >= 20x ``hf`` and >= 420 tokens/s, tokens = ``eager``.
 
+``--speculative K`` (issue 14) adds, at batch 1, greedy speculative decoding rows (`inference.speculative`:
+K drafted tokens, one eager verify forward over K+1 positions, GDN/KV rollback), one per ``--decode-draft``:
+
+* ``replay``: drafts the ``graph`` (else ``eager``) row's own tokens, always right: the ceiling speculation reaches on this
+  model (the cost of a verify forward vs a graphed one-token step);
+* ``mtp``: the model's MTP layer (random weights here: acceptance near 0, reported as measured).
+
+Their decode tokens/s = (n - 1) / time after the prefill, with ``acceptance_rate`` (accepted / drafted),
+``tokens_per_round`` and the agreement of the tokens with ``graph`` (bf16: the verify's k+1-row GEMMs may
+round differently from the one-row step's, so a near-tie can flip a token and everything after it).
+
+    PYTHONPATH=/tmp/site:$PWD python examples/bench_decode.py --decode-batches 1 --decode-impls graph \
+        --speculative 4 --decode-out benchmarks/results/h200_decode_speculative.json
+
     PYTHONPATH=/tmp/site:$PWD python examples/bench_decode.py --decode-out benchmarks/results/h200_decode.json --visualize
 
 `examples/benchmark.py --modules decode` calls `add_args(parser)` and `run(args)`; ``--config tiny`` is a
@@ -52,6 +66,9 @@ def add_args(ap):
     g.add_argument("--decode-hf-rep", type=int, default=3, help="HF: median of this many generate calls")
     g.add_argument("--decode-hf-timeout", type=float, default=300)
     g.add_argument("--decode-worker", default=None, help=argparse.SUPPRESS)
+    g.add_argument("--decode-speculative", "--speculative", type=int, default=None, metavar="K",
+                   help="also time greedy speculative decoding with K drafted tokens (batch 1)")
+    g.add_argument("--decode-draft", default="replay,mtp", help="drafters for --speculative: replay, mtp")
 
 
 def our_config(name: str, **overrides):
@@ -137,6 +154,67 @@ def time_ours(model, ids, n: int, impl: str):
     return dict(prefill_s=t1 - t0, first_step_s=t2 - t1, decode_s=t3 - t2, steps=n - 2), torch.stack(out, 1)
 
 
+class ReplayDrafter:
+    """Proposes a known continuation (``tokens [n]`` of the ``graph`` row), sliced on the device."""
+
+    needs_hidden = False
+
+    def __init__(self, prompt_len: int, continuation: torch.Tensor):
+        self.T, self.cont = prompt_len, continuation
+
+    def propose(self, tokens, hidden, k):
+        i = tokens.numel() - self.T
+        return torch.cat([self.cont[i:i + k], self.cont[:k]])[:k]  # past the end: anything
+
+
+@torch.no_grad()
+def time_speculative(model, ids, n: int, k: int, draft):
+    """Greedy speculative generation of n tokens at batch 1; times, the tokens and the stats."""
+    from nemo_qwen3_next.inference import stream
+
+    sync = torch.cuda.synchronize if ids.is_cuda else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    it = stream(model, ids, n, speculative_k=k, draft=draft)
+    out = [next(it)]
+    sync()
+    t1 = time.perf_counter()
+    out += list(it)
+    sync()
+    t2 = time.perf_counter()
+    t = dict(prefill_s=t1 - t0, decode_s=t2 - t1, steps=n - 1)
+    return t, torch.cat(out)[None], it.stats
+
+
+def run_speculative(args, model, ids, graph_tokens, rows, save):
+    """The ``--speculative`` rows (batch 1), next to the graphed plain decode's."""
+    T, n, k = ids.shape[1], args.decode_new_tokens, args.decode_speculative
+    for name in [d for d in args.decode_draft.split(",") if d]:
+        impl = f"spec_{name}_k{k}"
+        try:
+            if name == "replay":
+                if graph_tokens is None:
+                    raise ValueError("draft 'replay' replays the graph row's tokens: keep 'graph' in --decode-impls")
+                draft = ReplayDrafter(T, graph_tokens[0])
+            elif name == "mtp":
+                draft = "mtp"
+            else:
+                raise ValueError(f"--decode-draft {name!r}: use replay or mtp")
+            time_speculative(model, ids, min(n, 8), k, draft)  # warm-up
+            t, tokens, st = time_speculative(model, ids, n, k, draft)
+            extra = dict(k=k, acceptance_rate=round(st.acceptance_rate, 4), tokens_per_round=round(st.tokens_per_round, 3),
+                         rounds=st.rounds)
+            if graph_tokens is not None:
+                extra["tokens_equal_graph"] = bool(torch.equal(tokens, graph_tokens))
+                extra["token_agreement_with_graph"] = round((tokens == graph_tokens).float().mean().item(), 4)
+            r = _row(impl, 1, T, n, t, extra)
+        except Exception as e:  # noqa: BLE001 -- one failing row must not lose the others
+            r = dict(impl=impl, B=1, error=f"{type(e).__name__}: {e}"[:500])
+        rows.append(r)
+        print(json.dumps(r), flush=True)
+        save()
+
+
 def _row(impl, B, T, n, t, extra=None):
     r = dict(impl=impl, B=B, prompt_len=T, new_tokens=n, prefill_s=round(t["prefill_s"], 4),
              prefill_tokens_per_s=round(B * T / t["prefill_s"], 1),
@@ -176,6 +254,8 @@ def run_ours(args, impls, rows, save):
             rows.append(r)
             print(json.dumps(r), flush=True)
             save()
+        if args.decode_speculative is not None and B == 1:
+            run_speculative(args, model, ids, tokens.get("graph", tokens.get("eager")), rows, save)
 
 
 def hf_worker(args):

@@ -8,7 +8,8 @@
 directory (its newest checkpoint) or one of its ``checkpoints/<name>`` directories; the tokenizer comes
 from there (the byte tokenizer for the tiny pretraining runs; ``--tokenizer`` overrides). Greedy at
 ``--temperature 0`` (the default). On CUDA the decode step runs as a CUDA graph (``--no-cuda-graph``
-for the eager path). A bad argument or checkpoint prints one line on stderr (exit code 2); the libraries'
+for the eager path). ``--speculative K``: greedy speculative decoding, the checkpoint's MTP layer drafting
+K tokens per verify forward (same text; the acceptance rate is printed on stderr). A bad argument or checkpoint prints one line on stderr (exit code 2); the libraries'
 import and load messages are held back (``--debug`` shows them and tracebacks).
 """
 
@@ -36,6 +37,8 @@ def parse_args(argv=None):
     ap.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="default: bf16 on CUDA, fp32 on CPU")
     ap.add_argument("--tokenizer", default=None, help="'byte' or a HF tokenizer path (default: the checkpoint's)")
     ap.add_argument("--no-cuda-graph", action="store_true", help="decode eagerly on CUDA")
+    ap.add_argument("--speculative", type=int, default=None, metavar="K",
+                    help="draft K tokens per step with the checkpoint's MTP layer (greedy only)")
     ap.add_argument("--debug", action="store_true", help="show library messages and tracebacks")
     return ap.parse_args(argv)
 
@@ -51,8 +54,11 @@ def main(argv=None) -> int:
         from nemo_qwen3_next.inference import stream
         from nemo_qwen3_next.inference.load import CheckpointError, layout, load_for_generation
         from nemo_qwen3_next.inference.sampling import check_sampling
+        from nemo_qwen3_next.inference.speculative import check_speculative
     try:
         check_sampling(args.temperature, args.top_k, args.top_p)  # cheap checks before the model loads
+        if args.speculative is not None:
+            check_speculative(args.speculative, args.temperature, 1)
         layout(args.checkpoint)
         if not args.prompt:
             raise ValueError("--prompt is empty")
@@ -68,7 +74,7 @@ def main(argv=None) -> int:
         new, shown, t_first = [], "", None
         tokens = stream(model, ids.to(device), args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                         top_p=args.top_p, eos_token_id=codec.eos_id, seed=args.seed,
-                        cuda_graph=False if args.no_cuda_graph else None)
+                        cuda_graph=False if args.no_cuda_graph else None, speculative_k=args.speculative)
         sys.stdout.write(args.prompt)
         for tok in tokens:
             t = int(tok[0])  # waits for the step: streaming is per token by nature
@@ -95,6 +101,8 @@ def main(argv=None) -> int:
     prefill_s, decode_s = t_first - t0, t_end - t_first
     print(f"prefill: {n_prompt} tokens in {prefill_s:.3f} s ({n_prompt / prefill_s:.1f} tokens/s); "
           f"decode: {n_dec} tokens in {decode_s:.3f} s ({n_dec / max(decode_s, 1e-9):.1f} tokens/s)", file=sys.stderr)
+    if args.speculative is not None:
+        print(tokens.stats, file=sys.stderr)
     return 0
 
 
