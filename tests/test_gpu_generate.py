@@ -73,3 +73,57 @@ def test_generate_on_cuda_equals_the_eager_step(model):
     assert torch.equal(fast, torch.stack(slow, 1))
     sampled = [generate(model, ids, 16, attention_mask=mask, temperature=1.0, top_p=0.9, seed=3) for _ in range(2)]
     assert torch.equal(*sampled)
+
+
+class _Replay:
+    """Drafts a known continuation, each token replaced by a wrong one with probability ``wrong``."""
+
+    needs_hidden = False
+
+    def __init__(self, T, ref, wrong, vocab=512):
+        self.T, self.ref, self.wrong, self.vocab = T, ref, wrong, vocab
+        self.g = torch.Generator(device="cuda").manual_seed(0)
+
+    def propose(self, tokens, hidden, k):
+        i = tokens.numel() - self.T
+        d = torch.cat([self.ref[i:i + k], self.ref[:k]])[:k].clone()
+        bad = torch.rand(k, generator=self.g, device="cuda") < self.wrong
+        return torch.where(bad, (d + 1 + torch.randint(0, self.vocab - 1, (k,), generator=self.g, device="cuda"))
+                           % self.vocab, d)
+
+
+@pytest.mark.parametrize("k", [1, 2, 4])
+@pytest.mark.parametrize("wrong", [0.0, 1.0, 0.4], ids=["right", "wrong", "mixed"])
+def test_speculative_on_cuda_follows_the_eager_step(model, k, wrong):
+    """bf16 kernel path: speculative greedy (eager verify over k+1 tokens, fla's fused recurrent per token,
+    rollback) against our eager one-token greedy loop, 64 tokens.
+
+    The verify's GEMMs have k+1 rows where the step's have one, so bf16 may round differently: tokens must
+    agree until the first difference, and a difference is allowed only at a near-tie of the step's logits
+    (the speculative token's logit within 2 bf16 ulps of the step's best one at that position).
+    """
+    from nemo_qwen3_next.inference import Decoder, SpeculativeStats, generate
+
+    prompt = _prompts((23,))[0]
+    T, n = prompt.numel(), 64
+    eager = Decoder(model, 1, T + n, cuda_graph=False, sync_free=True)
+    logits = eager.prefill([prompt]).float()
+    ref, ref_logits = [], []
+    for i in range(n):
+        ref_logits.append(logits[0])
+        ref.append(logits[0].argmax())
+        if i + 1 < n:
+            logits = eager.step(ref[-1].view(1)).float()
+    ref = torch.stack(ref)
+    stats = SpeculativeStats()
+    out = generate(model, prompt[None], n, speculative_k=k, draft=_Replay(T, ref, wrong), stats=stats)[0, T:]
+    diff = (out != ref).nonzero()
+    j = int(diff[0]) if diff.numel() else n
+    print(f"k={k} wrong={wrong}: {stats}; agree with the eager step for {j}/{n} tokens")
+    if j < n:
+        best = ref_logits[j].max()
+        tol = 2 * torch.finfo(torch.bfloat16).eps * best.abs().clamp(min=1.0)
+        assert best - ref_logits[j][out[j]] <= tol, (j, best.item(), ref_logits[j][out[j]].item())
+    assert stats.emitted == n and stats.accepted + stats.rounds == n - 1
+    if wrong == 1.0:
+        assert stats.accepted <= 2  # a random token may be right by chance (vocab 512)
