@@ -100,7 +100,7 @@ def test_speculative_on_cuda_follows_the_eager_step(model, k, wrong):
 
     The verify's GEMMs have k+1 rows where the step's have one, so bf16 may round differently: tokens must
     agree until the first difference, and a difference is allowed only at a near-tie of the step's logits
-    (the speculative token's logit within 2 bf16 ulps of the step's best one at that position).
+    (the speculative token's logit within 4 bf16 ulps of the step's best one at that position).
     """
     from nemo_qwen3_next.inference import Decoder, SpeculativeStats, generate
 
@@ -122,7 +122,8 @@ def test_speculative_on_cuda_follows_the_eager_step(model, k, wrong):
     print(f"k={k} wrong={wrong}: {stats}; agree with the eager step for {j}/{n} tokens")
     if j < n:
         best = ref_logits[j].max()
-        tol = 2 * torch.finfo(torch.bfloat16).eps * best.abs().clamp(min=1.0)
+        tol = 4 * torch.finfo(torch.bfloat16).eps * best.abs().clamp(min=1.0)
+        print(f"  first difference at {j}: margin {(best - ref_logits[j][out[j]]).item():.4g}, tolerance {tol.item():.4g}")
         assert best - ref_logits[j][out[j]] <= tol, (j, best.item(), ref_logits[j][out[j]].item())
     assert stats.emitted == n and stats.accepted + stats.rounds == n - 1
     if wrong == 1.0:
