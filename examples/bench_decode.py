@@ -311,8 +311,11 @@ def acceptance(rows):
     """Issue 12's GPU targets at batch 1, from the rows."""
     get = lambda impl: next((r for r in rows if r.get("impl") == impl and r.get("B") == 1 and "error" not in r), None)  # noqa: E731
     ours, hf, eager = get("graph"), get("hf"), get("eager")
+    spec = {r["impl"]: dict(decode_tokens_per_s=r["decode_tokens_per_s"], acceptance_rate=r["acceptance_rate"],
+                            speedup_vs_graph=round(r["decode_tokens_per_s"] / ours["decode_tokens_per_s"], 3) if ours else None)
+            for r in rows if r.get("impl", "").startswith("spec_") and "error" not in r}
     if not ours:
-        return {}
+        return dict(speculative=spec) if spec else {}
     a = dict(decode_b1_graph=ours["decode_tokens_per_s"], target_tokens_per_s=420)
     if hf:
         a.update(decode_b1_hf=hf["decode_tokens_per_s"], speedup_vs_hf=round(ours["decode_tokens_per_s"] / hf["decode_tokens_per_s"], 1),
@@ -320,6 +323,8 @@ def acceptance(rows):
     if eager:
         a["tokens_equal_eager"] = eager.get("tokens_equal_graph")
     a["met"] = bool(a["decode_b1_graph"] >= 420 and a.get("speedup_vs_hf", 0) >= 20 and a.get("tokens_equal_eager"))
+    if spec:
+        a["speculative"] = spec
     return a
 
 
