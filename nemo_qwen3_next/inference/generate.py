@@ -159,17 +159,18 @@ def stream(model, input_ids: torch.Tensor, max_new_tokens: int, *, temperature: 
         raise ValueError(f"prompt has {longest} tokens, more than max_position_embeddings={limit}")
     if speculative_k is not None:
         check_speculative(speculative_k, temperature, len(prompts))
-        if cuda_graph:
-            raise ValueError("cuda_graph=True with speculative_k: the verify step runs eagerly (its width varies); "
-                             "pass cuda_graph=None")
         drafter = make_drafter(model, draft)
     if max_new_tokens < 1:
         return iter(())
     if speculative_k is not None:
         device = next(model.parameters()).device
         single = _tp_group(model).size() == 1 and (model.config.expert_model_parallel_size or 1) == 1
-        dec = Decoder(model, 1, longest + max_new_tokens, cuda_graph=False, sync_free=device.type == "cuda" and single)
-        return SpeculativeStream(dec, prompts[0], max_new_tokens, speculative_k, drafter, eos_token_id, stats)
+        graphs = (device.type == "cuda" and single) if cuda_graph is None else cuda_graph
+        if graphs and device.type != "cuda":
+            raise ValueError("cuda_graph=True needs the model on a CUDA device")
+        dec = Decoder(model, 1, longest + max_new_tokens, cuda_graph=False, sync_free=graphs)
+        return SpeculativeStream(dec, prompts[0], max_new_tokens, speculative_k, drafter, eos_token_id, stats,
+                                 cuda_graph=graphs)
     dec = Decoder(model, len(prompts), longest + max_new_tokens, cuda_graph=cuda_graph)
     generator = None if seed is None else torch.Generator(dec.device).manual_seed(seed)
     pad = eos_token_id if pad_token_id is None else pad_token_id
