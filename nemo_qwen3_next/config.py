@@ -54,6 +54,7 @@ HF_DEFAULTS = dict(
     linear_value_head_dim=128, linear_num_key_heads=16, linear_num_value_heads=32, decoder_sparse_step=1,
     moe_intermediate_size=512, shared_expert_intermediate_size=512, num_experts_per_tok=10, num_experts=512,
     norm_topk_prob=True, router_aux_loss_coef=0.001, mlp_only_layers=[], layer_types=None, full_attention_interval=4,
+    num_nextn_predict_layers=0,  # not a transformers field: Qwen3-Next checkpoints write it (MTP layers)
 )
 # HF names checked before translation, so the error names the config.json field.
 _HF_FIELD_KINDS = {
@@ -132,6 +133,11 @@ class Qwen3NextConfig(TransformerConfig):
     # (see modules/grouped_experts.py)
     moe_stacked_experts: bool = False
 
+    # --- multi-token prediction (HF num_nextn_predict_layers; see modules/mtp.py). mtp_num_layers
+    # (TransformerConfig's field, default None = no MTP block) turns it on; the MTP loss is added with
+    # this weight (Megatron-LM's default 0.1; divided by mtp_num_layers).
+    mtp_loss_scaling_factor: Optional[float] = 0.1
+
     # --- MoE (HF: decoder_sparse_step, mlp_only_layers, norm_topk_prob, shared_expert_gate)
     decoder_sparse_step: int = 1
     mlp_only_layers: List[int] = field(default_factory=list)  # 0-based layers with a dense MLP
@@ -190,6 +196,9 @@ class Qwen3NextConfig(TransformerConfig):
             self.moe_aux_loss_coeff]
         for c in coeffs:
             check_field("moe_aux_loss_coeff", c, "nonnegf")
+        check_field("mtp_num_layers", self.mtp_num_layers, "pos?")
+        if self.mtp_num_layers:
+            check_field("mtp_loss_scaling_factor", self.mtp_loss_scaling_factor, "nonnegf")
 
     def _validate_and_derive(self):
         self._check_fields()
@@ -322,9 +331,10 @@ class Qwen3NextConfig(TransformerConfig):
             else None,
             moe_aux_loss_coeff=float(hf["router_aux_loss_coef"]) if num_experts else 0.0,
         )
-        # `num_nextn_predict_layers` (MTP) is not turned on here: our decoder has no MTP block yet,
-        # and Megatron changes the loss when `mtp_num_layers` is set. MTP tensors are listed and
-        # skipped (`hf_mapping.skipped_hf_names`).
+        if hf["num_nextn_predict_layers"] > 1:
+            raise ConfigError(f"{where}num_nextn_predict_layers = {hf['num_nextn_predict_layers']}: Qwen3-Next has one "
+                              f"MTP layer (mtp.fc, mtp.layers.0, mtp.norm); use 0 or 1.")
+        kw["mtp_num_layers"] = hf["num_nextn_predict_layers"] or None  # the MTP block, `mtp.*` tensors mapped
         kw.update(overrides)
         if not where:
             return cls(**kw)
@@ -370,6 +380,7 @@ class Qwen3NextConfig(TransformerConfig):
             "norm_topk_prob": self.moe_norm_topk_prob,
             "router_aux_loss_coef": self.moe_aux_loss_coeff if moe else 0.0,
             "mlp_only_layers": [i for i in self.mlp_only_layers] if moe else [],
+            **({"num_nextn_predict_layers": self.mtp_num_layers} if self.mtp_num_layers else {}),
         }
 
     def replace(self, **changes) -> "Qwen3NextConfig":

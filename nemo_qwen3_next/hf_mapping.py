@@ -143,13 +143,11 @@ def weight_plan(config, expert_layout: str = "sequential") -> List[Entry]:
             _fc1_to_ours, _fc1_to_hf)
         add(f"{ours_prefix}.linear_fc2.weight", f"{hf_prefix}.down_proj.weight")
 
-    add("embedding.word_embeddings.weight", "model.embed_tokens.weight")
-    for i in range(c.num_layers):
-        o, h = f"decoder.layers.{i}", f"model.layers.{i}"
+    def add_layer(o, h, kind, moe):
         add(f"{o}.input_layernorm.weight", f"{h}.input_layernorm.weight")
         add(f"{o}.pre_mlp_layernorm.weight", f"{h}.post_attention_layernorm.weight")
         sa = f"{o}.self_attention"
-        if c.layer_type(i) == "linear_attention":
+        if kind == "linear_attention":
             la = f"{h}.linear_attn"
             add(f"{sa}.in_proj.weight", [f"{la}.in_proj_qkvz.weight", f"{la}.in_proj_ba.weight"],
                 lambda ts: gdn_in_proj_to_ours(c, *ts), lambda w: gdn_in_proj_to_hf(c, w))
@@ -169,7 +167,7 @@ def weight_plan(config, expert_layout: str = "sequential") -> List[Entry]:
             add(f"{sa}.q_layernorm.weight", f"{at}.q_norm.weight")
             add(f"{sa}.k_layernorm.weight", f"{at}.k_norm.weight")
             add(f"{sa}.linear_proj.weight", f"{at}.o_proj.weight")
-        if c.is_moe_layer(i):
+        if moe:
             add(f"{o}.mlp.router.weight", f"{h}.mlp.gate.weight")
             for e in range(c.num_moe_experts):
                 he = f"{h}.mlp.experts.{e}"
@@ -185,9 +183,24 @@ def weight_plan(config, expert_layout: str = "sequential") -> List[Entry]:
                     add(f"{o}.mlp.shared_experts.gate_weight", f"{h}.mlp.shared_expert_gate.weight")
         else:
             add_mlp(f"{o}.mlp", f"{h}.mlp")
+
+    add("embedding.word_embeddings.weight", "model.embed_tokens.weight")
+    for i in range(c.num_layers):
+        add_layer(f"decoder.layers.{i}", f"model.layers.{i}", c.layer_type(i), c.is_moe_layer(i))
     add("decoder.final_layernorm.weight", "model.norm.weight")
     if not c.tie_word_embeddings:
         add("output_layer.weight", "lm_head.weight")
+    n_mtp = getattr(c, "mtp_num_layers", None) or 0
+    if n_mtp > 1:
+        raise ValueError(f"mtp_num_layers = {n_mtp}: HF Qwen3-Next holds one MTP layer (one mtp.fc / mtp.norm); "
+                         f"use mtp_num_layers = 1 for a model that converts to and from HF")
+    if n_mtp:  # megatron-core's MultiTokenPredictionLayer names (see modules/mtp.py)
+        o = "mtp.layers.0"
+        add(f"{o}.enorm.weight", "mtp.pre_fc_norm_embedding.weight")
+        add(f"{o}.hnorm.weight", "mtp.pre_fc_norm_hidden.weight")
+        add(f"{o}.eh_proj.weight", "mtp.fc.weight")
+        add_layer(f"{o}.transformer_layer", "mtp.layers.0", "full_attention", bool(c.num_moe_experts))
+        add(f"{o}.final_layernorm.weight", "mtp.norm.weight")
     return plan
 
 
@@ -195,9 +208,12 @@ MTP_PATTERN = re.compile(r"^mtp\.")
 
 
 def skipped_hf_names(names: Iterable[str], config) -> List[str]:
-    """HF tensors we knowingly do not map into the model: `mtp.*` (multi-token prediction head, not
-    built yet). The NeMo converter carries them unchanged in `<nemo_dir>/extra/mtp.safetensors` and
-    writes them back on export (`nemo/convert.py`); `load_hf` just ignores them."""
+    """HF tensors we knowingly do not map into the model: `mtp.*` when the config has no MTP block
+    (``num_nextn_predict_layers`` absent or 0). With ``mtp_num_layers`` set they are mapped by the
+    table (`weight_plan`) like every other tensor. The NeMo converter carries unmapped ones unchanged in
+    `<nemo_dir>/extra/mtp.safetensors` and writes them back on export; `load_hf` ignores them."""
+    if getattr(config, "mtp_num_layers", None):
+        return []
     return sorted(n for n in names if MTP_PATTERN.match(n))
 
 

@@ -20,7 +20,8 @@ from megatron.core.models.gpt import GPTModel
 
 from .compat import apply_cpu_compat, seed_cpu
 from .modules.output_layer import FusedLossOutputLayer, is_fused_loss
-from .spec import get_qwen3_next_block_spec
+from .modules.mtp import get_mtp_block_spec, mtp_postprocess
+from .spec import get_qwen3_next_block_spec, get_qwen3_next_layer_spec
 
 
 def _free_port() -> int:
@@ -83,15 +84,14 @@ class Qwen3NextGPTModel(GPTModel):
     """Megatron's `GPTModel`; with ``config.fused_linear_cross_entropy`` the loss skips the logits.
 
     Same parameters, state dict and outputs (logits without labels; the [b, s] per-token loss with
-    them, from `ops.linear_cross_entropy` via `FusedLossOutputLayer`). Not used for MTP, whose extra
-    heads need their own shifted labels.
+    them, from `ops.linear_cross_entropy` via `FusedLossOutputLayer`).
+    With ``config.mtp_num_layers`` it carries the Qwen3-Next MTP block (``self.mtp``, see
+    `modules.mtp`): the loss path adds the MTP loss (`modules.mtp.mtp_postprocess`, the fused head too).
     """
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self._fuse_loss = bool(getattr(self.config, "fused_linear_cross_entropy", False)) and not getattr(
-            self.config, "mtp_num_layers", None
-        )
+        self._fuse_loss = bool(getattr(self.config, "fused_linear_cross_entropy", False))
         if self.post_process and self._fuse_loss:
             # the same module and parameters with one more forward mode (the subclass has no state)
             self.output_layer.__class__ = FusedLossOutputLayer
@@ -104,6 +104,11 @@ class Qwen3NextGPTModel(GPTModel):
             return super().forward(*args, **kwargs)
         finally:
             self.output_layer.pending_labels = None
+
+    def _postprocess(self, **kwargs):
+        if not self.mtp_process:
+            return super()._postprocess(**kwargs)
+        return mtp_postprocess(self, super()._postprocess, **kwargs)
 
     def compute_language_model_loss(self, labels, logits):
         if is_fused_loss(logits):
@@ -127,6 +132,9 @@ def build_model(config, backend: str = "auto", pre_process: bool = True, post_pr
         transformer_layer_spec = get_qwen3_next_block_spec(config, backend, vp_stage=vp_stage)
     kw = dict(max_sequence_length=config.max_position_embeddings)
     kw.update(gpt_kwargs)
+    if "mtp_block_spec" not in kw:  # the MTP block (config.mtp_num_layers) on the last pipeline stage
+        mtp_backend = getattr(config, "spec_backend", backend) if backend == "auto" else backend
+        kw["mtp_block_spec"] = get_mtp_block_spec(config, get_qwen3_next_layer_spec(config, mtp_backend), vp_stage)
     return Qwen3NextGPTModel(
         config=config,
         transformer_layer_spec=transformer_layer_spec,
