@@ -64,3 +64,35 @@ def random_hf_model(config=None, seed: int = 0, dtype=torch.float32):
             elif name.endswith(("A_log", "dt_bias")):
                 p.uniform_(-1.0, 1.0)
     return model
+
+
+def random_mtp_layer(config=None, seed: int = 0, dtype=torch.float32):
+    """A random HF `Qwen3NextDecoderLayer` shaped as the MTP layer (gated full attention + sparse MoE),
+    norm gains perturbed like `random_hf_model`'s. Its state dict, prefixed ``mtp.layers.0.``, is the
+    layer part of a checkpoint's ``mtp.*`` tensors; tests use the module itself as the reference."""
+    from transformers.models.qwen3_next.modeling_qwen3_next import Qwen3NextDecoderLayer
+
+    config = config or tiny_hf_config()
+    # the HF layer class picks its kind from layer_types / mlp_only_layers at layer_idx: ask for index 0
+    cfg = type(config)(**{**config.to_dict(), "num_hidden_layers": 1, "layer_types": ["full_attention"],
+                          "mlp_only_layers": [], "decoder_sparse_step": 1})
+    cfg._attn_implementation = "eager"  # a bare config names no attention kernel
+    torch.manual_seed(seed)
+    layer = Qwen3NextDecoderLayer(cfg, 0).to(dtype).eval()
+    with torch.no_grad():
+        for name, p in layer.named_parameters():
+            p.normal_(0.0, 0.05) if "norm" not in name else p.add_(0.1 * torch.randn_like(p))
+    return layer
+
+
+def random_mtp_tensors(config=None, seed: int = 0, dtype=torch.float32):
+    """Every ``mtp.*`` tensor of a Qwen3-Next checkpoint with ``num_nextn_predict_layers: 1``, random:
+    ``pre_fc_norm_embedding``, ``pre_fc_norm_hidden``, ``fc`` [H, 2H], ``layers.0.*``, ``norm``."""
+    config = config or tiny_hf_config()
+    h = config.hidden_size
+    g = torch.Generator().manual_seed(seed + 1)
+    out = {f"mtp.layers.0.{k}": v.detach().clone() for k, v in random_mtp_layer(config, seed, dtype).state_dict().items()}
+    out["mtp.fc.weight"] = (torch.randn(h, 2 * h, generator=g) / (2 * h) ** 0.5).to(dtype)
+    for n in ("pre_fc_norm_embedding", "pre_fc_norm_hidden", "norm"):
+        out[f"mtp.{n}.weight"] = (0.1 * torch.randn(h, generator=g)).to(dtype)
+    return out
