@@ -157,3 +157,57 @@ def test_speculative_refuses_what_it_does_not_support(setup):
         generate(model, ids, 4, speculative_k=0, draft=d)
     with pytest.raises(ValueError, match="draft = "):
         generate(model, ids, 4, speculative_k=2, draft="ngram")
+
+
+@functools.lru_cache(maxsize=None)
+def _mtp_setup():
+    """A tiny HF checkpoint with random `mtp.*` tensors, loaded with its MTP block; prompt; plain greedy."""
+    import tempfile
+
+    from nemo_qwen3_next import testing
+
+    path = tempfile.mkdtemp(prefix="spec_mtp_")
+    testing.save_hf_with_mtp(path, seed=1)
+    model = load_hf(path, linear_attention_chunk_size=16)
+    ids = torch.randint(1, VOCAB, (1, T), generator=torch.Generator().manual_seed(0))
+    return model, ids, generate(model, ids, NEW)[0, T:]
+
+
+def _need_mtp():
+    pytest.importorskip("nemo_qwen3_next.modules.mtp")  # the MTP block (issue 14, the other half)
+    from nemo_qwen3_next import testing
+
+    if not hasattr(testing, "save_hf_with_mtp"):
+        pytest.skip("needs nemo_qwen3_next.testing.save_hf_with_mtp (MTP checkpoints)")
+
+
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_mtp_drafter_speculative_equals_plain_greedy(k):
+    _need_mtp()
+    model, ids, ref = _mtp_setup()
+    stats = SpeculativeStats()
+    out = generate(model, ids, NEW, speculative_k=k, draft="mtp", stats=stats)
+    print(f"k={k} mtp (random mtp.* weights): {stats}")
+    assert torch.equal(out[0, T:], ref)
+    assert stats.emitted == NEW and stats.accepted + stats.rounds == NEW - 1
+
+
+def test_mtp_drafter_cache_equals_the_full_sequence_reference():
+    """The drafter's MTP layer with its KV cache, fed in two catch-up chunks (as rounds do), gives the
+    logits of `mtp_logits_reference` over the whole sequence (no cache), and its first draft is their argmax."""
+    _need_mtp()
+    from nemo_qwen3_next.inference.speculative import MTPDrafter
+    from nemo_qwen3_next.modules.mtp import hidden_before_final_norm, mtp_logits_reference
+
+    model, ids, ref = _mtp_setup()
+    seq = torch.cat([ids[0], ref[:20]])
+    n = seq.numel()
+    h = hidden_before_final_norm(model, seq[None, :-1])  # [1, n-1, H]
+    want = mtp_logits_reference(model, h, seq[None, 1:])[0]  # [n-1, V]
+    drafter = MTPDrafter(model)
+    with torch.no_grad():
+        first = drafter.propose(seq[:16], h[0, :15], 1)  # positions 0..14; its cache then holds them
+        assert int(first[0]) == int(want[14].argmax())
+        drafter._ensure(n + 1, seq.device, h.dtype)  # grows the cache, keeps positions 0..14
+        got, _ = drafter._layer(model.decoder.final_layernorm(h[0, 15:, None]), seq[16:], torch.arange(15, n - 1))
+    assert (got - want[15:]).abs().max() <= 1e-5

@@ -41,8 +41,8 @@ from typing import Iterator, List, Optional
 import torch
 
 from .cuda_graph import GraphedStep
-from .forward import Batch, forward
-from .state import GDNSlot
+from .forward import Batch, _add, attention_forward, forward
+from .state import GDNSlot, KVSlot
 
 
 class Drafter:
@@ -215,10 +215,71 @@ class SpeculativeStream:
 
 
 class MTPDrafter(Drafter):
-    """Drafts with the model's multi-token-prediction block (placeholder until the block lands)."""
+    """Drafts with the model's multi-token-prediction layer (`modules.mtp`), which keeps its own KV cache.
+
+    MTP at position t reads the main model's state at t (after the final norm) and the embedding of token
+    t+1, and predicts token t+2. Each `propose` first runs the layer over the ``m`` positions that became
+    final (their main-model states: the catch-up, overwriting the cache rows of rejected drafts), then
+    drafts autoregressively: step j > 1 uses the MTP layer's own previous output (after ``mtp.norm``) as its
+    "hidden" input with the embedding of draft j-1, at the next position (as vLLM and DeepSeek-V3 chain one
+    MTP layer for k > 1; the layer was trained for one step, so later drafts are weaker).
+    """
 
     needs_hidden = True
 
-    def __init__(self, model):
-        raise ValueError("draft='mtp' needs a model with an MTP block (num_nextn_predict_layers >= 1); "
-                         "pass a Drafter or speculative_k=None")
+    def __init__(self, model, depth: int = 0):
+        from ..modules.mtp import has_mtp, mtp_parts
+
+        if not has_mtp(model):
+            raise ValueError("draft='mtp' needs a model with an MTP block (num_nextn_predict_layers >= 1); "
+                             "pass a Drafter or speculative_k=None")
+        self.model, self.p = model, mtp_parts(model, depth)
+        self.slot, self.rope = None, None
+
+    def _ensure(self, length: int, device, dtype):
+        """A KV cache of at least ``length`` positions, grown geometrically with its entries kept."""
+        old = self.slot
+        if old is not None and old.k.shape[2] >= length:
+            return
+        length = max(length, 2 * old.k.shape[2]) if old is not None else max(length, 64)
+        length = min(length, self.model.config.max_position_embeddings) if length > 64 else length
+        m = self.p.layer.self_attention
+        shape = (1, m.num_query_groups_per_partition, length, m.hidden_size_per_attention_head)
+        self.slot = KVSlot(k=torch.zeros(shape, device=device, dtype=dtype), v=torch.zeros(shape, device=device,
+                                                                                         dtype=dtype))
+        if old is not None:
+            n = old.k.shape[2]
+            self.slot.k[:, :, :n], self.slot.v[:, :, :n] = old.k, old.v
+        self.rope = self.model.rotary_pos_emb(length)
+
+    def _layer(self, h_normed: torch.Tensor, next_tokens: torch.Tensor, positions: torch.Tensor):
+        """``h_normed [s, 1, H]`` (post-norm), ``next_tokens [s]`` at ``positions [s]`` -> (logits [s, V], out)."""
+        from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+        p, model = self.p, self.model
+        pos = positions[:, None]  # [s, 1]
+        emb = model.embedding(input_ids=next_tokens[None], position_ids=pos.t())  # [s, 1, H]
+        x, _ = p.fc(torch.cat([p.pre_fc_norm_embedding(emb), p.pre_fc_norm_hidden(h_normed)], dim=-1))
+        x = gather_from_tensor_model_parallel_region(x)
+        layer = p.layer
+        freqs = self.rope[:, 0, 0][pos].unsqueeze(2)
+        x = _add(x, attention_forward(layer.self_attention, layer.input_layernorm(x), self.slot, Batch(pos), freqs))
+        x = _add(x, layer.mlp(layer.pre_mlp_layernorm(x)))
+        out = p.norm(x)
+        weight = model.shared_embedding_or_output_weight() if model.share_embeddings_and_output_weights else None
+        logits, _ = model.output_layer(out, weight=weight, runtime_gather_output=True)
+        return logits[:, 0], out
+
+    @torch.no_grad()
+    def propose(self, tokens: torch.Tensor, hidden: torch.Tensor, k: int) -> torch.Tensor:
+        n, m = tokens.numel(), hidden.shape[0]
+        self._ensure(n + k, tokens.device, hidden.dtype)
+        start = n - 1 - m
+        positions = torch.arange(start, n - 1, device=tokens.device)
+        h = self.model.decoder.final_layernorm(hidden[:, None])  # [m, 1, H]
+        logits, out = self._layer(h, tokens[start + 1:n], positions)
+        drafts = [logits[-1].argmax(-1)]
+        for j in range(1, k):
+            logits, out = self._layer(out[-1:], drafts[-1].view(1), positions[-1:] + j)
+            drafts.append(logits[-1].argmax(-1))
+        return torch.stack(drafts)
