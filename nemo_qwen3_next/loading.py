@@ -21,10 +21,14 @@ __all__ = ["CheckpointError", "check_hf_names", "load_hf", "load_weights"]
 
 def check_hf_names(hf_names: Iterable[str], config, plan) -> Tuple[List[str], List[str]]:
     """Every HF tensor the plan needs is there and every other one is known; returns (skipped =
-    a tied `lm_head.weight`, carried = `mtp.*` tensors our model does not use)."""
+    a tied `lm_head.weight`, carried = `mtp.*` tensors of a config without MTP layers)."""
     names = set(hf_names)
     needed = [n for e in plan for n in e.hf]
     missing = [n for n in needed if n not in names]
+    if missing and missing[0].startswith("mtp."):
+        raise CheckpointError(f"HF tensor {missing[0]!r} is missing ({len(missing)} mtp.* in all): config.json sets "
+                              f"num_nextn_predict_layers = {config.mtp_num_layers} but the weights hold no full MTP "
+                              f"layer; set num_nextn_predict_layers to 0 to use the checkpoint without it")
     if missing:
         raise CheckpointError(f"HF tensor {missing[0]!r} is missing ({len(missing)} missing in all); config.json "
                               f"and the weights disagree, or the checkpoint is incomplete")

@@ -96,3 +96,31 @@ def random_mtp_tensors(config=None, seed: int = 0, dtype=torch.float32):
     for n in ("pre_fc_norm_embedding", "pre_fc_norm_hidden", "norm"):
         out[f"mtp.{n}.weight"] = (0.1 * torch.randn(h, generator=g)).to(dtype)
     return out
+
+
+def save_hf_with_mtp(path, config=None, seed: int = 0):
+    """A HF directory as Qwen3-Next ships one: `random_hf_model` saved, its `mtp.*` tensors
+    (`random_mtp_tensors`) in a second file, an index, config.json with ``num_nextn_predict_layers: 1``.
+    Returns (the HF model, the mtp tensors)."""
+    import json
+    import os
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    cfg = config or tiny_hf_config()
+    hf = random_hf_model(cfg, seed=seed)
+    hf.save_pretrained(path)
+    mtp = random_mtp_tensors(cfg, seed=seed)
+    save_file(mtp, os.path.join(path, "model-mtp.safetensors"), metadata={"format": "pt"})
+    with safe_open(os.path.join(path, "model.safetensors"), "pt") as f:
+        weight_map = {k: "model.safetensors" for k in f.keys()}
+    weight_map.update({k: "model-mtp.safetensors" for k in mtp})
+    with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {}, "weight_map": weight_map}, f)
+    with open(os.path.join(path, "config.json")) as f:
+        c = json.load(f)
+    c["num_nextn_predict_layers"] = 1
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(c, f, indent=2)
+    return hf, mtp

@@ -6,15 +6,12 @@ loaded with the `mtp.layers.0.*` tensors, fed the HF main model's last hidden st
 as vLLM feeds its MTP). Nothing of ours is used to compute it.
 """
 
-import json
-import os
-
 import pytest
 import torch
 
 pytest.importorskip("transformers")
 
-from nemo_qwen3_next.testing import random_hf_model, random_mtp_layer, random_mtp_tensors, tiny_hf_config
+from nemo_qwen3_next.testing import random_mtp_layer, save_hf_with_mtp
 
 SEED = 0
 
@@ -22,30 +19,6 @@ SEED = 0
 def _rms(x, w, eps):  # HF Qwen3-Next RMSNorm: zero-centred gain (1 + w), computed in fp32
     x32 = x.float()
     return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps) * (1.0 + w.float())).to(x.dtype)
-
-
-def write_hf_with_mtp(path, cfg=None, seed=SEED):
-    """save_pretrained tiny model + `mtp.*` in a second file + index + num_nextn_predict_layers: 1."""
-    from safetensors.torch import save_file
-
-    cfg = cfg or tiny_hf_config()
-    hf = random_hf_model(cfg, seed=seed)
-    hf.save_pretrained(path)
-    mtp = random_mtp_tensors(cfg, seed=seed)
-    save_file(mtp, os.path.join(path, "model-mtp.safetensors"), metadata={"format": "pt"})
-    from safetensors import safe_open
-
-    with safe_open(os.path.join(path, "model.safetensors"), "pt") as f:
-        weight_map = {k: "model.safetensors" for k in f.keys()}
-    weight_map.update({k: "model-mtp.safetensors" for k in mtp})
-    with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
-        json.dump({"metadata": {}, "weight_map": weight_map}, f)
-    with open(os.path.join(path, "config.json")) as f:
-        c = json.load(f)
-    c["num_nextn_predict_layers"] = 1
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(c, f, indent=2)
-    return hf, mtp
 
 
 def reference_mtp_logits(hf, mtp, ids):
@@ -74,7 +47,7 @@ def reference_mtp_logits(hf, mtp, ids):
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("mtp_hf"))
-    hf, mtp = write_hf_with_mtp(path)
+    hf, mtp = save_hf_with_mtp(path, seed=SEED)
     torch.manual_seed(5)
     ids = torch.randint(0, hf.config.vocab_size, (2, 24))
     return dict(path=path, hf=hf, mtp=mtp, ids=ids, ref=reference_mtp_logits(hf, mtp, ids))

@@ -40,7 +40,11 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional
 
 import torch
-from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+from megatron.core.tensor_parallel import (
+    gather_from_sequence_parallel_region,
+    gather_from_tensor_model_parallel_region,
+    scatter_to_sequence_parallel_region,
+)
 from megatron.core.transformer.multi_token_prediction import (
     MTPLossAutoScaler,
     MultiTokenPredictionBlock,
@@ -155,7 +159,10 @@ def hidden_before_final_norm(model, input_ids: torch.Tensor, position_ids: Optio
             model(input_ids=input_ids, position_ids=position_ids, attention_mask=None)
     finally:
         hook.remove()
-    return seen[-1].transpose(0, 1).contiguous()
+    h = seen[-1]
+    if model.config.sequence_parallel:  # [s/tp, b, h] on each rank
+        h = gather_from_sequence_parallel_region(h, tensor_parallel_output_grad=False)
+    return h.transpose(0, 1).contiguous()
 
 
 @torch.no_grad()
@@ -167,7 +174,8 @@ def mtp_logits_reference(model, hidden_states: torch.Tensor, next_token_ids: tor
     ``hidden_states [B, T, H]``: the main model's last-layer output **before** the final norm at positions
     ``position_offset .. +T-1`` (`hidden_before_final_norm`; `inference.forward(return_hidden=True)`);
     the main final norm is applied here. ``next_token_ids [B, T]``: ``next_token_ids[:, t]`` is the token
-    at position t+1. Attention is causal over these T positions only. Gathered over TP."""
+    at position t+1. Attention is causal over these T positions only. Inputs and output are full
+    (every TP rank passes the same tensors; sequence parallelism is handled inside)."""
     if hidden_states.dim() != 3 or next_token_ids.shape != hidden_states.shape[:2]:
         raise ValueError(f"hidden_states {tuple(hidden_states.shape)} must be [B, T, H] and next_token_ids "
                          f"{tuple(next_token_ids.shape)} [B, T] with the same B, T")
@@ -176,8 +184,17 @@ def mtp_logits_reference(model, hidden_states: torch.Tensor, next_token_ids: tor
     h = model.decoder.final_layernorm(hidden_states.transpose(0, 1).contiguous())  # [T, B, H]
     positions = torch.arange(position_offset, position_offset + T, device=next_token_ids.device)
     emb = model.embedding(input_ids=next_token_ids, position_ids=positions[None].expand(B, T))  # [T, B, H]
+    sp = model.config.sequence_parallel  # then the embedding, fc input and layer are [T/tp, B, H]
+    tp = model.config.tensor_model_parallel_size
+    if sp and T % tp:
+        raise ValueError(f"sequence parallel: T = {T} positions must be a multiple of the TP size {tp}; pad the "
+                         f"sequence or run without sequence_parallel")
+    if sp:
+        h = scatter_to_sequence_parallel_region(h)
     x, _ = p.fc(torch.cat([p.pre_fc_norm_embedding(emb), p.pre_fc_norm_hidden(h)], dim=-1))
-    x = gather_from_tensor_model_parallel_region(x)
+    x = gather_from_tensor_model_parallel_region(x)  # as megatron's MultiTokenPredictionLayer
+    if sp:
+        x = scatter_to_sequence_parallel_region(x)
     rope = model.rotary_pos_emb(position_offset + T)[position_offset:]
     x, _ = p.layer(hidden_states=x, attention_mask=None, rotary_pos_emb=rope)
     x = p.norm(x)

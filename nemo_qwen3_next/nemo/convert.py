@@ -8,18 +8,21 @@ inputs for the few tensors that concatenate two HF tensors).
 
 Validation happens *before* anything is written, from file headers only: config.json parses and
 is valid, every safetensors file is complete, every HF tensor is either consumed or explicitly
-carried/skipped (``mtp.*`` multi-token-prediction weights are carried unchanged in a side file,
-see below; a tied ``lm_head.weight`` is skipped), and every HF tensor has exactly the shape the
+carried/skipped (``mtp.*`` multi-token-prediction weights map into the model's MTP block when
+config.json has ``num_nextn_predict_layers: 1``, else they are carried unchanged in a side file, see
+below; a tied ``lm_head.weight`` is skipped), and every HF tensor has exactly the shape the
 config implies. Output goes to a temporary directory beside the target, renamed into place at the end;
 on any error it is removed, so a failed conversion leaves nothing behind.
 
 NeMo checkpoint layout (what `llm.import_ckpt` writes): ``<dir>/weights`` = Megatron ``torch_dist``
 distributed checkpoint with keys ``module.<GPTModel state-dict name>`` (loads at any TP/PP/EP),
 ``<dir>/context`` = NeMo's serialised `Qwen3NextModel` (config + tokenizer), and ``<dir>/extra``
-(written by this converter; the model never reads it): ``mtp.safetensors`` = the HF ``mtp.*``
-tensors byte for byte (our Megatron model has no MTP block yet), ``hf_config.json`` = the input
-config.json fields the core config does not produce (e.g. ``num_nextn_predict_layers``,
-``bos_token_id``). Export writes both back, so an HF -> NeMo -> HF round trip keeps them.
+(written by this converter; the model never reads it): ``hf_config.json`` = the input config.json
+(e.g. ``bos_token_id``), and only for a checkpoint whose config.json names no MTP layer (or one
+converted before the MTP block existed) ``mtp.safetensors`` = its ``mtp.*`` tensors byte for byte.
+Export writes both back, so an HF -> NeMo -> HF round trip keeps them. With
+``num_nextn_predict_layers: 1`` the ``mtp.*`` tensors are ordinary model tensors (``mtp.layers.0.*`` in
+``weights/``, see `modules/mtp.py`), TP/PP/EP-independent like the rest.
 """
 
 from __future__ import annotations
@@ -118,7 +121,7 @@ def core_config_from_hf_dir(hf_dir: str, dtype: torch.dtype) -> Qwen3NextConfig:
             cfg = Qwen3NextConfig.from_hf(_read_hf_config(hf_dir), **_dtype_kw(dtype))
         except ConfigError as e:
             raise ConversionError(f"{path}: {e}") from None
-    return cfg.replace(mtp_num_layers=None)  # no MTP block: `mtp.*` weights are carried in extra/
+    return cfg  # num_nextn_predict_layers -> mtp_num_layers: `mtp.*` map into the MTP block
 
 
 def _dtype_kw(dtype):
