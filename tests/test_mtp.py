@@ -120,3 +120,73 @@ def test_mtp_loss_is_next_next_token_cross_entropy(ckpt, ours):
     (loss * mask).sum().backward()
     g = ours.mtp.layers[0].eh_proj.weight.grad
     assert g is not None and g.abs().sum() > 0
+
+
+def test_mtp_forward_flops_match_the_flop_counter(ckpt, ours, monkeypatch):
+    """`training.flops`' ``mtp`` term = what torch's FLOP counter measures for the block over a sequence
+    (fc, gated attention with naive full-matrix scores, routed + shared experts, router, LM head)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from nemo_qwen3_next.modules.mtp import hidden_before_final_norm, mtp_logits_reference
+    from nemo_qwen3_next.training.flops import forward_flops_per_token
+
+    from test_pretrain_config import _naive_sdpa as naive_sdpa  # plain-matmul attention the counter sees
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", naive_sdpa)
+    ids = ckpt["ids"]
+    b, s = ids.shape
+    hidden = hidden_before_final_norm(ours, ids)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        mtp_logits_reference(ours, hidden, torch.roll(ids, -1, 1))
+    measured = sum(counter.get_flop_counts()["Global"].values())
+    c = ours.config
+    mtp = forward_flops_per_token(c, s)["mtp"]
+    n, d = c.num_attention_heads, c.kv_channels
+    causal_core, full_core = 2 * 2 * n * d * (s + 1) / 2, 2 * 2 * n * d * s  # we count causal, naive does all
+    assert measured == pytest.approx((mtp - causal_core + full_core) * b * s, rel=1e-6)
+
+
+def _pretrain_mtp_helpers():
+    import test_pretrain_train as tp  # tests/ is on sys.path under pytest
+
+    return tp
+
+
+def test_pretraining_with_mtp_both_losses_fall_and_resume_is_exact(tmp_path):
+    """The tiny model with ``model.mtp_num_layers=1``: the LM loss and the logged MTP loss both fall;
+    a run stopped at its step-6 checkpoint and rerun gives the same steps 7-12 (both losses)."""
+    import shutil
+    import sys
+
+    tp = _pretrain_mtp_helpers()
+    steps, every = 12, 6
+
+    def args(run_dir):
+        return [f"run_dir={run_dir}", f"data.cache_dir={tmp_path / 'data'}", f"trainer.max_steps={steps}",
+                f"checkpoint.every_n_steps={every}", "trainer.val_check_interval=1000", "optim.warmup_steps=2",
+                "data.micro_batch_size=8", "model.mtp_num_layers=1", "model.mtp_loss_scaling_factor=0.3"]
+
+    ref_dir = tmp_path / "ref"
+    out = tp._run([sys.executable, tp.PRETRAIN, *args(ref_dir)], cwd=tmp_path).stdout
+    rec = tp._losses(ref_dir)
+    assert sorted(rec) == list(range(1, steps + 1))
+    assert all("mtp_loss" in r for r in rec.values()), rec[1]
+    first, last = rec[1], {k: sum(rec[s][k] for s in range(steps - 2, steps + 1)) / 3 for k in ("loss", "mtp_loss")}
+    assert last["loss"] < first["loss"] - 1.0 and last["mtp_loss"] < first["mtp_loss"] - 1.0, (first, last)
+    assert f"mtp loss {rec[steps]['mtp_loss']:.4f}" in out
+
+    stopped = tmp_path / "stopped"
+    shutil.copytree(ref_dir, stopped)
+    ckpts = stopped / "checkpoints"
+    (kept,) = [d for d in ckpts.iterdir() if d.name.startswith(f"step={every - 1}-") and not d.name.endswith("last")]
+    for d in ckpts.iterdir():
+        if d != kept:
+            shutil.rmtree(d)
+    kept.rename(ckpts / (kept.name + "-last"))
+    out = tp._run([sys.executable, tp.PRETRAIN, *args(stopped)], cwd=tmp_path).stdout
+    assert f"resuming {stopped} from step {every} " in out, out[:2000]
+    got = tp._losses(stopped)
+    for s in range(every + 1, steps + 1):
+        for k in ("loss", "mtp_loss"):
+            assert got[s][k] == pytest.approx(rec[s][k], abs=tp.RESUME_ATOL), (s, k)

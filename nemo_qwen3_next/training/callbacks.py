@@ -116,7 +116,7 @@ class TrainingMetrics(Callback):
     def __init__(self, run_dir: str, tokens_per_step: int, flops_per_step: float, log_every_n_steps: int = 1,
                  metrics_file: str = "metrics.jsonl", moe_layers: int = 0, num_experts: int = 0,
                  loss_curve_png: bool = True, warmup_steps: int = 5, print_lines: bool = True,
-                 title: str = "", model_line=None, on_end=None):
+                 title: str = "", model_line=None, on_end=None, mtp_layers: int = 0):
         self.run_dir = run_dir
         self.out_dir = os.path.join(run_dir, "metrics")
         self.path = os.path.join(self.out_dir, metrics_file)
@@ -140,6 +140,8 @@ class TrainingMetrics(Callback):
         self._last_offset: Optional[int] = None  # where the last written record starts in metrics.jsonl
         self._logged_step: Optional[int] = None  # step of the last record (known on every rank)
         self._val: Optional[tuple] = None  # (step, val_loss) of the latest validation
+        self.mtp_layers = mtp_layers  # MTP depths whose loss is logged (`modules.mtp.MTPLossTracker`)
+        self._mtp: Dict[int, float] = {}  # the latest step's MTP loss per depth, this rank
 
     # ------------------------------------------------------------------ hooks
     def on_train_start(self, trainer, pl_module):
@@ -163,6 +165,10 @@ class TrainingMetrics(Callback):
             _say(f"first step of this process: {dt:.1f} s")
         self._elapsed += dt
         self._steps += 1
+        if self.mtp_layers:  # one optimizer step's microbatches; read every step, logged like the loss
+            from ..modules.mtp import MTPLossTracker
+
+            self._mtp = {d: float(v) for d, v in MTPLossTracker.pop().items()}
         step = trainer.global_step
         if step % self.every and step < trainer.max_steps:
             return
@@ -230,6 +236,7 @@ class TrainingMetrics(Callback):
         step = trainer.global_step
         record = {"step": step, "loss": self._loss(trainer, outputs), "lr": self._lr(trainer)}
         record = self._from_last_rank(record)  # the loss lives on the last pipeline stage
+        record.update(self._mtp_losses())
         if self._steps:
             secs = self._elapsed / self._steps
             record["step_time_s"] = secs
@@ -254,7 +261,8 @@ class TrainingMetrics(Callback):
         if self.print_lines and "tokens_per_s" in record:
             moe = f" | moe imbalance {record['moe/imbalance_max']:.2f} entropy {record['moe/entropy_mean']:.3f}" \
                 if "moe/imbalance_max" in record else ""
-            _say(f"step {record['step']}/{trainer.max_steps} | loss {record['loss']:.4f} | lr {record['lr']:.3e} | "
+            mtp = f" | mtp loss {record['mtp_loss']:.4f}" if "mtp_loss" in record else ""
+            _say(f"step {record['step']}/{trainer.max_steps} | loss {record['loss']:.4f}{mtp} | lr {record['lr']:.3e} | "
                  f"{record['tokens_per_s']:.0f} tok/s | {record['tflops_per_gpu']:.4f} TFLOP/s/GPU{moe} | "
                  f"eta {format_seconds(record['eta_s'])}")
 
@@ -276,6 +284,23 @@ class TrainingMetrics(Callback):
         if value is None and isinstance(outputs, torch.Tensor):
             value = outputs
         return float(value) if value is not None else float("nan")
+
+    def _mtp_losses(self) -> Dict[str, float]:
+        """``mtp_loss`` (depth 1; ``mtp_<d>_loss`` beyond): the step's MTP loss averaged over data-parallel
+        ranks, from the last pipeline stage (every rank calls this: collectives)."""
+        if not self.mtp_layers:
+            return {}
+        t = torch.tensor([self._mtp.get(d, float("nan")) for d in range(self.mtp_layers)], dtype=torch.float64,
+                         device=_comm_device())
+        world, _ = _world()
+        if world > 1:
+            from megatron.core import parallel_state
+
+            dp = parallel_state.get_data_parallel_group(with_context_parallel=True)
+            dist.all_reduce(t, group=dp)
+            t /= dist.get_world_size(dp)
+            dist.broadcast(t, src=world - 1)
+        return {("mtp_loss" if d == 0 else f"mtp_{d + 1}_loss"): t[d].item() for d in range(self.mtp_layers)}
 
     @staticmethod
     def _lr(trainer) -> float:

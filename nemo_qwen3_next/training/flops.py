@@ -17,6 +17,8 @@ Per layer (h hidden, s sequence, C GDN chunk):
 * MoE: router ``2hE``, top-k routed experts ``k·6·h·f`` (gated: fc1 h→2f, fc2 f→h), shared
   expert ``6·h·f_s`` plus its gate ``2h``; dense MLP ``6·h·F``.
 * LM head ``2·h·V``. Embedding lookups and norms are not counted.
+* MTP (``mtp_num_layers`` = D, `modules/mtp.py`), per depth: ``fc`` 2H→H ``2·2h·h``, one gated
+  full-attention layer with MoE (dense MLP without experts), and the shared LM head again, under ``mtp``.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from ..config import FULL, LINEAR
 
 
 def forward_flops_per_token(config, seq_length: int) -> Dict[str, float]:
-    """Forward FLOPs per token by component (keys: attention, gdn, moe, mlp, lm_head, total)."""
+    """Forward FLOPs per token by component (keys: attention, gdn, moe, mlp, lm_head, [mtp,] total)."""
     c = config
     h = c.hidden_size
     out = {"attention": 0.0, "gdn": 0.0, "moe": 0.0, "mlp": 0.0, "lm_head": 0.0}
@@ -37,27 +39,36 @@ def forward_flops_per_token(config, seq_length: int) -> Dict[str, float]:
     hk, hv = c.linear_num_key_heads, c.linear_num_value_heads
     dk, dv, w, chunk = c.linear_key_head_dim, c.linear_value_head_dim, c.linear_conv_kernel_dim, c.linear_attention_chunk_size
     chunk = min(chunk, seq_length)
+
+    def attention():
+        return 2 * h * (gate * n * d + 2 * g * d) + 2 * n * d * h + 2 * 2 * n * d * (seq_length + 1) / 2
+
+    def moe():
+        e, k, f = c.num_moe_experts, c.moe_router_topk, c.moe_ffn_hidden_size
+        flops = 2 * h * e + k * 6 * h * f
+        if c.moe_shared_expert_intermediate_size:
+            flops += 6 * h * c.moe_shared_expert_intermediate_size
+            if getattr(c, "moe_shared_expert_gate", False):
+                flops += 2 * h
+        return flops
+
     for i in range(c.num_layers):
         kind = c.layer_types[i]
         if kind == FULL:
-            proj = 2 * h * (gate * n * d + 2 * g * d) + 2 * n * d * h
-            core = 2 * 2 * n * d * (seq_length + 1) / 2
-            out["attention"] += proj + core
+            out["attention"] += attention()
         elif kind == LINEAR:
             proj = 2 * h * (2 * hk * dk + 2 * hv * dv + 2 * hv) + 2 * hv * dv * h
             conv = 2 * w * (2 * hk * dk + hv * dv)
             rule = hv * (6 * dk * dv + 2 * chunk * (3 * dk + 2 * dv))
             out["gdn"] += proj + conv + rule
         if c.is_moe_layer(i):
-            e, k, f = c.num_moe_experts, c.moe_router_topk, c.moe_ffn_hidden_size
-            moe = 2 * h * e + k * 6 * h * f
-            if c.moe_shared_expert_intermediate_size:
-                moe += 6 * h * c.moe_shared_expert_intermediate_size
-                if getattr(c, "moe_shared_expert_gate", False):
-                    moe += 2 * h
-            out["moe"] += moe
+            out["moe"] += moe()
         else:
             out["mlp"] += 6 * h * c.ffn_hidden_size
+    depth = getattr(c, "mtp_num_layers", None) or 0
+    if depth:
+        mlp = moe() if c.num_moe_experts else 6 * h * c.ffn_hidden_size
+        out["mtp"] = depth * (2 * 2 * h * h + attention() + mlp + 2.0 * h * c.vocab_size)
     out["lm_head"] = 2.0 * h * c.vocab_size
     out["total"] = sum(out.values())
     return out

@@ -244,7 +244,7 @@ def run(cfg: PretrainConfig, label: str = "", kernel_cache: Optional[dict] = Non
         flops_per_step=train_flops_per_step(mcfg, cfg.data.seq_length, cfg.data.global_batch_size),
         log_every_n_steps=cfg.logging.log_every_n_steps,
         metrics_file=cfg.logging.metrics_file,
-        moe_layers=mcfg.num_layers if (moe_layers and cfg.logging.moe_metrics) else 0,
+        moe_layers=mcfg.num_layers + (mcfg.mtp_num_layers or 0) if (moe_layers and cfg.logging.moe_metrics) else 0,
         num_experts=(mcfg.num_moe_experts or 0) if cfg.logging.moe_metrics else 0,
         loss_curve_png=cfg.logging.loss_curve_png,
         warmup_steps=cfg.logging.timing_warmup_steps,
@@ -252,6 +252,7 @@ def run(cfg: PretrainConfig, label: str = "", kernel_cache: Optional[dict] = Non
         title=f"{label or 'Qwen3-Next'} | run {cfg.name}",
         model_line=model_line(mcfg, label or cfg.name, cfg),
         on_end=(lambda: [kernel_cache_report(kernel_cache)]) if kernel_cache else None,
+        mtp_layers=mcfg.mtp_num_layers or 0,
     )
     if kernel_cache and rank0 and (not cpu or cfg.logging.verbose):
         from ..kernel_cache import describe
