@@ -47,21 +47,22 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from nemo_qwen3_next.checkpoint.cli import quiet
 
-    with quiet(not args.debug):  # megatron-core's import warnings
-        import torch
+    from nemo_qwen3_next.checkpoint import CheckpointError
+    from nemo_qwen3_next.field_checks import ConfigError
+    from nemo_qwen3_next.inference.checks import check_sampling, check_speculative, layout
 
-        from nemo_qwen3_next.config import ConfigError
-        from nemo_qwen3_next.inference import stream
-        from nemo_qwen3_next.inference.load import CheckpointError, layout, load_for_generation
-        from nemo_qwen3_next.inference.sampling import check_sampling
-        from nemo_qwen3_next.inference.speculative import check_speculative
     try:
-        check_sampling(args.temperature, args.top_k, args.top_p)  # cheap checks before the model loads
+        check_sampling(args.temperature, args.top_k, args.top_p)  # stdlib checks before torch is imported
         if args.speculative is not None:
             check_speculative(args.speculative, args.temperature, 1)
         layout(args.checkpoint)
         if not args.prompt:
             raise ValueError("--prompt is empty")
+        with quiet(not args.debug):  # megatron-core's import warnings
+            import torch
+
+            from nemo_qwen3_next.inference import stream
+            from nemo_qwen3_next.inference.load import load_for_generation
         dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, None: None}[args.dtype]
         with quiet(not args.debug):
             model, codec = load_for_generation(args.checkpoint, args.device, dtype, args.tokenizer)

@@ -27,6 +27,7 @@ pytest.importorskip("transformers")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 H2N = os.path.join(ROOT, "examples", "convert_hf_to_nemo.py")
 N2H = os.path.join(ROOT, "examples", "convert_nemo_to_hf.py")
+GEN = os.path.join(ROOT, "examples", "generate.py")
 ENV = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
 ENV.update(TORCHDYNAMO_DISABLE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
 ST = "model.safetensors"
@@ -207,6 +208,18 @@ CLI = {
     "config_missing": _damaged_hf(_rm("config.json"), "config.json does not exist"),
     "config_other_model_type": _damaged_hf(lambda d: _edit_config(d, model_type="llama"), "model_type = 'llama'"),
     # CLI misuse
+    # examples/generate.py: settings and the checkpoint layout checked before torch is imported
+    "gen_top_p_above_one": (GEN, lambda hf, nemo, out: ["--checkpoint", hf, "--prompt", "a", "--top-p", "1.5"],
+                            "top_p = 1.5"),
+    "gen_negative_temperature": (GEN, lambda hf, nemo, out: ["--checkpoint", hf, "--prompt", "a",
+                                                             "--temperature", "-1"], "temperature = -1"),
+    "gen_missing_checkpoint": (GEN, lambda hf, nemo, out: ["--checkpoint", hf + "_nope", "--prompt", "a"],
+                               "hf_nope: unknown checkpoint layout"),
+    "gen_unknown_layout": (GEN, lambda hf, nemo, out: ["--checkpoint", os.path.dirname(hf), "--prompt", "a"],
+                           "unknown checkpoint layout"),
+    "gen_empty_prompt": (GEN, lambda hf, nemo, out: ["--checkpoint", hf, "--prompt", ""], "--prompt is empty"),
+    "gen_speculative_sampling": (GEN, lambda hf, nemo, out: ["--checkpoint", hf, "--prompt", "a", "--speculative",
+                                                             "2", "--temperature", "0.7"], "greedy only"),
     "cli_no_arguments": (H2N, lambda hf, nemo, out: [], "--input"),
     "cli_unknown_option": (H2N, lambda hf, nemo, out: _hf_args(hf, nemo, out, "--fast"), "--fast"),
     "cli_bad_dtype": (H2N, lambda hf, nemo, out: _hf_args(hf, nemo, out, "--dtype", "fp8"), "--dtype"),

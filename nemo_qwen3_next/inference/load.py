@@ -20,6 +20,8 @@ from typing import List, Optional
 
 import torch
 
+from .checks import layout  # noqa: F401 (stdlib-only home, re-exported)
+
 from ..checkpoint import CheckpointError  # stdlib-only: the CLI checks the layout before heavy imports
 
 CONF_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "conf")
@@ -39,26 +41,6 @@ class Codec:
 
     def decode(self, ids: List[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True) if self.hf else self.tokenizer.ids_to_text(ids)
-
-
-def layout(path: str) -> str:
-    """``"hf"``, ``"nemo"``, ``"pretrain"`` or ``"pretrain_run"``; `CheckpointError` otherwise."""
-    has = lambda *p: os.path.exists(os.path.join(path, *p))  # noqa: E731
-    if os.path.isdir(path):
-        if has("config.json") and (any(f.endswith(".safetensors") for f in os.listdir(path))
-                                   or has("model.safetensors.index.json")):
-            return "hf"
-        if has("context") and has("weights"):
-            return "nemo"
-        if has("weights", "metadata.json") and has("..", "..", "cmd-args.log"):
-            return "pretrain"
-        if has("checkpoints") and has("cmd-args.log"):
-            return "pretrain_run"
-    raise CheckpointError(
-        f"{path}: unknown checkpoint layout; give a Hugging Face directory (config.json + *.safetensors), "
-        "a NeMo 2 checkpoint (context/ + weights/), or an examples/pretrain.py run directory or one of its "
-        "checkpoints/<name> directories"
-    )
 
 
 def load_for_generation(path: str, device: Optional[str] = None, dtype: Optional[torch.dtype] = None,

@@ -12,15 +12,7 @@ from typing import Optional
 
 import torch
 
-
-def check_sampling(temperature: float, top_k: Optional[int], top_p: Optional[float]) -> None:
-    """One-line errors for settings outside their definitions."""
-    if temperature < 0:
-        raise ValueError(f"temperature = {temperature}: use 0 (greedy) or a positive value")
-    if top_k is not None and (int(top_k) != top_k or top_k < 1):
-        raise ValueError(f"top_k = {top_k}: use a positive integer or None")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p = {top_p}: must lie in (0, 1]")
+from .checks import check_sampling  # noqa: F401 (stdlib-only home, re-exported)
 
 
 def filter_logits(logits: torch.Tensor, top_k: Optional[int] = None, top_p: Optional[float] = None) -> torch.Tensor:

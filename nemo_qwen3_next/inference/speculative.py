@@ -40,6 +40,8 @@ from typing import Iterator, List, Optional
 
 import torch
 
+from .checks import check_speculative  # noqa: F401 (stdlib-only home, re-exported)
+
 from .cuda_graph import GraphedStep
 from .forward import Batch, _add, attention_forward, forward
 from .state import GDNSlot, KVSlot
@@ -86,18 +88,6 @@ class SpeculativeStats:
     def __str__(self) -> str:
         return (f"speculative: {self.accepted}/{self.drafted} drafted tokens accepted "
                 f"({100 * self.acceptance_rate:.1f} %), {self.tokens_per_round:.2f} tokens per verify forward")
-
-
-def check_speculative(k, temperature: float, batch: int) -> None:
-    """One-line errors for speculation settings this implementation does not cover."""
-    if int(k) != k or k < 1:
-        raise ValueError(f"speculative_k = {k}: use a positive integer (tokens drafted per round) or None")
-    if temperature != 0:
-        raise ValueError(f"speculative decoding is greedy only: temperature = {temperature}, use 0 or "
-                         "speculative_k=None")
-    if batch != 1:
-        raise ValueError(f"speculative decoding supports batch 1: got {batch} prompts; generate them one by one "
-                         "or use speculative_k=None")
 
 
 def accept_count(drafts: torch.Tensor, greedy: torch.Tensor) -> torch.Tensor:
