@@ -48,8 +48,8 @@ def main(argv=None) -> int:
     from nemo_qwen3_next.checkpoint.cli import quiet
 
     from nemo_qwen3_next.checkpoint import CheckpointError
-    from nemo_qwen3_next.field_checks import ConfigError
-    from nemo_qwen3_next.inference.checks import check_sampling, check_speculative, layout
+    from nemo_qwen3_next.checkpoint.layout import layout
+    from nemo_qwen3_next.field_checks import ConfigError, check_sampling, check_speculative
 
     try:
         check_sampling(args.temperature, args.top_k, args.top_p)  # stdlib checks before torch is imported

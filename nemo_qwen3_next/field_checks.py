@@ -1,9 +1,9 @@
 """`ConfigError` and `check_field`: the one-line field checks shared by the model config and the
-pretraining config. Stdlib only, so the CLIs check values before megatron-core (~3 s) is imported."""
+pretraining config; also the generation settings' checks (`check_sampling`, `check_speculative`). Stdlib only, so the CLIs check values before megatron-core (~3 s) is imported."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 
 class ConfigError(ValueError):
@@ -50,3 +50,26 @@ def check_field(name: str, value: Any, kind: str, where: str = "") -> None:
     if not ok:
         what = _KIND_TEXT[base] + (" or null" if kind.endswith("?") else "")
         raise ConfigError(f"{where}{name} = {value!r} ({type(value).__name__}) must be {what}; fix {name}.")
+
+
+# --- generation settings (examples/generate.py checks them before torch is imported)
+def check_sampling(temperature: float, top_k: Optional[int], top_p: Optional[float]) -> None:
+    """One-line errors for settings outside their definitions."""
+    if temperature < 0:
+        raise ValueError(f"temperature = {temperature}: use 0 (greedy) or a positive value")
+    if top_k is not None and (int(top_k) != top_k or top_k < 1):
+        raise ValueError(f"top_k = {top_k}: use a positive integer or None")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p = {top_p}: must lie in (0, 1]")
+
+
+def check_speculative(k, temperature: float, batch: int) -> None:
+    """One-line errors for speculation settings this implementation does not cover."""
+    if int(k) != k or k < 1:
+        raise ValueError(f"speculative_k = {k}: use a positive integer (tokens drafted per round) or None")
+    if temperature != 0:
+        raise ValueError(f"speculative decoding is greedy only: temperature = {temperature}, use 0 or "
+                         "speculative_k=None")
+    if batch != 1:
+        raise ValueError(f"speculative decoding supports batch 1: got {batch} prompts; generate them one by one "
+                         "or use speculative_k=None")

@@ -20,7 +20,7 @@ from typing import List, Optional
 
 import torch
 
-from .checks import layout  # noqa: F401 (stdlib-only home, re-exported)
+from ..checkpoint.layout import layout  # noqa: F401 (stdlib-only home, re-exported)
 
 from ..checkpoint import CheckpointError  # stdlib-only: the CLI checks the layout before heavy imports
 

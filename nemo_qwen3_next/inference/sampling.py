@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from .checks import check_sampling  # noqa: F401 (stdlib-only home, re-exported)
+from ..field_checks import check_sampling  # noqa: F401 (stdlib-only home, re-exported)
 
 
 def filter_logits(logits: torch.Tensor, top_k: Optional[int] = None, top_p: Optional[float] = None) -> torch.Tensor:

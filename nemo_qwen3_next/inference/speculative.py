@@ -40,7 +40,7 @@ from typing import Iterator, List, Optional
 
 import torch
 
-from .checks import check_speculative  # noqa: F401 (stdlib-only home, re-exported)
+from ..field_checks import check_speculative  # noqa: F401 (stdlib-only home, re-exported)
 
 from .cuda_graph import GraphedStep
 from .forward import Batch, _add, attention_forward, forward
