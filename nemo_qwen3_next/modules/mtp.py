@@ -255,14 +255,18 @@ def mtp_postprocess(model, super_postprocess, hidden_states, input_ids, position
                     extra_block_kwargs=None, **rest):
     """`GPTModel._postprocess` with MTP (see the module doc). Without labels: the main logits only."""
     rest.pop("mtp_in_postprocess", None)
-    if labels is None or not model.post_process:
+
+    def main_postprocess(hidden):  # megatron's own, with the MTP block switched off
         with _mtp_disabled(model):
-            return super_postprocess(hidden_states=hidden_states, input_ids=input_ids, position_ids=position_ids,
+            return super_postprocess(hidden_states=hidden, input_ids=input_ids, position_ids=position_ids,
                                      labels=labels, rotary_pos_emb=rotary_pos_emb, rotary_pos_cos=rotary_pos_cos,
                                      rotary_pos_sin=rotary_pos_sin, mtp_in_postprocess=False, loss_mask=loss_mask,
                                      attention_mask=attention_mask, inference_params=inference_params,
                                      packed_seq_params=packed_seq_params, sequence_len_offset=sequence_len_offset,
                                      extra_block_kwargs=extra_block_kwargs, **rest)
+
+    if labels is None or not model.post_process:
+        return main_postprocess(hidden_states)
     cfg = model.config
     n = cfg.mtp_num_layers
     stacked = model.mtp(input_ids=input_ids, position_ids=position_ids, hidden_states=hidden_states,
@@ -295,10 +299,4 @@ def mtp_postprocess(model, super_postprocess, hidden_states, input_ids, position
             hidden_states = MTPLossAutoScaler.apply(hidden_states, scale * loss)
         else:
             hidden_states = MTPLossAutoScaler.apply(hidden_states, scale * loss / num_tokens)
-    with _mtp_disabled(model):
-        return super_postprocess(hidden_states=hidden_states, input_ids=input_ids, position_ids=position_ids,
-                                 labels=labels, rotary_pos_emb=rotary_pos_emb, rotary_pos_cos=rotary_pos_cos,
-                                 rotary_pos_sin=rotary_pos_sin, mtp_in_postprocess=False, loss_mask=loss_mask,
-                                 attention_mask=attention_mask, inference_params=inference_params,
-                                 packed_seq_params=packed_seq_params, sequence_len_offset=sequence_len_offset,
-                                 extra_block_kwargs=extra_block_kwargs, **rest)
+    return main_postprocess(hidden_states)
