@@ -298,13 +298,11 @@ def _tp_worker(out_path):
     torch.distributed.barrier()
 
 
-def test_tp2_sp_stacked_equals_tp1_unstacked(tmp_path):
-    """TP=2+SP with the switch on (loop and grouped GEMMs) = TP=1 per-expert model: loss, logits, and
-    each rank's stacked expert gradient = its TP shard of the TP=1 per-expert gradients."""
-    from nemo_qwen3_next.sharding import shard_tensor
-
-    out = tmp_path / "tp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone", __file__, str(out)]
+def _two_ranks_and_reference(out, *flags):
+    """Run this file's worker on 2 ranks (writing `out`.<rank>), and the one-process per-expert reference
+    on the same weights and batch: (out, reference model, logits, loss, parameter grads)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone", __file__,
+           str(out), *flags]
     env = dict(os.environ, TORCHDYNAMO_DISABLE="1", OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -315,7 +313,15 @@ def test_tp2_sp_stacked_equals_tp1_unstacked(tmp_path):
     logits = ref(ids, torch.arange(38).unsqueeze(0).expand_as(ids), None)
     loss = _lm_loss(logits, ids)
     loss.backward()
-    ref_grads = {n: p.grad for n, p in ref.named_parameters()}
+    return out, ref, logits, loss, {n: p.grad for n, p in ref.named_parameters()}
+
+
+def test_tp2_sp_stacked_equals_tp1_unstacked(tmp_path):
+    """TP=2+SP with the switch on (loop and grouped GEMMs) = TP=1 per-expert model: loss, logits, and
+    each rank's stacked expert gradient = its TP shard of the TP=1 per-expert gradients."""
+    from nemo_qwen3_next.sharding import shard_tensor
+
+    out, _, logits, loss, ref_grads = _two_ranks_and_reference(tmp_path / "tp")
     checked = 0
     for rank in range(2):
         got = torch.load(f"{out}.{rank}")
@@ -409,20 +415,7 @@ def _ep_worker(out_path):
 def test_ep2_stacked_equals_one_process(tmp_path):
     """Expert parallel (EP=2, half the experts per rank, stacked) = one process with all experts: logits,
     loss, and every expert's gradient (twice the one-process one: both ranks send the same batch)."""
-    out = tmp_path / "ep"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone", __file__,
-           str(out), "--ep"]
-    env = dict(os.environ, TORCHDYNAMO_DISABLE="1", OMP_NUM_THREADS="1")
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    hf = random_hf_model(tiny_hf_config(), seed=1)
-    ref = load_hf(hf, backend="local", linear_attention_chunk_size=16)
-    torch.manual_seed(3)
-    ids = torch.randint(0, 256, (2, 38))
-    logits = ref(ids, torch.arange(38).unsqueeze(0).expand_as(ids), None)
-    loss = _lm_loss(logits, ids)
-    loss.backward()
-    ref_grads = {n: p.grad for n, p in ref.named_parameters()}
+    out, ref, logits, loss, ref_grads = _two_ranks_and_reference(tmp_path / "ep", "--ep")
     seen = set()
     for rank in range(2):
         got = torch.load(f"{out}.{rank}")
