@@ -28,17 +28,22 @@ def main(nemo_dir, ids_path, out_path, save_dir=None):
     if dist.get_rank() == 0:
         torch.save(logits, out_path)
     if save_dir:
-        from megatron.core import dist_checkpointing
-
-        from nemo_qwen3_next.nemo.convert import NEMO_SHARDED_METADATA, PREFIX
-
-        sharded = model.module.sharded_state_dict(prefix=PREFIX, metadata=dict(NEMO_SHARDED_METADATA))
-        if dist.get_rank() == 0:
-            os.makedirs(save_dir, exist_ok=True)
-        dist.barrier()
-        dist_checkpointing.save(sharded, save_dir, content_metadata=dict(NEMO_SHARDED_METADATA))
+        save_tp_sharded(model.module, save_dir)
     dist.barrier()
     dist.destroy_process_group()
+
+
+def save_tp_sharded(module, save_dir):
+    """The TP-sharded model saved with Megatron's own `dist_checkpointing.save`, keys as NeMo writes them."""
+    from megatron.core import dist_checkpointing
+
+    from nemo_qwen3_next.nemo.convert import NEMO_SHARDED_METADATA, PREFIX
+
+    sharded = module.sharded_state_dict(prefix=PREFIX, metadata=dict(NEMO_SHARDED_METADATA))
+    if dist.get_rank() == 0:
+        os.makedirs(save_dir, exist_ok=True)
+    dist.barrier()
+    dist_checkpointing.save(sharded, save_dir, content_metadata=dict(NEMO_SHARDED_METADATA))
 
 
 if __name__ == "__main__":

@@ -17,11 +17,10 @@ import torch.distributed as dist  # noqa: E402
 
 
 def main(nemo_dir, ids_path, out_path, save_dir):
-    from megatron.core import dist_checkpointing
+    from convert_tp2_worker import save_tp_sharded  # the sibling worker (this script's directory)
 
     from nemo_qwen3_next.modules.mtp import MTPLossTracker, hidden_before_final_norm, mtp_logits_reference
     from nemo_qwen3_next.nemo import load_nemo
-    from nemo_qwen3_next.nemo.convert import NEMO_SHARDED_METADATA, PREFIX
 
     tp = int(os.environ["WORLD_SIZE"])
     model = load_nemo(nemo_dir, tp=tp, parallel_output=False).module.eval()
@@ -35,11 +34,7 @@ def main(nemo_dir, ids_path, out_path, save_dir):
     mtp_loss = MTPLossTracker.pop()[0]
     if dist.get_rank() == 0:
         torch.save(dict(logits=logits, mtp_loss=mtp_loss), out_path)
-    sharded = model.sharded_state_dict(prefix=PREFIX, metadata=dict(NEMO_SHARDED_METADATA))
-    if dist.get_rank() == 0:
-        os.makedirs(save_dir, exist_ok=True)
-    dist.barrier()
-    dist_checkpointing.save(sharded, save_dir, content_metadata=dict(NEMO_SHARDED_METADATA))
+    save_tp_sharded(model, save_dir)
     dist.barrier()
     dist.destroy_process_group()
 
