@@ -156,7 +156,6 @@ def _pretrain_mtp_helpers():
 def test_pretraining_with_mtp_both_losses_fall_and_resume_is_exact(tmp_path):
     """The tiny model with ``model.mtp_num_layers=1``: the LM loss and the logged MTP loss both fall;
     a run stopped at its step-6 checkpoint and rerun gives the same steps 7-12 (both losses)."""
-    import shutil
     import sys
 
     tp = _pretrain_mtp_helpers()
@@ -176,14 +175,7 @@ def test_pretraining_with_mtp_both_losses_fall_and_resume_is_exact(tmp_path):
     assert last["loss"] < first["loss"] - 1.0 and last["mtp_loss"] < first["mtp_loss"] - 1.0, (first, last)
     assert f"mtp loss {rec[steps]['mtp_loss']:.4f}" in out
 
-    stopped = tmp_path / "stopped"
-    shutil.copytree(ref_dir, stopped)
-    ckpts = stopped / "checkpoints"
-    (kept,) = [d for d in ckpts.iterdir() if d.name.startswith(f"step={every - 1}-") and not d.name.endswith("last")]
-    for d in ckpts.iterdir():
-        if d != kept:
-            shutil.rmtree(d)
-    kept.rename(ckpts / (kept.name + "-last"))
+    stopped = tp._stopped_at_first_checkpoint(ref_dir, tmp_path / "stopped", every)
     out = tp._run([sys.executable, tp.PRETRAIN, *args(stopped)], cwd=tmp_path).stdout
     assert f"resuming {stopped} from step {every} " in out, out[:2000]
     got = tp._losses(stopped)

@@ -205,12 +205,12 @@ def test_tp2_sp_reproduces_single_process_curve(reference, workdir):
     assert rec[1]["loss"] == pytest.approx(ref[1]["loss"], abs=1e-4)  # same initial weights
 
 
-def _stopped_at_first_checkpoint(run_dir, copy_dir):
-    """`run_dir` as a run stopped after its first checkpoint leaves it: the step-8 checkpoint is the
+def _stopped_at_first_checkpoint(run_dir, copy_dir, every=EVERY):
+    """`run_dir` as a run stopped after its first checkpoint leaves it: the step-`every` checkpoint is the
     ``-last`` one (the directory NeMo resumes from), the later ones are gone."""
     shutil.copytree(run_dir, copy_dir)
     ckpts = copy_dir / "checkpoints"
-    (first,) = [d for d in ckpts.iterdir() if d.name.startswith(f"step={EVERY - 1}-") and not d.name.endswith("last")]
+    (first,) = [d for d in ckpts.iterdir() if d.name.startswith(f"step={every - 1}-") and not d.name.endswith("last")]
     for d in ckpts.iterdir():
         if d != first:
             shutil.rmtree(d)
