@@ -20,9 +20,10 @@ How it stays exact and safe:
   parallelism, no packed sequences or dense masks, no recompute inside the mixer, no attention dropout.
   Anything else runs the eager path, and ``kernels_used()`` shows ``mixer_graphs:<why not>`` once.
 
-The parameters must not be re-allocated after capture (``.to()``, ``load_state_dict(assign=True)``):
-the graphs read their storage; in-place updates (optimizer steps, ``load_state_dict``) are fine. A
-data-pointer check re-captures if they were re-allocated.
+The graphs read the parameters' storage: in-place updates (optimizer steps, ``load_state_dict``) are
+seen; a parameter moved or replaced after capture (``.to()``, ``load_state_dict(assign=True)``) is
+caught by comparing the mixer's current parameters' data pointers with the captured ones, and that
+shape is captured again.
 """
 
 from __future__ import annotations
@@ -69,11 +70,11 @@ class _Graph:
 
     def __init__(self, fn: Callable, inputs: Sequence[torch.Tensor], params: List[torch.nn.Parameter],
                  warmup: int = 2):
-        self.params = params
         self.ptrs = [p.data_ptr() for p in params]
         self.static_in = [t.detach().clone().requires_grad_(t.requires_grad) for t in inputs]
+        self.needs = [t.requires_grad for t in self.static_in]  # part of the cache key: fixed per graph
         diff = [t for t in self.static_in if t.requires_grad] + params
-        self.n_in_grad = sum(t.requires_grad for t in self.static_in)
+        self.n_in_grad = sum(self.needs)
 
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -94,8 +95,10 @@ class _Graph:
         self.static_grads = grads
         self.pending = False
 
-    def valid(self) -> bool:
-        return all(p.data_ptr() == q for p, q in zip(self.params, self.ptrs))
+    def valid(self, params: List[torch.nn.Parameter]) -> bool:
+        """Whether the mixer's current parameters still live where the graph reads them (a `.to()` or an
+        assigning `load_state_dict` moves or replaces them)."""
+        return [p.data_ptr() for p in params] == self.ptrs
 
 
 class _Replay(torch.autograd.Function):
@@ -108,7 +111,6 @@ class _Replay(torch.autograd.Function):
         graph.fwd.replay()
         graph.pending = True
         ctx.graph = graph
-        ctx.needs = [t.requires_grad for t in inputs]
         return graph.static_out.detach()
 
     @staticmethod
@@ -120,7 +122,7 @@ class _Replay(torch.autograd.Function):
         g.bwd.replay()
         g.pending = False
         in_grads = iter(g.static_grads[: g.n_in_grad])
-        grads = [next(in_grads) if need else None for need in ctx.needs]
+        grads = [next(in_grads) if need else None for need in g.needs]
         # parameter grads are copied: autograd may keep the returned tensor as `.grad`
         grads += [None if t is None else t.clone() for t in g.static_grads[g.n_in_grad:]]
         return (None, *grads)
@@ -138,7 +140,7 @@ class MixerGraphs:
         if key in self._graphs and self._graphs[key] is None:
             return None
         g = self._graphs.get(key)
-        if g is not None and not g.valid():
+        if g is not None and not g.valid(params):
             del self._graphs[key], g  # parameters were re-allocated: capture again
             g = None
         if g is None:
