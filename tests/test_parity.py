@@ -105,3 +105,18 @@ def test_packed_sequences_equal_separate_documents():
         for d, start, n in zip(docs, cu[:-1].tolist(), lens):
             alone = hf(d, use_cache=False).logits
             assert (out[:, start : start + n] - alone).abs().max().item() <= 1e-4
+
+
+def test_one_element_mask_is_causal_attention():
+    """NeMo's mock data sends a `[b, 1, 1, 1]` False mask (its forward step needs one without TE): the model's
+    logits equal HF's unmasked ones, as with a dense causal mask; a True one is refused, never NaN."""
+    hf, ours = _pair("hybrid")
+    ids = torch.randint(0, hf.config.vocab_size, (2, 10))
+    pos = torch.arange(10).unsqueeze(0).expand_as(ids)
+    with torch.no_grad():
+        want = hf(ids).logits
+        dense = ~torch.ones(10, 10, dtype=torch.bool).tril().expand(2, 1, 10, 10)
+        for mask in (torch.zeros(2, 1, 1, 1, dtype=torch.bool), dense):
+            torch.testing.assert_close(ours(ids, pos, mask), want, rtol=1e-5, atol=1e-5)
+        with pytest.raises(RuntimeError, match=r"attention_mask \[b, 1, 1, 1\] is True"):
+            ours(ids, pos, torch.ones(2, 1, 1, 1, dtype=torch.bool))

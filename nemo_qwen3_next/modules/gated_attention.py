@@ -77,6 +77,7 @@ class GatedSelfAttention(SelfAttention):
                 "GatedSelfAttention does not support Megatron inference contexts yet (KV-cache "
                 "generation is planned); run the model without inference_context."
             )
+        attention_mask = _drop_trivial_mask(attention_mask, self.pg_collection.cp.size())
         rope_is_tensor = rotary_pos_emb is None or isinstance(rotary_pos_emb, torch.Tensor)
         if getattr(self.config, "mixer_cuda_graphs", False) and rope_is_tensor and attention_bias is None:
             ropes = () if rotary_pos_emb is None else (rotary_pos_emb,)
@@ -118,3 +119,16 @@ class GatedSelfAttention(SelfAttention):
         if gate is not None:
             out = out * torch.sigmoid(gate)
         return self.linear_proj(out)
+
+
+def _drop_trivial_mask(attention_mask, cp_size: int):
+    """``None`` for a mask of one element per sample (``[b, 1, 1, 1]``): NeMo's forward step needs *some*
+    mask without TransformerEngine, and `training.data.MockDataset` sends one ``False`` (nothing padded).
+    Such a mask can only say "attend causally" (False) or "attend to nothing" (True, a NaN output), so it is
+    dropped after an *asynchronous* device check that it is False: no host sync, no ``[s, s]`` mask per step,
+    SDPA's flash kernel, and the mixer stays CUDA-graphable. Under CP the mask is gathered, so it is kept."""
+    if attention_mask is None or cp_size != 1 or attention_mask.dim() < 2 or attention_mask.shape[-2:] != (1, 1):
+        return attention_mask
+    torch._assert_async(~attention_mask.any(), "attention_mask [b, 1, 1, 1] is True (every key masked): send False, or a dense [b, 1, s, s] mask")
+    return None
+
