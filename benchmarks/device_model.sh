@@ -2,7 +2,7 @@
 # One device call for the whole-model speed work (issue 10): run the named steps, each under its limit.
 # Usage (device, repo root, after the stage-a install call of ../shared/device/README.md):
 #   bash benchmarks/device_model.sh [install] STEP[:SECONDS] ...      (carry .devwheels/b for install)
-# Steps: tests (GPU numerics of the speed paths; GPU_TESTS = other test files), model (ours with lever variants + HF, B=2/1 T=4096,
+# Steps: tests (GPU numerics of the speed paths; GPU_TESTS = other test files), bgtests + wait (the same in the background), warm (compile for gdn/model, untimed), model (ours with lever variants + HF, B=2/1 T=4096,
 # breakdown, profile), second (a new process on the warm machine: time to its first step), gdn (our GDN layer
 # at the acceptance shapes, eager and CUDA-graphed; GDN_IMPLS, GDN_SHAPES), nemo (examples/pretrain.py on the same model, data=mock, NEMO_STEPS steps), wave (GPU tests + the model
 # benchmark with every compile at once, then timed alone), decode (examples/bench_decode.py; DECODE_ARGS), cache (tar of the kernel cache into $OUT). Logs and JSON go to $OUT.
@@ -21,6 +21,10 @@ if [ "${1:-}" = install ]; then
   shift
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .devwheels/b/*.whl || exit 1
 fi
+if [ "${1:-}" = install_anchor ]; then  # carry .devwheels/anchor: megatron-core 0.19.2 for --impls mcore
+  shift
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site-anchor .devwheels/anchor/*.whl || exit 1
+fi
 if [ "${1:-}" = install_nemo ]; then  # carry .devwheels/nemo (benchmarks/stage_nemo_wheels.sh)
   shift
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/nemosite .devwheels/nemo/*.whl || exit 1
@@ -35,13 +39,24 @@ for item in "$@"; do
   s=$(date +%s); echo "===== $step (limit $lim s)"
   case $step in
     tests) timeout -k 5 "$lim" python3 -m pytest -q -s -p no:cacheprovider ${GPU_TESTS:-tests/test_gpu_speed_paths.py} 2>&1 | tee "$OUT/${GPU_TESTS_LOG:-gpu_speed_tests.log}" ;;
+    bgtests) # the GPU tests in the background (their compiles overlap the next steps'); `wait` collects them
+          ( timeout -k 5 "$lim" python3 -m pytest -q -s -p no:cacheprovider ${GPU_TESTS:-tests/test_gpu_speed_paths.py} \
+              > "$OUT/${GPU_TESTS_LOG:-gpu_tests.log}" 2>&1; echo "pytest rc=$?" >> "$OUT/${GPU_TESTS_LOG:-gpu_tests.log}" ) & ;;
+    warm) # compile what the timed gdn/model steps need, beside bgtests (all CPU work, nothing timed); then wait
+          ( timeout -k 5 "$lim" python3 examples/benchmark.py --modules gdn --impls "${GDN_IMPLS:-ours,ours-graphs}" \
+              --shapes "${GDN_SHAPES:-1x4096,4x4096,1x32768}" --anchor-path /tmp/site-anchor --mcore-timeout "$lim" \
+              --rep 1 --warmup 1 ${GDN_EXTRA:-} --out /tmp/warm_gdn.json > "$OUT/warm_gdn.log" 2>&1 ) &
+          ( timeout -k 5 "$lim" python3 examples/benchmark.py --modules model --model-impls ours --shapes "${MODEL_SHAPES:-2x4096}" \
+              --variants "${MODEL_VARIANTS:-fast}" --rep 1 --warmup 1 --no-breakdown --out /tmp/warm_model.json > "$OUT/warm_model.log" 2>&1 ) &
+          wait; tail -2 "$OUT"/warm_*.log "$OUT/${GPU_TESTS_LOG:-gpu_tests.log}" ;;
+    wait) wait; tail -3 "$OUT/${GPU_TESTS_LOG:-gpu_tests.log}" ;;
     model) timeout -k 5 "$lim" python3 examples/benchmark.py --modules model --model-impls "${MODEL_IMPLS:-hf,ours}" --shapes "${MODEL_SHAPES:-2x4096,1x4096}" \
              --variants "${MODEL_VARIANTS:-base,no_fused_ce,no_fast_permute,all_off}" --rep "${MODEL_REP:-10}" \
              --hf-timeout "${HF_TIMEOUT:-240}" --profile "$OUT/h200_model_profile" --out "$OUT/h200_model.json" --visualize 2>&1 | tee "$OUT/model.log" ;;
     second) timeout -k 5 "$lim" python3 examples/benchmark.py --modules model --model-impls ours --shapes 1x4096 \
              --rep 3 --no-breakdown --out "$OUT/h200_model_second_process.json" 2>&1 | tee "$OUT/second.log" ;;
     gdn) timeout -k 5 "$lim" python3 examples/benchmark.py --modules gdn --impls "${GDN_IMPLS:-ours,ours-graphs}" --shapes "${GDN_SHAPES:-1x4096,4x4096,1x32768}" \
-             --rep 10 --out "$OUT/h200_gdn_now.json" 2>&1 | tee "$OUT/gdn.log" ;;
+             --anchor-path /tmp/site-anchor --mcore-timeout "${MCORE_TIMEOUT:-420}" --rep 10 --visualize ${GDN_EXTRA:-} --out "$OUT/h200_gdn_now.json" 2>&1 | tee "$OUT/gdn.log" ;;
     nemo) PYTHONPATH=/tmp/nemosite:$PYTHONPATH timeout -k 10 "$lim" python3 examples/pretrain.py model=qwen3_next_reduced \
              data=mock trainer.precision=bf16-mixed trainer.max_steps=${NEMO_STEPS:-40} trainer.val_check_interval=1000 \
              checkpoint.every_n_steps=1000 checkpoint.save_optim_on_train_end=false run_dir=/tmp/runs/nemo_reduced \
