@@ -8,6 +8,7 @@ built and run outside torchrun, e.g. in a notebook or a test.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 import socket
@@ -121,11 +122,18 @@ _FORWARD_SIG = inspect.signature(GPTModel.forward)
 
 def build_model(config, backend: str = "auto", pre_process: bool = True, post_process: bool = True,
                 vp_stage: Optional[int] = None, parallel_output: bool = True, transformer_layer_spec=None,
-                **gpt_kwargs):
+                device=None, **gpt_kwargs):
     """Megatron `GPTModel` with the Qwen3-Next decoder for `config` (a `Qwen3NextConfig`).
 
     The one recipe (block spec, partial RoPE, (un)tied embeddings) that NeMo's `configure_model`
     uses too; it passes its own resolved `transformer_layer_spec` and extra `GPTModel` arguments.
+
+    ``device`` (opt-in, e.g. ``"cuda"``): every parameter and buffer is created and initialised there.
+    Megatron's own layers already follow ``config.use_cpu_initialization`` (False: made on the current
+    GPU), but what torch makes without a device argument (norms, GDN's ``A_log`` / ``dt_bias`` /
+    ``conv1d``, the MoE router) lands on the CPU and needs a ``.cuda()`` copy; under
+    ``torch.device(device)`` it is made beside the rest. ``"meta"`` (with ``use_cpu_initialization=True``)
+    gives shapes only, e.g. for ``to_empty`` + ``load_state_dict``. ``None`` keeps the placement unchanged.
     """
     apply_cpu_compat()
     if transformer_layer_spec is None:
@@ -135,17 +143,41 @@ def build_model(config, backend: str = "auto", pre_process: bool = True, post_pr
     if "mtp_block_spec" not in kw:  # the MTP block (config.mtp_num_layers) on the last pipeline stage
         mtp_backend = getattr(config, "spec_backend", backend) if backend == "auto" else backend
         kw["mtp_block_spec"] = get_mtp_block_spec(config, get_qwen3_next_layer_spec(config, mtp_backend), vp_stage)
-    return Qwen3NextGPTModel(
-        config=config,
-        transformer_layer_spec=transformer_layer_spec,
-        vocab_size=config.vocab_size,
-        pre_process=pre_process,
-        post_process=post_process,
-        parallel_output=parallel_output,
-        share_embeddings_and_output_weights=config.tie_word_embeddings,
-        position_embedding_type="rope",
-        rotary_percent=config.rotary_percent,
-        rotary_base=config.rotary_base,
-        vp_stage=vp_stage,
-        **kw,
-    )
+    with _construction_device(config, device):
+        return Qwen3NextGPTModel(
+            config=config,
+            transformer_layer_spec=transformer_layer_spec,
+            vocab_size=config.vocab_size,
+            pre_process=pre_process,
+            post_process=post_process,
+            parallel_output=parallel_output,
+            share_embeddings_and_output_weights=config.tie_word_embeddings,
+            position_embedding_type="rope",
+            rotary_percent=config.rotary_percent,
+            rotary_base=config.rotary_base,
+            vp_stage=vp_stage,
+            **kw,
+        )
+
+
+def _construction_device(config, device):
+    """The `torch.device` context `build_model(device=...)` builds under. Megatron's own layers place
+    themselves (``use_cpu_initialization``: the CPU, else the current GPU), so a device they would not
+    follow is one clear error instead of a model split across two devices."""
+    if device is None:
+        return contextlib.nullcontext()
+    dev = torch.device(device)
+    if dev.type not in ("cuda", "cpu", "meta"):
+        raise ValueError(f"build_model(device={device!r}): use 'cuda', 'cpu', 'meta' or None.")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"build_model(device={device!r}): CUDA is not available here; pass device=None or 'cpu'.")
+        if dev.index not in (None, torch.cuda.current_device()):
+            raise ValueError(f"build_model(device={device!r}): Megatron builds on the current GPU "
+                             f"({torch.cuda.current_device()}); call torch.cuda.set_device({dev.index}) first.")
+        return torch.device("cuda", torch.cuda.current_device())
+    if (dev.type == "meta" or torch.cuda.is_available()) and not config.use_cpu_initialization:
+        where = "the GPU" if torch.cuda.is_available() else "the CPU"
+        raise ValueError(f"build_model(device={device!r}) with use_cpu_initialization=False: Megatron makes its "
+                         f"layers on {where}; set use_cpu_initialization=True.")
+    return dev
