@@ -7,10 +7,12 @@ vocab 151936) and ``--model-layers`` layers (default 4 = 3 GDN + 1 gated attenti
 
 One training step = forward, per-token loss, mean, backward (gradients set to None first; no
 optimizer), bf16, random token ids, labels = the ids shifted by one. ``ours`` is
-``nq.build_model(..., backend="local")`` (kernel path); ``hf`` is transformers'
+``nq.build_model(..., backend="local", device="cuda")`` (kernel path, every parameter made and initialised
+on the GPU); ``hf`` is transformers'
 ``Qwen3NextForCausalLM`` in a child process (its own CUDA context, so peak memory is its own).
 Reported: median step ms over ``--rep`` steps after ``--warmup``, tokens/s, achieved TFLOP/s and
-MFU, peak allocated memory, and for ours a per-module breakdown.
+MFU, peak allocated memory, and for ours a per-module breakdown and where the process's start went
+(``imports_done`` / ``model_built`` / ``first_step_done_s_after_process_start``: seconds since the process began).
 
 FLOP model (`nemo_qwen3_next.training.flops.forward_flops_per_token`, x3 for forward + backward):
 matmuls 2·in·out per token; GDN chunk rule Hv·(6·Dk·Dv + 2·C·(3·Dk + 2·Dv)) and its conv; causal
@@ -193,7 +195,10 @@ def run_ours(args, B, T, variant: str):
     torch.cuda.reset_peak_memory_stats()
     cfg = reduced_config(args.model_layers, args.experts, **VARIANTS[variant])
     torch.manual_seed(0)
-    model = nq.build_model(cfg, backend="local").cuda()
+    t0 = time.perf_counter()
+    model = nq.build_model(cfg, backend="local", device="cuda")
+    torch.cuda.synchronize()
+    build_s, built = time.perf_counter() - t0, process_age_s()
     ids, labels = _batch(B, T)
     pos = torch.arange(T, device="cuda")[None].expand(B, T)
 
@@ -219,8 +224,10 @@ def run_ours(args, B, T, variant: str):
     torch.cuda.synchronize()
     first, since_start = time.perf_counter() - t0, process_age_s()
     times, _ = step_times(step, args.warmup, args.rep)
-    res = dict(impl="ours", variant=variant, B=B, T=T, first_step_s=round(first, 2),
-               first_step_done_s_after_process_start=since_start, params=sum(p.numel() for p in model.parameters()))
+    res = dict(impl="ours", variant=variant, B=B, T=T, build_s=round(build_s, 2), first_step_s=round(first, 2),
+               imports_done_s_after_process_start=getattr(args, "imports_done_s", None),
+               model_built_s_after_process_start=built, first_step_done_s_after_process_start=since_start,
+               params=sum(p.numel() for p in model.parameters()))
     res.update(_summary(times, B, T, args))
     res["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)
     res["impls"] = usage.kernels_used()
@@ -433,6 +440,9 @@ def run(args, script, result, save):
     args.shape_list = parse_shapes(args.shapes)
     if args.worker == "hf-model":
         return hf_worker(args)
+    # benchmark.py has imported torch, megatron-core, fla, triton, transformers and FlashQLA (TileLang) and made
+    # the process group by now; what the first step still imports (fla's kernel modules) counts in its time
+    args.imports_done_s = process_age_s()
     impls = [i for i in args.model_impls.split(",") if i]
     hf = ConcurrentHF(args, script) if args.hf_concurrent and "hf" in impls else None
     if args.prewarm and "ours" in impls:
@@ -484,7 +494,7 @@ def prewarm_ours(args) -> float:
 
     t0 = time.perf_counter()
     for B, T in args.shape_list:
-        model = nq.build_model(reduced_config(args.model_layers, args.experts), backend="local").cuda()
+        model = nq.build_model(reduced_config(args.model_layers, args.experts), backend="local", device="cuda")
         ids, labels = _batch(B, T)
         pos = torch.arange(T, device="cuda")[None].expand(B, T)
         model(ids, pos, None, labels=labels).mean().backward()
@@ -501,8 +511,15 @@ def _line(r):
     return (f"model {r['impl']:4s} {r['variant']:18s} B={r['B']} T={r['T']}: {r['step_ms']:8.2f} ms  "
             f"{r['tokens_per_s'] / 1e3:6.1f}K tok/s  {r['tflops']:6.1f} TFLOP/s  MFU {100 * r['mfu_spec']:.1f}% "
             f"(of measured peak {100 * r.get('mfu_measured_peak', float('nan')):.1f}%)  peak {r['peak_mem_gib']} GiB  "
-            f"first step {r['first_step_s']} s" + (f" (done {r['first_step_done_s_after_process_start']} s after start)"
-                                                  if r.get("first_step_done_s_after_process_start") else ""))
+            f"first step {r['first_step_s']} s" + _start_split(r))
+
+
+def _start_split(r):
+    """' (after start: imports 12.3 s, model built 14.0 s, first step done 20.5 s)' where measured."""
+    keys = [("imports", "imports_done_s_after_process_start"), ("model built", "model_built_s_after_process_start"),
+            ("first step done", "first_step_done_s_after_process_start")]
+    parts = [f"{label} {r[k]} s" for label, k in keys if r.get(k) is not None]
+    return f" (after start: {', '.join(parts)})" if parts else ""
 
 
 def _acceptance(rows):
