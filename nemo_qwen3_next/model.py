@@ -128,7 +128,7 @@ def build_model(config, backend: str = "auto", pre_process: bool = True, post_pr
     The one recipe (block spec, partial RoPE, (un)tied embeddings) that NeMo's `configure_model`
     uses too; it passes its own resolved `transformer_layer_spec` and extra `GPTModel` arguments.
 
-    ``device`` (opt-in, e.g. ``"cuda"``): every parameter and buffer is created and initialised there.
+    ``device`` (opt-in, e.g. ``"cuda"``): every parameter is created and initialised there.
     Megatron's own layers already follow ``config.use_cpu_initialization`` (False: made on the current
     GPU), but what torch makes without a device argument (norms, GDN's ``A_log`` / ``dt_bias`` /
     ``conv1d``, the MoE router) lands on the CPU and needs a ``.cuda()`` copy; under
