@@ -36,9 +36,12 @@ Two forward paths, one set of parameters:
 * `_forward_fused` (CUDA): works in the layouts the kernels want. The projections run batch-first
   (transposing the narrow `[s, b, H]` activations, not the 6x wider projection; kept sequence-first
   under sequence parallelism, whose gather/scatter is along dim 0). Where in_proj is a bare GEMM
-  (TP=1, no SP/FP8/fused grad accumulation) it runs as two GEMMs on row-gathered weights, giving the
-  conv input `[q k v]` and `[z | b | a]` contiguous (no activation-sized cat); otherwise one strided
-  `cat` feeds fla's Triton causal conv (or Dao's `causal-conv1d`). The chunked rule is FlashQLA when
+  (TP=1, no SP/FP8/fused grad accumulation) it runs *planar*: four GEMMs on weight pieces copied out
+  of the per-key-head layout (`_PlanarPieces`) give q, k, v and `[z | b | a]` each contiguous, and
+  three causal convs (one per q/k/v, on their conv-weight pieces) give the chunk kernel contiguous
+  q, k, v, so its input guard copies nothing and no gradient cat feeds the conv backward. Otherwise
+  one strided `cat` of `[q k v]` feeds one conv. The conv is fla's Triton causal conv (or Dao's
+  `causal-conv1d`). The chunked rule is FlashQLA when
   installed (see `ops.gated_delta_rule`), else fla's kernel with q/k at `Hk` heads (grouped value
   heads, no `repeat_interleave`), L2-norm, decay from `A_log`/`dt_bias` and `sigmoid(b)` in-kernel;
   fla's fused gated RMSNorm reads z in place.
@@ -51,8 +54,8 @@ from functools import partial
 from typing import Optional, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
@@ -65,6 +68,86 @@ from ..ops.gated_delta_rule import gdn_gate
 from ..parallel.context import causal_conv1d_cp, cp_group_or_none, gated_delta_rule_cp
 from .cuda_graphs import graphed_or_none
 from .norms import GatedRMSNorm
+
+
+class _PlanarPieces(torch.autograd.Function):
+    """Per-key-head ``w [Hk, G, *]`` -> contiguous planar pieces: each piece is some column ranges of
+    dim 1 over all key heads, range after range (``cat(w[:, o:o + n].reshape(Hk * n, *) for o, n)``).
+
+    The same values as ``w.view(Hk * G, *).index_select(0, rows)``, by strided copies. The backward
+    writes each piece's gradient into one ``torch.empty`` by slice assignment, because the ranges cover
+    every column once. ``index_select``'s backward would zero-fill and then ``index_add`` with atomics.
+    ``layout`` is a tuple of pieces, and each piece is a tuple of ``(offset, size)`` ranges of dim 1.
+    """
+
+    @staticmethod
+    def forward(ctx, w, layout):
+        ctx.layout, ctx.shape = layout, w.shape
+        ctx.set_materialize_grads(False)
+        Hk, rest = w.shape[0], w.shape[2:]
+        outs = []
+        for piece in layout:
+            out = w.new_empty(Hk * sum(n for _, n in piece), *rest)
+            row = 0
+            for o, n in piece:
+                out[row:row + Hk * n].view(Hk, n, *rest).copy_(w[:, o:o + n])
+                row += Hk * n
+            outs.append(out)
+        return tuple(outs)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, *grads):
+        Hk, rest = ctx.shape[0], ctx.shape[2:]
+        ref = next((g for g in grads if g is not None), None)
+        if ref is None:
+            return None, None
+        gw = ref.new_empty(ctx.shape)
+        for piece, g in zip(ctx.layout, grads):
+            row = 0
+            for o, n in piece:
+                if g is None:
+                    gw[:, o:o + n].zero_()
+                else:
+                    gw[:, o:o + n].copy_(g[row:row + Hk * n].view(Hk, n, *rest))
+                row += Hk * n
+        return gw, None
+
+
+def _planar_layout(sizes, pieces):
+    """``_PlanarPieces`` layout: ``sizes`` are the per-key-head column groups (in order), ``pieces`` the
+    group indices each piece takes; every group must be taken once (the backward leaves none unwritten)."""
+    offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+    taken = sorted(i for piece in pieces for i in piece)
+    if taken != list(range(len(sizes))):
+        raise ValueError(f"planar pieces {pieces} must take each of the {len(sizes)} column groups once")
+    return tuple(tuple((offsets[i], sizes[i]) for i in piece) for piece in pieces)
+
+
+class _SharedInputLinears(torch.autograd.Function):
+    """``x [N, H]`` times several weights ``[rows_i, H]`` -> every ``x @ w_i.T``.
+
+    One ``F.linear`` per weight would leave autograd to sum the input gradients, with one
+    activation-sized elementwise add per extra weight. Here they accumulate inside the GEMMs
+    (``addmm_``).
+    """
+
+    @staticmethod
+    def forward(ctx, x, *weights):
+        ctx.save_for_backward(x, *weights)
+        ctx.set_materialize_grads(False)
+        return tuple(x @ w.t() for w in weights)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, *grads):
+        x, *weights = ctx.saved_tensors
+        gx, gws = None, []
+        for i, (w, g) in enumerate(zip(weights, grads)):
+            if g is not None and ctx.needs_input_grad[0]:
+                gx = g @ w if gx is None else gx.addmm_(g, w)
+            gws.append(g.t() @ x if g is not None and ctx.needs_input_grad[1 + i] else None)
+        return (gx, *gws)
 
 
 @dataclass
@@ -103,6 +186,9 @@ class GatedDeltaNet(MegatronModule):
         r, dk, dv = self.heads_per_key, self.key_head_dim, self.value_head_dim
         self.group_split = [dk, dk, r * dv, r * dv, r, r]  # q k v z b a, per key head
         self.conv_group = 2 * dk + r * dv  # q k v channels per key head
+        # planar fused path: in_proj weight pieces q, k, v, [z_all | b_all | a_all]; conv weight q, k, v
+        self._proj_layout = _planar_layout(self.group_split, ((0,), (1,), (2,), (3, 4, 5)))
+        self._conv_layout = _planar_layout(self.group_split[:3], ((0,), (1,), (2,)))
         self.chunk_size = c.linear_attention_chunk_size
         self.use_recurrent = c.linear_attention_use_recurrent
         self.backend = c.linear_attention_backend
@@ -233,7 +319,7 @@ class GatedDeltaNet(MegatronModule):
         return self.out_norm(o, z)  # [b, s, Hv_l, Dv]
 
     def _direct_in_proj_ok(self) -> bool:
-        """Whether the fused path may run in_proj as two plain GEMMs on row-gathered weights.
+        """Whether the fused path may run in_proj as plain GEMMs on planar weight pieces.
 
         Only where in_proj's own forward would be a bare ``x @ W.T``: one TP rank, no sequence
         parallelism, no fused weight-gradient accumulation, no FP8, no bias.
@@ -253,7 +339,8 @@ class GatedDeltaNet(MegatronModule):
 
     def _in_proj_rows(self, device) -> tuple:
         """Row indices of in_proj's weight: per-key-head ``[q k v]`` (the conv's channel order), then
-        ``[z_all | b_all | a_all]`` in value-head order (so z reshapes to ``[.., Hv, Dv]`` as a view)."""
+        ``[z_all | b_all | a_all]`` in value-head order (so z reshapes to ``[.., Hv, Dv]`` as a view).
+        Generation (`inference.forward.gdn_forward`) gathers in_proj's output columns with these."""
         key = (device, self.num_key_heads)
         cached = getattr(self, "_rows_cache", None)
         if cached is not None and cached[0] == key:
@@ -279,18 +366,15 @@ class GatedDeltaNet(MegatronModule):
         dk, dv, Hv = self.key_head_dim, self.value_head_dim, self.num_value_heads
 
         if self._direct_in_proj_ok():
-            # Two GEMMs on row-gathered weights: the conv input [q k v] and [z | b | a] come out
-            # contiguous, with no activation-sized cat forward and no 12352-wide gradient cat backward.
-            rows_qkv, rows_zba = self._in_proj_rows(x.device)
+            # Planar: q, k, v and [z | b | a] from four GEMMs, each contiguous, so the three convs and the
+            # chunk kernel copy nothing and nothing is concatenated (forward or backward). Here x is
+            # batch-first or b == 1, so its rows are (b, s)-ordered either way.
             w = self.in_proj.weight
-            qkv = F.linear(x, w.index_select(0, rows_qkv))
-            zba = F.linear(x, w.index_select(0, rows_zba))
-            if not batch_first:
-                qkv, zba = qkv.transpose(0, 1), zba.transpose(0, 1)  # views; free when b == 1
-            s = qkv.shape[1]
-            qkv = qkv.reshape(b, s, Hk * self.conv_group)  # a view (b == 1 or batch-first)
+            pieces = _PlanarPieces.apply(w.view(Hk, G, w.shape[-1]), self._proj_layout)
+            q, k, v, zba = (t.view(b, s, -1) for t in _SharedInputLinears.apply(x.reshape(b * s, -1), *pieces))
             z, beta, a = torch.split(zba, [Hv * dv, Hv, Hv], dim=-1)
             z = z.view(b, s, Hv, dv)  # a strided view, read in place by the fused norm
+            conv_in = (q, k, v)
         else:
             proj, _ = self.in_proj(x)
             if not batch_first:
@@ -304,20 +388,31 @@ class GatedDeltaNet(MegatronModule):
             z = z.reshape(b, s, Hv, dv)  # a strided view, read in place by the fused norm
             beta = beta.reshape(b, s, Hv)  # logits
             a = a.reshape(b, s, Hv)  # raw gate input
-        o = self._recompute_or_run(self._mix_fused, qkv, z, beta, a, cu_seqlens).view(b, s, Hv * dv)
+            conv_in = (qkv,)
+        o = self._recompute_or_run(self._mix_fused, z, beta, a, cu_seqlens, *conv_in).view(b, s, Hv * dv)
         if batch_first:
             out, bias = self.out_proj(o)
             return out.transpose(0, 1).contiguous(), bias
         return self.out_proj(o.transpose(0, 1).contiguous())
 
-    def _mix_fused(self, qkv, z, beta, a, cu_seqlens):
-        """conv -> gated delta rule -> gated norm on the fused path: what `linear_attention_recompute` recomputes."""
-        b, s = qkv.shape[:2]
+    def _mix_fused(self, z, beta, a, cu_seqlens, *conv_in):
+        """conv -> gated delta rule -> gated norm on the fused path: what `linear_attention_recompute` recomputes.
+
+        ``conv_in`` is one per-key-head ``[q k v]`` tensor (one conv), or planar q, k, v (three convs on
+        their conv-weight pieces, whose outputs are the chunk kernel's contiguous inputs)."""
+        b, s = z.shape[:2]
         Hk, r, dk, dv, Hv = self.num_key_heads, self.heads_per_key, self.key_head_dim, self.value_head_dim, self.num_value_heads
-        qkv, _ = causal_conv1d(
-            qkv, self.conv1d.weight.squeeze(1), activation="silu", cu_seqlens=cu_seqlens, backend=self.backend
-        )
-        q, k, v = torch.split(qkv.view(b, s, Hk, self.conv_group), [dk, dk, r * dv], dim=-1)
+        w = self.conv1d.weight.squeeze(1)  # [Hk * conv_group, W]
+        if cu_seqlens is not None:  # one int64 tensor for every kernel: fla caches its chunk indices by tensor identity
+            cu_seqlens = cu_seqlens.to(device=z.device, dtype=torch.long)
+        conv = partial(causal_conv1d, activation="silu", cu_seqlens=cu_seqlens, backend=self.backend)
+        if len(conv_in) == 1:
+            qkv, _ = conv(conv_in[0], w)
+            q, k, v = torch.split(qkv.view(b, s, Hk, self.conv_group), [dk, dk, r * dv], dim=-1)
+        else:
+            ws = _PlanarPieces.apply(w.view(Hk, self.conv_group, w.shape[-1]), self._conv_layout)
+            q, k, v = (conv(t, wt)[0] for t, wt in zip(conv_in, ws))
+            q, k = q.view(b, s, Hk, dk), k.view(b, s, Hk, dk)
         v = v.reshape(b, s, Hv, dv)  # a view
         o, _ = gated_delta_rule(
             q,
