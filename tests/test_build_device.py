@@ -18,6 +18,10 @@ TINY = dict(num_layers=4, hidden_size=64, num_attention_heads=4, num_query_group
             moe_shared_expert_intermediate_size=32, vocab_size=128)
 
 
+# CPU: the same kernels on the same values, bit for bit; GPU: the MoE un-permute adds with atomics (any order)
+_TOL = {"cpu": dict(rtol=0, atol=0), "cuda": dict(rtol=1e-4, atol=1e-4)}
+
+
 def _build(seed=0, device=None, **changes):
     init_single_process()
     torch.manual_seed(seed)
@@ -39,9 +43,11 @@ def test_meta_build_has_every_parameter_on_meta_and_loads_the_old_model():
     new = _build(device="meta", use_cpu_initialization=True)
     assert {p.device.type for p in new.parameters()} == {"meta"}  # nothing escaped the context (A_log, norms, conv)
     assert _layout(new) == _layout(old)
-    new.to_empty(device="cpu")
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # Megatron's RoPE follows the current device
+    old.to(dev)
+    new.to_empty(device=dev)
     new.load_state_dict(old.state_dict())
-    torch.testing.assert_close(_logits(new), _logits(old), rtol=0, atol=0)
+    torch.testing.assert_close(_logits(new, dev), _logits(old, dev), **_TOL[dev])
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU placement check")
@@ -72,11 +78,10 @@ def test_device_it_cannot_honour_is_one_error():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_cuda_build_matches_the_old_build_moved_to_the_gpu():
-    kw = dict(params_dtype=torch.bfloat16, bf16=True)
-    old = _build(**kw).cuda()
-    new = _build(device="cuda", **kw)
+    old = _build().cuda()  # fp32: an atomics-order difference stays far below the tolerance
+    new = _build(device="cuda")
     assert {p.device.type for p in new.parameters()} == {"cuda"}
     assert {b.device.type for b in new.buffers()} <= {"cuda"}
     assert _layout(new) == _layout(old)
     new.load_state_dict(old.state_dict())
-    torch.testing.assert_close(_logits(new, "cuda"), _logits(old, "cuda"), rtol=0, atol=0)
+    torch.testing.assert_close(_logits(new, "cuda"), _logits(old, "cuda"), **_TOL["cuda"])
