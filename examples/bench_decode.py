@@ -11,26 +11,37 @@ Implementations, same random weights for ours (`bench_model.reduced_config`: 80B
 * ``hf``: transformers' ``Qwen3NextForCausalLM.generate`` (greedy, ``min_new_tokens`` = max) in a child
   process (its own CUDA context), same config, its own random weights (only speed is compared).
 
-Prompts: random ids, ``--prompt-len`` tokens each. Prefill tokens/s = B·T / (prefill + first-token
-time); decode tokens/s = B·steps / time of the steps after the first one (ours: the first step also
-captures the graph, reported as ``first_step_s``; HF: (time of n tokens − time of 1 token) / (n − 1), medians of ``--decode-hf-rep`` calls).
+Prompts: random ids (corpus ids once trained, below), ``--decode-prompt-len`` tokens each.
+Prefill tokens/s = B·T / (prefill + first-token time); decode tokens/s = B·steps / time of the steps after
+the first one (ours: the first step also captures the graph, reported as ``first_step_s``; HF: (time of n
+tokens − time of 1 token) / (n − 1), medians of ``--decode-hf-rep`` calls).
 One untimed warm-up generation per batch size first (kernel autotuning and compiles).
 
 Acceptance (issue 12): decode at batch 1, ``graph`` >= 20x ``hf`` and >= 420 tokens/s, tokens = ``eager``.
 
-``--speculative K`` (issue 14) adds, at batch 1, greedy speculative decoding rows (`inference.speculative`:
-K drafted tokens, one eager verify forward over K+1 positions, GDN/KV rollback), one per ``--decode-draft``:
+``--speculative K[,K...]`` (issue 14) adds, at batch 1, greedy speculative decoding rows per K
+(`inference.speculative`: K drafted tokens, one verify forward over K+1 positions, CUDA-graphed per width on
+CUDA, GDN/KV rollback), one per ``--decode-draft``:
 
 * ``replay``: drafts the ``graph`` (else ``eager``) row's own tokens, always right: the ceiling speculation reaches on this
   model (the cost of a verify forward vs a graphed one-token step);
-* ``mtp``: the model's MTP layer (random weights here: acceptance near 0, reported as measured).
+* ``mtp``: the model's MTP layer (``--decode-mtp-layers``, default 1 with this drafter).
 
-Their decode tokens/s = (n - 1) / time after the prefill, with ``acceptance_rate`` (accepted / drafted),
+Their decode tokens/s = (n - 1) / time after the prefill (an untimed identical run first captures the verify
+graphs, as the ``graph`` row's first step is untimed), with ``acceptance_rate`` (accepted / drafted),
 ``tokens_per_round`` and the agreement of the tokens with ``graph`` (bf16: the verify's k+1-row GEMMs may
 round differently from the one-row step's, so a near-tie can flip a token and everything after it).
 
-    PYTHONPATH=/tmp/site:$PWD python examples/bench_decode.py --decode-batches 1 --decode-impls graph \
-        --speculative 4 --decode-out benchmarks/results/h200_decode_speculative.json
+Random weights give flat logits (near-ties everywhere) and an MTP layer that drafts noise, so
+``--decode-train-steps N`` first trains the model and its MTP layer (LM loss + ``mtp_loss_scaling_factor``
+x MTP loss, the library's loss path) on a seeded synthetic stream, a sparse second-order Markov chain over
+``--decode-train-symbols`` ids with an entropy floor of 0.435 nats (`bench_decode_train`); the prompts then
+come from the same chain (held-out seed). The JSON's ``train`` holds the corpus, the shapes and both losses;
+a training failure is recorded there and the rows still run on what was trained.
+
+    PYTHONPATH=/tmp/site:$PWD python examples/bench_decode.py --decode-batches 1 --decode-impls graph,eager \
+        --speculative 2,4 --decode-draft replay,mtp --decode-train-steps 300 --decode-new-tokens 128 \
+        --decode-out benchmarks/results/h200_decode_speculative_trained.json --visualize
 
     PYTHONPATH=/tmp/site:$PWD python examples/bench_decode.py --decode-out benchmarks/results/h200_decode.json --visualize
 
@@ -66,9 +77,20 @@ def add_args(ap):
     g.add_argument("--decode-hf-rep", type=int, default=3, help="HF: median of this many generate calls")
     g.add_argument("--decode-hf-timeout", type=float, default=300)
     g.add_argument("--decode-worker", default=None, help=argparse.SUPPRESS)
-    g.add_argument("--decode-speculative", "--speculative", type=int, default=None, metavar="K",
-                   help="also time greedy speculative decoding with K drafted tokens (batch 1)")
+    g.add_argument("--decode-speculative", "--speculative", default=None, metavar="K[,K...]",
+                   help="also time greedy speculative decoding with K drafted tokens (batch 1), for each K given")
     g.add_argument("--decode-draft", default="replay,mtp", help="drafters for --speculative: replay, mtp")
+    g.add_argument("--decode-mtp-layers", type=int, default=None, metavar="N",
+                   help="MTP layers of the model (default: 1 with --speculative and the mtp drafter, "
+                        "else the config's)")
+    g.add_argument("--decode-train-steps", type=int, default=0, metavar="N",
+                   help="first train the model (and its MTP layer) N steps on a synthetic Markov stream")
+    g.add_argument("--decode-train-batch", type=int, default=None, help="training batch (default: 2 on CUDA, 4 on CPU)")
+    g.add_argument("--decode-train-seq", type=int, default=None,
+                   help="training length (default: 4096 on CUDA, 64 on CPU)")
+    g.add_argument("--decode-train-lr", type=float, default=1e-3)
+    g.add_argument("--decode-train-symbols", type=int, default=None,
+                   help="token ids the corpus uses (default: 1024, at most vocab / 2)")
 
 
 def our_config(name: str, **overrides):
@@ -105,12 +127,15 @@ def _prompts(B: int, T: int, vocab: int, device):
     return torch.randint(0, vocab, (B, T), generator=g).to(device)
 
 
-def _build(cfg_name: str, plain: bool, dtype, device, state=None):
-    """Our model (kernel path, or the plain-torch one: torch GDN ops and the expert loop)."""
+def _build(cfg_name: str, plain: bool, dtype, device, state=None, mtp_layers=None):
+    """Our model (kernel path, or the plain-torch one: torch GDN ops and the expert loop); ``mtp_layers``
+    (not None) sets the config's ``mtp_num_layers`` (0: none)."""
     import nemo_qwen3_next as nq
 
     nq.init_single_process()
     over = dict(params_dtype=dtype, bf16=dtype == torch.bfloat16, use_cpu_initialization=device.type == "cpu")
+    if mtp_layers is not None:
+        over["mtp_num_layers"] = mtp_layers or None
     if plain:
         over.update(linear_attention_backend="torch", moe_fast_permute=False)  # Megatron's dispatcher
     old = os.environ.get("QWEN3_NEXT_MOE_EXPERTS")
@@ -168,14 +193,28 @@ class ReplayDrafter:
 
 
 @torch.no_grad()
-def time_speculative(model, ids, n: int, k: int, draft):
-    """Greedy speculative generation of n tokens at batch 1; times, the tokens and the stats."""
-    from nemo_qwen3_next.inference import stream
+def time_speculative(model, ids, n: int, k: int, draft, warm: dict = None):
+    """Greedy speculative generation of n tokens at batch 1; times, the tokens and the stats.
 
-    sync = torch.cuda.synchronize if ids.is_cuda else (lambda: None)
+    ``warm`` (a dict, kept by the caller between calls of the same k and drafter) carries the Decoder, its
+    verify graphs (one per width k+1, and the narrower ones of the last rounds) and the drafter from a first,
+    untimed call to the timed one, so that graph capture is outside the timing as in the ``graph`` row. The
+    graphs hold the Decoder's state tensors, which a new prefill rewrites in place: they stay valid.
+    """
+    from nemo_qwen3_next.inference import Decoder
+    from nemo_qwen3_next.inference.speculative import SpeculativeStream, make_drafter
+
+    warm = {} if warm is None else warm
+    cuda = ids.is_cuda
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    T = ids.shape[1]
+    if not warm:  # as `inference.stream` builds it (TP = EP = 1 here)
+        warm.update(dec=Decoder(model, 1, T + n, cuda_graph=False, sync_free=cuda), graphs={},
+                    drafter=make_drafter(model, draft))
     sync()
     t0 = time.perf_counter()
-    it = stream(model, ids, n, speculative_k=k, draft=draft)
+    it = SpeculativeStream(warm["dec"], ids[0], n, k, warm["drafter"], cuda_graph=cuda)
+    it._graphs = warm["graphs"]  # shared: widths captured by an earlier call are replayed, new ones added
     out = [next(it)]
     sync()
     t1 = time.perf_counter()
@@ -186,33 +225,54 @@ def time_speculative(model, ids, n: int, k: int, draft):
     return t, torch.cat(out)[None], it.stats
 
 
-def run_speculative(args, model, ids, graph_tokens, rows, save):
-    """The ``--speculative`` rows (batch 1), next to the graphed plain decode's."""
-    T, n, k = ids.shape[1], args.decode_new_tokens, args.decode_speculative
-    for name in [d for d in args.decode_draft.split(",") if d]:
-        impl = f"spec_{name}_k{k}"
-        try:
-            if name == "replay":
-                if graph_tokens is None:
-                    raise ValueError("draft 'replay' replays the graph row's tokens: keep 'graph' in --decode-impls")
-                draft = ReplayDrafter(T, graph_tokens[0])
-            elif name == "mtp":
-                draft = "mtp"
-            else:
-                raise ValueError(f"--decode-draft {name!r}: use replay or mtp")
-            time_speculative(model, ids, min(n, 8), k, draft)  # warm-up
-            t, tokens, st = time_speculative(model, ids, n, k, draft)
-            extra = dict(k=k, acceptance_rate=round(st.acceptance_rate, 4), tokens_per_round=round(st.tokens_per_round, 3),
-                         rounds=st.rounds)
-            if graph_tokens is not None:
-                extra["tokens_equal_graph"] = bool(torch.equal(tokens, graph_tokens))
-                extra["token_agreement_with_graph"] = round((tokens == graph_tokens).float().mean().item(), 4)
-            r = _row(impl, 1, T, n, t, extra)
-        except Exception as e:  # noqa: BLE001 -- one failing row must not lose the others
-            r = dict(impl=impl, B=1, error=f"{type(e).__name__}: {e}"[:500])
-        rows.append(r)
-        print(json.dumps(r), flush=True)
-        save()
+def k_list(value) -> list:
+    """``--speculative``: ``4`` or ``2,4`` (an int from a caller also works) -> ``[2, 4]``."""
+    if value is None:
+        return []
+    try:
+        ks = [int(v) for v in str(value).split(",") if v.strip()]
+    except ValueError:
+        ks = []
+    if not ks or min(ks) < 1:
+        raise SystemExit(f"bench_decode: --speculative {value!r}: give drafted-token counts >= 1, e.g. 4 or 2,4")
+    return ks
+
+
+def run_speculative(args, model, ids, ref_tokens, ref, rows, save):
+    """The ``--speculative`` rows (batch 1) for each K and drafter, next to the plain decode ``ref``
+    (``graph``, else ``eager``) whose tokens ``ref_tokens`` they must reproduce."""
+    T, n = ids.shape[1], args.decode_new_tokens
+    for k in k_list(args.decode_speculative):
+        for name in [d for d in args.decode_draft.split(",") if d]:
+            impl = f"spec_{name}_k{k}"
+            try:
+                if name == "replay":
+                    if ref_tokens is None:
+                        raise ValueError("draft 'replay' replays the plain decode's tokens: keep 'graph' or 'eager' "
+                                         "in --decode-impls")
+                    draft = ReplayDrafter(T, ref_tokens[0])
+                elif name == "mtp":
+                    draft = "mtp"
+                else:
+                    raise ValueError(f"--decode-draft {name!r}: use replay or mtp")
+                warm = {}
+                t0 = time.perf_counter()
+                time_speculative(model, ids, n, k, draft, warm)  # warm-up: the same widths get captured
+                warm_s = time.perf_counter() - t0
+                t, tokens, st = time_speculative(model, ids, n, k, draft, warm)
+                extra = dict(k=k, acceptance_rate=round(st.acceptance_rate, 4),
+                             tokens_per_round=round(st.tokens_per_round, 3), rounds=st.rounds,
+                             warmup_s=round(warm_s, 3), verify_graphs=sorted(warm["graphs"]))
+                if ref_tokens is not None:
+                    extra[f"tokens_equal_{ref}"] = bool(torch.equal(tokens, ref_tokens))
+                    extra[f"token_agreement_with_{ref}"] = round((tokens == ref_tokens).float().mean().item(), 4)
+                r = _row(impl, 1, T, n, t, extra)
+                del warm
+            except Exception as e:  # noqa: BLE001 -- one failing row must not lose the others
+                r = dict(impl=impl, B=1, k=k, error=f"{type(e).__name__}: {e}"[:500])
+            rows.append(r)
+            print(json.dumps(r), flush=True)
+            save()
 
 
 def _row(impl, B, T, n, t, extra=None):
@@ -226,15 +286,56 @@ def _row(impl, B, T, n, t, extra=None):
     return r
 
 
-def run_ours(args, impls, rows, save):
+def mtp_layers(args):
+    """``--decode-mtp-layers``, or 1 when the ``mtp`` drafter is asked for, else None (the config's)."""
+    if args.decode_mtp_layers is not None:
+        if args.decode_mtp_layers < 0:
+            raise SystemExit(f"bench_decode: --decode-mtp-layers {args.decode_mtp_layers}: use 0 (none) or more")
+        return args.decode_mtp_layers
+    drafts = [d for d in args.decode_draft.split(",") if d]
+    return 1 if args.decode_speculative is not None and "mtp" in drafts else None
+
+
+def train_model(args, model, result, save):
+    """``--decode-train-steps``: train on the synthetic corpus (`bench_decode_train`); the corpus, or None.
+    A failure is recorded in ``result["train"]["error"]`` (and saved) and the decode rows still run."""
+    sys.path.insert(0, HERE)
+    import bench_decode_train as bt
+
+    cuda = next(model.parameters()).is_cuda
+    vocab = model.config.vocab_size
+    symbols = args.decode_train_symbols or min(1024, vocab // 2)
+    info = result["train"] = {}
+    try:
+        corpus = bt.MarkovCorpus(vocab, symbols=symbols, seed=0)
+    except ValueError as e:
+        raise SystemExit(f"bench_decode: {e}")
+    try:
+        bt.train(model, corpus, args.decode_train_steps, args.decode_train_batch or (2 if cuda else 4),
+                 args.decode_train_seq or (4096 if cuda else 64), info, lr=args.decode_train_lr)
+    except Exception as e:  # noqa: BLE001 -- keep what was measured; decode what was trained
+        info["error"] = f"{type(e).__name__}: {e}"[:500]
+        print(f"training failed after {info.get('completed_steps', 0)} steps: {info['error']}", flush=True)
+    save()
+    return corpus
+
+
+def run_ours(args, impls, result, save):
     from nemo_qwen3_next.ops import usage
 
+    rows = result["rows"]
     device, dtype = _device_dtype(args.decode_config)
-    model = _build(args.decode_config, False, dtype, device)
-    plain = _build(args.decode_config, True, dtype, device, model.state_dict()) if "plain" in impls else None
+    model = _build(args.decode_config, False, dtype, device, mtp_layers=result["mtp_layers"])
+    corpus = train_model(args, model, result, save) if args.decode_train_steps > 0 else None
+    plain = (_build(args.decode_config, True, dtype, device, model.state_dict(), mtp_layers=result["mtp_layers"])
+             if "plain" in impls else None)
     T, n = args.decode_prompt_len, args.decode_new_tokens
     for B in args.batch_list:
-        ids = _prompts(B, T, model.config.vocab_size, device)
+        # trained: prompts from the corpus (held-out seed), so the model is on the distribution it learnt
+        if corpus is not None:
+            ids = corpus.sample(B, T, seed=10_000 + B).to(device)
+        else:
+            ids = _prompts(B, T, model.config.vocab_size, device)
         tokens = {}
         for impl in [i for i in ("graph", "eager", "plain") if i in impls]:
             m = plain if impl == "plain" else model
@@ -243,6 +344,8 @@ def run_ours(args, impls, rows, save):
                 usage.reset()
                 t, tokens[impl] = time_ours(m, ids, n, impl)
                 extra = dict(kernels=usage.kernels_used())
+                if corpus is not None:
+                    extra["greedy_follows_chain"] = round(corpus.dominant_rate(ids, tokens[impl]), 4)
                 if device.type == "cuda":
                     extra["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)
                 if impl != "graph" and "graph" in tokens:  # bitwise for eager (same kernels), bf16 drift for plain
@@ -255,7 +358,8 @@ def run_ours(args, impls, rows, save):
             print(json.dumps(r), flush=True)
             save()
         if args.decode_speculative is not None and B == 1:
-            run_speculative(args, model, ids, tokens.get("graph", tokens.get("eager")), rows, save)
+            ref = "graph" if "graph" in tokens else "eager"
+            run_speculative(args, model, ids, tokens.get(ref), ref, rows, save)
 
 
 def hf_worker(args):
@@ -308,12 +412,10 @@ def run_hf_child(args):
 
 
 def acceptance(rows):
-    """Issue 12's GPU targets at batch 1, from the rows."""
+    """Issue 12's GPU targets at batch 1, and issue 14's speculative summary, from the rows."""
     get = lambda impl: next((r for r in rows if r.get("impl") == impl and r.get("B") == 1 and "error" not in r), None)  # noqa: E731
     ours, hf, eager = get("graph"), get("hf"), get("eager")
-    spec = {r["impl"]: dict(decode_tokens_per_s=r["decode_tokens_per_s"], acceptance_rate=r["acceptance_rate"],
-                            speedup_vs_graph=round(r["decode_tokens_per_s"] / ours["decode_tokens_per_s"], 3) if ours else None)
-            for r in rows if r.get("impl", "").startswith("spec_") and "error" not in r}
+    spec = speculative_summary(rows, ours or eager, "graph" if ours else "eager")
     if not ours:
         return dict(speculative=spec) if spec else {}
     a = dict(decode_b1_graph=ours["decode_tokens_per_s"], target_tokens_per_s=420)
@@ -328,6 +430,25 @@ def acceptance(rows):
     return a
 
 
+def speculative_summary(rows, base, ref):
+    """Plain decode tokens/s (``ref``: graph, else eager), the best speculative row and its speedup, the
+    ``mtp`` drafter's acceptance per K, and whether every speculative row's tokens equal plain greedy's."""
+    spec = [r for r in rows if r.get("impl", "").startswith("spec_") and "error" not in r]
+    if not spec:
+        return {}
+    speedup = lambda r: round(r["decode_tokens_per_s"] / base["decode_tokens_per_s"], 3) if base else None  # noqa: E731
+    per_row = {r["impl"]: dict(decode_tokens_per_s=r["decode_tokens_per_s"], acceptance_rate=r["acceptance_rate"],
+                               tokens_per_round=r["tokens_per_round"], speedup=speedup(r)) for r in spec}
+    best = max(spec, key=lambda r: r["decode_tokens_per_s"])
+    equal = [r.get(f"tokens_equal_{ref}") for r in spec]
+    return dict(plain=ref, plain_decode_tokens_per_s=base["decode_tokens_per_s"] if base else None,
+                best=best["impl"], best_decode_tokens_per_s=best["decode_tokens_per_s"],
+                best_speedup=per_row[best["impl"]]["speedup"],
+                mtp_acceptance_rate={str(r["k"]): r["acceptance_rate"] for r in spec
+                                     if r["impl"].startswith("spec_mtp_")},
+                tokens_equal_plain_greedy=None if None in equal else all(equal), rows=per_row)
+
+
 def visualize(result, prefix):
     """PNG: prefill and decode tokens/s per batch size and implementation (log scale)."""
     import matplotlib
@@ -337,6 +458,7 @@ def visualize(result, prefix):
 
     rows = [r for r in result["rows"] if "error" not in r]
     impls = [i for i in IMPLS if any(r["impl"] == i for r in rows)]
+    impls += sorted({r["impl"] for r in rows if r["impl"].startswith("spec_")})
     batches = sorted({r["B"] for r in rows})
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     w = 0.8 / max(len(impls), 1)
@@ -349,7 +471,8 @@ def visualize(result, prefix):
         ax.set_ylabel("tokens/s (higher is better)")
         ax.set_title(f"{title}, prompt {result['prompt_len']} tokens")
         ax.legend(fontsize=8)
-    fig.suptitle(f"Qwen3-Next ({result['config']} model) generation on {result['device']}, bf16 on CUDA")
+    trained = f", trained {result['train'].get('completed_steps')} steps" if result.get("train") else ""
+    fig.suptitle(f"Qwen3-Next ({result['config']} model{trained}) generation on {result['device']}, bf16 on CUDA")
     fig.tight_layout()
     path = prefix + "_decode.png"
     fig.savefig(path, dpi=120)
@@ -368,9 +491,14 @@ def run(args):
         raise SystemExit(f"bench_decode: unknown --decode-impls {sorted(unknown)}; use {','.join(IMPLS)}")
     if "graph" in impls and not torch.cuda.is_available():
         raise SystemExit("bench_decode: impl 'graph' needs CUDA; use --decode-impls eager,plain,hf on CPU")
+    k_list(args.decode_speculative)  # bad K: one line, before anything runs
+    if args.decode_train_steps < 0:
+        raise SystemExit(f"bench_decode: --decode-train-steps {args.decode_train_steps}: use 0 (random weights) "
+                         f"or more")
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     result = dict(device=device, config=args.decode_config, prompt_len=args.decode_prompt_len,
-                  torch=torch.__version__, rows=[])
+                  torch=torch.__version__, mtp_layers=mtp_layers(args),
+                  prompts="corpus (held-out seed)" if args.decode_train_steps > 0 else "uniform random ids", rows=[])
     os.makedirs(os.path.dirname(os.path.abspath(args.decode_out)), exist_ok=True)
 
     def save():
@@ -383,7 +511,12 @@ def run(args):
             result["rows"].append(r)
             print(json.dumps(r), flush=True)
         save()
-    run_ours(args, impls, result["rows"], save)
+    try:
+        run_ours(args, impls, result, save)
+    except BaseException as e:  # a build failure or an interrupt: the JSON keeps the error and what was done
+        result["error"] = f"{type(e).__name__}: {e}"[:500]
+        save()
+        raise
     save()
     print("acceptance: " + json.dumps(result["acceptance"]), flush=True)
     if getattr(args, "visualize", False):
