@@ -48,7 +48,7 @@ for item in "$@"; do
               --rep 1 --warmup 1 ${GDN_EXTRA:-} --out /tmp/warm_gdn.json > "$OUT/warm_gdn.log" 2>&1 ) &
           ( timeout -k 5 "$lim" python3 examples/benchmark.py --modules model --model-impls ours --shapes "${MODEL_SHAPES:-2x4096}" \
               --variants "${MODEL_VARIANTS:-fast}" --rep 1 --warmup 1 --no-breakdown --out /tmp/warm_model.json > "$OUT/warm_model.log" 2>&1 ) &
-          wait; tail -2 "$OUT"/warm_*.log "$OUT/${GPU_TESTS_LOG:-gpu_tests.log}" ;;
+          wait; tail -n 2 "$OUT"/warm_*.log "$OUT/${GPU_TESTS_LOG:-gpu_tests.log}" ;;
     wait) wait; tail -3 "$OUT/${GPU_TESTS_LOG:-gpu_tests.log}" ;;
     model) timeout -k 5 "$lim" python3 examples/benchmark.py --modules model --model-impls "${MODEL_IMPLS:-hf,ours}" --shapes "${MODEL_SHAPES:-2x4096,1x4096}" \
              --variants "${MODEL_VARIANTS:-base,no_fused_ce,no_fast_permute,all_off}" --rep "${MODEL_REP:-10}" \

@@ -8,7 +8,8 @@ and replayed as two graph launches.
 
 How it stays exact and safe:
 
-* captured with ``torch.autograd.grad`` over the mixer's own parameters (warm-up first, on a side
+* captured with ``torch.autograd.grad`` over leaf aliases of the mixer's parameters (same storage; see
+  `_Graph.__init__` for why not the Parameters themselves; warm-up first, on a side
   stream, so Triton autotuning and TileLang compiles happen outside the capture); the replayed kernels
   are the eager ones, on the same inputs;
 * the parameter gradients the backward graph writes are returned as copies: autograd may keep a
@@ -69,12 +70,19 @@ class _Graph:
     """One captured forward + backward of ``fn(*inputs)`` for fixed input shapes."""
 
     def __init__(self, fn: Callable, inputs: Sequence[torch.Tensor], params: List[torch.nn.Parameter],
-                 warmup: int = 2):
+                 warmup: int = 2, module: Optional[torch.nn.Module] = None, names: Sequence[str] = ()):
         self.ptrs = [p.data_ptr() for p in params]
         self.static_in = [t.detach().clone().requires_grad_(t.requires_grad) for t in inputs]
         self.needs = [t.requires_grad for t in self.static_in]  # part of the cache key: fixed per graph
-        diff = [t for t in self.static_in if t.requires_grad] + params
+        # The capture differentiates leaf *aliases* of the parameters (same storage, so replays read the
+        # current values), not the Parameters: Megatron's DDP keeps the Parameters' AccumulateGrad nodes
+        # alive (its grad hooks), created on the default stream, and autograd syncs with that stream when a
+        # gradient reaches them, which is illegal inside a capture (the capture failed under DDP / NeMo).
+        aliases = [p.detach().requires_grad_(True) for p in params]
+        self._swap = (module, dict(zip(names, aliases))) if module is not None else None
+        diff = [t for t in self.static_in if t.requires_grad] + (aliases if module is not None else params)
         self.n_in_grad = sum(self.needs)
+        fn = self._with_aliases(fn)
 
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -94,6 +102,19 @@ class _Graph:
             grads = torch.autograd.grad(self.static_out, diff, grad_outputs=self.static_gout, allow_unused=True)
         self.static_grads = grads
         self.pending = False
+
+    def _with_aliases(self, fn: Callable) -> Callable:
+        if self._swap is None:
+            return fn
+        from torch.nn.utils.stateless import _reparametrize_module
+
+        module, swap = self._swap
+
+        def run(*args):
+            with _reparametrize_module(module, swap):
+                return fn(*args)
+
+        return run
 
     def valid(self, params: List[torch.nn.Parameter]) -> bool:
         """Whether the mixer's current parameters still live where the graph reads them (a `.to()` or an
@@ -134,7 +155,8 @@ class MixerGraphs:
     def __init__(self):
         self._graphs: Dict[tuple, Optional[_Graph]] = {}  # None: capture failed for this key
 
-    def __call__(self, fn: Callable, params: List[torch.nn.Parameter], *inputs: torch.Tensor) -> Optional[torch.Tensor]:
+    def __call__(self, fn: Callable, params: List[torch.nn.Parameter], *inputs: torch.Tensor,
+                 module: Optional[torch.nn.Module] = None, names: Sequence[str] = ()) -> Optional[torch.Tensor]:
         """``fn(*inputs)`` replayed from a graph, or None where the caller must run eagerly."""
         key = tuple((tuple(t.shape), t.stride(), t.dtype, t.device, t.requires_grad) for t in inputs)
         if key in self._graphs and self._graphs[key] is None:
@@ -148,7 +170,7 @@ class MixerGraphs:
                 record("mixer_graphs", f"eager: more than {MAX_SHAPES} input shapes")
                 return None
             try:
-                g = _Graph(fn, inputs, params)
+                g = _Graph(fn, inputs, params, module=module, names=names)
             except RuntimeError as e:  # a host sync or an uncapturable op inside: stay eager for this shape
                 self._graphs[key] = None
                 record("mixer_graphs", f"eager: capture failed ({str(e).splitlines()[0][:120]})")
@@ -172,4 +194,5 @@ def graphed_or_none(mixer, fn: Callable, *inputs: torch.Tensor, **why_kwargs) ->
     cache = _CACHES.get(mixer)
     if cache is None:
         cache = _CACHES[mixer] = MixerGraphs()
-    return cache(fn, [p for p in mixer.parameters() if p.requires_grad], *inputs)
+    named = [(n, p) for n, p in mixer.named_parameters() if p.requires_grad]
+    return cache(fn, [p for _, p in named], *inputs, module=mixer, names=[n for n, _ in named])
