@@ -30,6 +30,7 @@ if [ "${1:-}" = install_nemo ]; then  # carry .devwheels/nemo (benchmarks/stage_
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/nemosite .devwheels/nemo/*.whl || exit 1
 fi
 [ -f .devwheels/cache/kcache.tgz ] && tar -xzf .devwheels/cache/kcache.tgz && echo "restored .kcache"
+[ -f .devwheels/cache/kcache.tar.xz ] && tar -xJf .devwheels/cache/kcache.tar.xz && echo "restored .kcache (xz)"
 mkdir -p .kcache/tl .kcache/triton
 export PYTHONPATH=/tmp/site:$PWD TILELANG_CACHE_DIR=${TILELANG_CACHE_DIR:-$PWD/.kcache/tl} TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$PWD/.kcache/triton}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
