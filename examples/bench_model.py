@@ -256,6 +256,10 @@ def megatron_step(model, cfg, fwd):
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
+    from nemo_qwen3_next.training.fixes import use_fused_torch_adam
+
+    use_fused_torch_adam()  # as examples/pretrain.py does (training.fixes.apply)
+
     ddp = DistributedDataParallel(cfg, DistributedDataParallelConfig(
         check_for_nan_in_grad=True, grad_reduce_in_fp32=True, overlap_grad_reduce=True,
         use_distributed_optimizer=False, average_in_collective=True), model)
