@@ -130,3 +130,32 @@ def test_speculative_on_cuda_follows_the_eager_step(model, k, wrong):
     assert stats.emitted == n and stats.accepted + stats.rounds == n - 1
     if wrong == 1.0:
         assert stats.accepted <= 2  # a random token may be right by chance (vocab 512)
+
+
+def test_graphed_mtp_drafting_equals_eager():
+    """`MTPDrafter` with its drafting replayed from CUDA graphs proposes exactly the eager drafter's tokens
+    (the same kernels), round after round, catch-up widths 1..k+1, through a KV-cache growth."""
+    from nemo_qwen3_next.config import qwen3_next_tiny_5m
+    from nemo_qwen3_next.inference.speculative import MTPDrafter
+    from nemo_qwen3_next.model import build_model, init_distributed
+
+    init_distributed()
+    torch.manual_seed(0)
+    cfg = qwen3_next_tiny_5m(params_dtype=torch.bfloat16, bf16=True, mtp_num_layers=1, **TINY)
+    m = build_model(cfg, backend="local").cuda().eval()
+    eager, graphed = MTPDrafter(m), MTPDrafter(m)
+    graphed.enable_cuda_graph()
+    g = torch.Generator(device="cuda").manual_seed(1)
+    H, k = cfg.hidden_size, 3
+    tokens = torch.randint(0, 512, (80,), generator=g, device="cuda")
+    hidden = torch.randn(80, H, generator=g, device="cuda", dtype=torch.bfloat16)
+    n, m_ = 55, 54  # first call: the prompt's catch-up (eager in both); the 64-row cache grows at n + k > 64
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # a capture fallback warns: fail on it
+        for width in (None, 1, 4, 2, 1, 3, 4, 1):  # the catch-up over the last round's accepted + 1 positions
+            if width is not None:
+                m_, n = width, n + width
+            h = hidden[n - 1 - m_:n - 1]
+            want, got = eager.propose(tokens[:n], h, k), graphed.propose(tokens[:n], h, k)
+            assert torch.equal(got, want), (n, m_, got.tolist(), want.tolist())
+    assert any(v is not None for v in graphed._graphs.values())
