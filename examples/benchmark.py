@@ -436,9 +436,9 @@ def main():
         import triton
 
         result.update(fla=getattr(fla, "__version__", "?"), triton=triton.__version__)
-        import transformers
+        from importlib.metadata import version  # not `import transformers`: ~1 s of a second process's start
 
-        result["transformers"] = transformers.__version__
+        result["transformers"] = version("transformers")
     except Exception as e:  # noqa: BLE001
         errors.append(f"versions: {e!r}")
 
