@@ -2,8 +2,8 @@
 
 Variants (our layer at 80B-A3B widths, bf16, ``[T, B, 2048]`` input):
 
-* ``flash_qla``: the default fused path (FlashQLA chunk kernel, in_proj as two GEMMs);
-* ``fla``:       fla's chunk kernel, in_proj as two GEMMs;
+* ``flash_qla``: the default fused path (FlashQLA chunk kernel, planar q/k/v: four in_proj GEMMs on weight pieces, three convs);
+* ``fla``:       fla's chunk kernel, the same planar projections;
 * ``fla-cat``:   fla's chunk kernel, one in_proj GEMM + a ``cat`` of q/k/v (the path before FlashQLA).
 
 Run on the GPU machine (see docs/gpu.md)::
