@@ -8,11 +8,11 @@
 # benchmark with every compile at once, then timed alone), decode (examples/bench_decode.py; DECODE_ARGS), cache (tar of the kernel cache into $OUT). Logs and JSON go to $OUT.
 set -u
 # The device returns at most 8 files: steps write to a work folder; at the end the JSON and PNGs are copied
-# to $OUT, everything else (logs, profiles, metrics) goes into $OUT/logs.tgz, the kernel cache into parts.
+# to $OUT, everything else (logs, profiles, metrics) goes into $OUT/logs.tgz, the kernel cache (step cache) into $OUT/kcache.tar.xz.
 FINAL=${OUT:-/tmp/out}; mkdir -p "$FINAL"
 OUT=/tmp/device_model_work; rm -rf "$OUT"; mkdir -p "$OUT"
-finish() { cp "$OUT"/*.json "$OUT"/*.png "$FINAL"/ 2>/dev/null; mv "$OUT"/kcache.tgz.* "$FINAL"/ 2>/dev/null
-           (cd "$OUT" && tar -czf "$FINAL/logs.tgz" --exclude='*.png' .); ls -la "$FINAL"; }
+finish() { cp "$OUT"/*.json "$OUT"/*.png "$FINAL"/ 2>/dev/null; mv "$OUT"/kcache.tar.xz "$FINAL"/ 2>/dev/null
+           (cd "$OUT" && tar -czf "$FINAL/logs.tgz" --exclude='*.png' --exclude='kcache.tar.xz' .); ls -la "$FINAL"; }
 trap finish EXIT
 trap 'exit 143' TERM INT
 export PYTHONUNBUFFERED=1
@@ -76,7 +76,8 @@ for item in "$@"; do
           wait ;;
     decode) timeout -k 5 "$lim" python3 examples/bench_decode.py --decode-out "$OUT/h200_decode.json" --visualize ${DECODE_ARGS:-} \
              2>&1 | tee "$OUT/decode.log" ;;
-    cache) du -sh .kcache/*; tar -czf /tmp/kcache.tgz .kcache && ls -la /tmp/kcache.tgz && split -b 15m -d /tmp/kcache.tgz "$OUT/kcache.tgz." ;;
+    cache) # xz: ~8 MiB where gzip gave 34 (fits beside .devwheels/b in one carry); put it at .devwheels/cache/
+          du -sh .kcache/*; tar -cf - .kcache | xz -T0 -6 > "$OUT/kcache.tar.xz" && ls -la "$OUT/kcache.tar.xz" ;;
   esac
   echo "===== $step rc=${PIPESTATUS[0]} took $(( $(date +%s) - s )) s"
 done
