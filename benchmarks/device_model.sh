@@ -35,14 +35,17 @@ mkdir -p .kcache/tl .kcache/triton
 export PYTHONPATH=/tmp/site:$PWD TILELANG_CACHE_DIR=${TILELANG_CACHE_DIR:-$PWD/.kcache/tl} TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$PWD/.kcache/triton}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c "import torch, triton, fla, tilelang, flash_qla, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'fla', fla.__version__, 'tilelang', tilelang.__version__, 'flash_qla', flash_qla.__version__, 'transformers', transformers.__version__)"
+# the GPU tests under a time limit ($1), into their log with the exit code appended (bgtests, wave)
+gpu_tests_logged() { local log="$OUT/${GPU_TESTS_LOG:-gpu_tests.log}"
+  timeout -k 5 "$1" python3 -m pytest -q -s -p no:cacheprovider ${GPU_TESTS:-tests/test_gpu_speed_paths.py} > "$log" 2>&1
+  echo "pytest rc=$?" >> "$log"; }
 for item in "$@"; do
   step=${item%%:*}; lim=${item#*:}; [ "$lim" = "$item" ] && lim=300
   s=$(date +%s); echo "===== $step (limit $lim s)"
   case $step in
     tests) timeout -k 5 "$lim" python3 -m pytest -q -s -p no:cacheprovider ${GPU_TESTS:-tests/test_gpu_speed_paths.py} 2>&1 | tee "$OUT/${GPU_TESTS_LOG:-gpu_speed_tests.log}" ;;
     bgtests) # the GPU tests in the background (their compiles overlap the next steps'); `wait` collects them
-          ( timeout -k 5 "$lim" python3 -m pytest -q -s -p no:cacheprovider ${GPU_TESTS:-tests/test_gpu_speed_paths.py} \
-              > "$OUT/${GPU_TESTS_LOG:-gpu_tests.log}" 2>&1; echo "pytest rc=$?" >> "$OUT/${GPU_TESTS_LOG:-gpu_tests.log}" ) & ;;
+          gpu_tests_logged "$lim" & ;;
     warm) # compile what the timed gdn/model steps need, beside bgtests (all CPU work, nothing timed); then wait
           ( timeout -k 5 "$lim" python3 examples/benchmark.py --modules gdn --impls "${GDN_IMPLS:-ours,ours-graphs}" \
               --shapes "${GDN_SHAPES:-1x4096,4x4096,1x32768}" --anchor-path /tmp/site-anchor --mcore-timeout "$lim" \
@@ -65,8 +68,7 @@ for item in "$@"; do
     wave) # everything compiles at once (GPU tests, HF child, ours at B=1 in a side process, ours at B=2), then
           # ours and HF are timed alone on a quiet GPU (bench_model --hf-concurrent --prewarm --wait-file)
           rm -f /tmp/tests.done /tmp/warm_b1.done
-          ( timeout -k 5 "$((lim - 60))" python3 -m pytest -q -s -p no:cacheprovider ${GPU_TESTS:-tests/test_gpu_speed_paths.py} \
-              > "$OUT/${GPU_TESTS_LOG:-gpu_tests.log}" 2>&1; echo "pytest rc=$?" >> "$OUT/${GPU_TESTS_LOG:-gpu_tests.log}"; touch /tmp/tests.done ) &
+          ( gpu_tests_logged "$((lim - 60))"; touch /tmp/tests.done ) &
           ( timeout -k 5 "$((lim - 60))" python3 examples/benchmark.py --modules model --model-impls ours --shapes 1x4096 --variants base \
               --rep 1 --no-breakdown --out /tmp/warm_b1.json > /tmp/warm_b1.log 2>&1; touch /tmp/warm_b1.done ) &
           timeout -k 5 "$lim" python3 examples/benchmark.py --modules model --model-impls ours,hf --hf-concurrent --prewarm \

@@ -213,8 +213,8 @@ def time_speculative(model, ids, n: int, k: int, draft, warm: dict = None):
                     drafter=make_drafter(model, draft))
     sync()
     t0 = time.perf_counter()
-    it = SpeculativeStream(warm["dec"], ids[0], n, k, warm["drafter"], cuda_graph=cuda)
-    it._graphs = warm["graphs"]  # shared: widths captured by an earlier call are replayed, new ones added
+    # shared: widths captured by an earlier call are replayed, new ones added
+    it = SpeculativeStream(warm["dec"], ids[0], n, k, warm["drafter"], cuda_graph=cuda, graphs=warm["graphs"])
     out = [next(it)]
     sync()
     t1 = time.perf_counter()

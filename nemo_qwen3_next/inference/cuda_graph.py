@@ -13,31 +13,33 @@ import torch
 
 
 class GraphedStep:
-    """``step(tokens [1, B], positions [1, B]) -> logits [B, V]`` captured as a CUDA graph.
+    """``step(*inputs) -> outputs`` captured as a CUDA graph for fixed input shapes (the decode step:
+    ``(tokens [1, B], positions [1, B]) -> logits [B, V]``; speculative verify and MTP drafting too).
 
-    Warm-up runs (kernel autotuning, lazy allocations) advance the state, so it is saved before and
-    restored after them; capturing itself runs nothing.
+    Warm-up runs (kernel autotuning, lazy allocations) may advance ``state_tensors``, so they are saved
+    before and restored after them; capturing itself runs nothing. A replay copies its inputs into the
+    captured ones and returns the graph's own output buffers (the next replay overwrites them).
     """
 
-    def __init__(self, step, tokens: torch.Tensor, positions: torch.Tensor, state_tensors, warmup: int = 2):
-        self.tokens, self.positions = tokens.clone(), positions.clone()
+    def __init__(self, step, inputs, state_tensors=(), warmup: int = 2):
+        self.inputs = [t.clone() for t in inputs]
         saved = [t.clone() for t in state_tensors]
         try:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 for _ in range(warmup):
-                    step(self.tokens, self.positions)
+                    step(*self.inputs)
             torch.cuda.current_stream().wait_stream(side)
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):
-                self.logits = step(self.tokens, self.positions)
+                self.out = step(*self.inputs)
         finally:  # also when capturing fails: the caller then runs the same step eagerly
             for t, s in zip(state_tensors, saved):
                 t.copy_(s)
 
-    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        self.tokens.copy_(tokens)
-        self.positions.copy_(positions)
+    def __call__(self, *inputs: torch.Tensor):
+        for static, t in zip(self.inputs, inputs, strict=True):
+            static.copy_(t)
         self.graph.replay()
-        return self.logits
+        return self.out

@@ -111,7 +111,7 @@ class Decoder:
         tokens = tokens.view(1, -1)
         if self.cuda_graph and self._graph is None:
             try:
-                self._graph = GraphedStep(self._eager, tokens, self.positions, self.state.tensors())
+                self._graph = GraphedStep(self._eager, (tokens, self.positions), self.state.tensors())
             except Exception as e:  # e.g. an op that syncs with the host; the eager step is the same math
                 warnings.warn(f"decode step not captured as a CUDA graph ({type(e).__name__}: {e}); running eager")
                 torch.cuda.synchronize()

@@ -122,9 +122,11 @@ class SpeculativeStream:
 
     def __init__(self, dec, prompt: torch.Tensor, max_new_tokens: int, k: int, drafter,
                  eos_token_id: Optional[int] = None, stats: Optional[SpeculativeStats] = None,
-                 cuda_graph: bool = False):
+                 cuda_graph: bool = False, graphs: Optional[dict] = None):
         self.dec, self.k, self.drafter, self.eos = dec, int(k), drafter, eos_token_id
-        self.cuda_graph, self._graphs = cuda_graph, {}  # width -> GraphedStep
+        # width -> GraphedStep; a caller may pass the dict of an earlier stream over the same `dec` to replay its
+        # captures (they read `dec`'s state tensors, which a new prefill rewrites in place)
+        self.cuda_graph, self._graphs = cuda_graph, ({} if graphs is None else graphs)
         self.prompt, self.max_new = prompt.to(dec.device), max_new_tokens
         self.stats = SpeculativeStats() if stats is None else stats
         if cuda_graph and callable(getattr(drafter, "enable_cuda_graph", None)):
@@ -148,7 +150,7 @@ class SpeculativeStream:
         s = fed.numel()
         if self.cuda_graph and s not in self._graphs:
             try:
-                self._graphs[s] = GraphedStep(self._verify_step, fed[:, None], positions, self.dec.state.tensors())
+                self._graphs[s] = GraphedStep(self._verify_step, (fed[:, None], positions), self.dec.state.tensors())
             except Exception as e:  # the eager verify is the same math
                 warnings.warn(f"verify step not captured as a CUDA graph ({type(e).__name__}: {e}); running eager")
                 torch.cuda.synchronize()
@@ -228,7 +230,7 @@ class MTPDrafter(Drafter):
                              "pass a Drafter or speculative_k=None")
         self.model, self.p = model, mtp_parts(model, depth)
         self.slot, self.rope = None, None
-        self.cuda_graph, self._graphs = False, {}  # (m, k) -> _GraphedPropose or None (capture failed)
+        self.cuda_graph, self._graphs = False, {}  # (m, k) -> (cache pointers, GraphedStep), None: capture failed
 
     def enable_cuda_graph(self) -> None:
         """Replay each round's drafting (catch-up over ``m <= k+1`` positions and the ``k-1`` chained steps)
@@ -279,20 +281,23 @@ class MTPDrafter(Drafter):
         positions = torch.arange(start, n - 1, device=tokens.device)
         args = (hidden, tokens[start + 1:n], positions)
         if self.cuda_graph and hidden.is_cuda and m <= k + 1:  # the first call's m is the prompt: eager
-            g = self._graphs.get((m, k))
-            if g is not None and not g.valid(self):  # the cache grew (new addresses): capture again
-                g = None
-            if (m, k) not in self._graphs or (g is None and self._graphs[(m, k)] is not None):
-                try:
-                    g = _GraphedPropose(partial(self._propose, k=k), args, self)
+            key, ptrs = (m, k), self._cache_ptrs()
+            g = self._graphs.get(key)
+            if key not in self._graphs or (g is not None and g[0] != ptrs):  # new, or the cache grew: (re)capture
+                try:  # no state to restore: warm-up rewrites the cache rows the replay writes, with the same values
+                    g = (ptrs, GraphedStep(partial(self._propose, k=k), args))
                 except Exception as e:  # the eager drafting is the same math
                     warnings.warn(f"MTP drafting not captured as a CUDA graph ({type(e).__name__}: {e}); running eager")
                     torch.cuda.synchronize()
                     g = None
-                self._graphs[(m, k)] = g
+                self._graphs[key] = g
             if g is not None:
-                return g(*args)
+                return g[1](*args).clone()  # the graph's buffer: the next replay overwrites it
         return self._propose(*args, k=k)
+
+    def _cache_ptrs(self) -> tuple:
+        """Where the captured drafting reads its KV cache and RoPE table (`_ensure` reallocates them)."""
+        return self.slot.k.data_ptr(), self.slot.v.data_ptr(), self.rope.data_ptr()
 
     def _propose(self, hidden: torch.Tensor, next_tokens: torch.Tensor, positions: torch.Tensor, k: int):
         """The drafting math: ``hidden [m, H]`` (pre-final-norm states at ``positions [m]``), ``next_tokens [m]``
@@ -305,36 +310,3 @@ class MTPDrafter(Drafter):
             drafts.append(logits[-1].argmax(-1))
         return torch.stack(drafts)
 
-
-class _GraphedPropose:
-    """`MTPDrafter._propose` for one ``(m, k)`` as a CUDA graph: inputs copied in, ``[k]`` drafts out.
-
-    Warm-up and replay write the MTP KV cache at the same positions with the same values as the eager call
-    (the cache rows are a function of the inputs), so warming up changes nothing the caller can see. The
-    graph reads the cache and RoPE table at their captured addresses; `valid` tells when they moved."""
-
-    def __init__(self, fn, args, drafter: "MTPDrafter", warmup: int = 2):
-        self.static = [a.clone() for a in args]
-        self.ptrs = self._ptrs(drafter)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(warmup):
-                fn(*self.static)
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.out = fn(*self.static)
-
-    @staticmethod
-    def _ptrs(drafter) -> tuple:
-        return drafter.slot.k.data_ptr(), drafter.slot.v.data_ptr(), drafter.rope.data_ptr()
-
-    def valid(self, drafter) -> bool:
-        return self._ptrs(drafter) == self.ptrs
-
-    def __call__(self, *args) -> torch.Tensor:
-        for static, a in zip(self.static, args):
-            static.copy_(a)
-        self.graph.replay()
-        return self.out.clone()  # the next replay overwrites the graph's buffer

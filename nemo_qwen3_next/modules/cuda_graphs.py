@@ -30,7 +30,7 @@ shape is captured again.
 from __future__ import annotations
 
 import weakref
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -67,54 +67,46 @@ def graphs_unsupported(mixer, x: torch.Tensor, *, attention_mask=None, packed_se
 
 
 class _Graph:
-    """One captured forward + backward of ``fn(*inputs)`` for fixed input shapes."""
+    """One captured forward + backward of ``fn(*inputs)`` for fixed input shapes, over ``module``'s
+    parameters ``named`` (``[(name, Parameter)]``)."""
 
-    def __init__(self, fn: Callable, inputs: Sequence[torch.Tensor], params: List[torch.nn.Parameter],
-                 warmup: int = 2, module: Optional[torch.nn.Module] = None, names: Sequence[str] = ()):
-        self.ptrs = [p.data_ptr() for p in params]
+    def __init__(self, fn: Callable, inputs: Sequence[torch.Tensor], module: torch.nn.Module,
+                 named: Sequence[Tuple[str, torch.nn.Parameter]], warmup: int = 2):
+        from torch.nn.utils.stateless import _reparametrize_module
+
+        self.ptrs = [p.data_ptr() for _, p in named]
         self.static_in = [t.detach().clone().requires_grad_(t.requires_grad) for t in inputs]
         self.needs = [t.requires_grad for t in self.static_in]  # part of the cache key: fixed per graph
         # The capture differentiates leaf *aliases* of the parameters (same storage, so replays read the
         # current values), not the Parameters: Megatron's DDP keeps the Parameters' AccumulateGrad nodes
         # alive (its grad hooks), created on the default stream, and autograd syncs with that stream when a
         # gradient reaches them, which is illegal inside a capture (the capture failed under DDP / NeMo).
-        aliases = [p.detach().requires_grad_(True) for p in params]
-        self._swap = (module, dict(zip(names, aliases))) if module is not None else None
-        diff = [t for t in self.static_in if t.requires_grad] + (aliases if module is not None else params)
+        aliases = {n: p.detach().requires_grad_(True) for n, p in named}
+        diff = [t for t in self.static_in if t.requires_grad] + list(aliases.values())
         self.n_in_grad = sum(self.needs)
-        fn = self._with_aliases(fn)
+
+        def run(*args):
+            with _reparametrize_module(module, aliases):
+                return fn(*args)
 
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(warmup):  # compiles, autotunes and allocator growth happen here, not in capture
-                out = fn(*self.static_in)
+                out = run(*self.static_in)
                 torch.autograd.grad(out, diff, grad_outputs=torch.zeros_like(out), allow_unused=True)
             del out
         torch.cuda.current_stream().wait_stream(side)
 
         self.fwd = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.fwd):
-            self.static_out = fn(*self.static_in)
+            self.static_out = run(*self.static_in)
         self.static_gout = torch.zeros_like(self.static_out)
         self.bwd = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.bwd, pool=self.fwd.pool()):
             grads = torch.autograd.grad(self.static_out, diff, grad_outputs=self.static_gout, allow_unused=True)
         self.static_grads = grads
         self.pending = False
-
-    def _with_aliases(self, fn: Callable) -> Callable:
-        if self._swap is None:
-            return fn
-        from torch.nn.utils.stateless import _reparametrize_module
-
-        module, swap = self._swap
-
-        def run(*args):
-            with _reparametrize_module(module, swap):
-                return fn(*args)
-
-        return run
 
     def valid(self, params: List[torch.nn.Parameter]) -> bool:
         """Whether the mixer's current parameters still live where the graph reads them (a `.to()` or an
@@ -155,9 +147,10 @@ class MixerGraphs:
     def __init__(self):
         self._graphs: Dict[tuple, Optional[_Graph]] = {}  # None: capture failed for this key
 
-    def __call__(self, fn: Callable, params: List[torch.nn.Parameter], *inputs: torch.Tensor,
-                 module: Optional[torch.nn.Module] = None, names: Sequence[str] = ()) -> Optional[torch.Tensor]:
+    def __call__(self, fn: Callable, module: torch.nn.Module, *inputs: torch.Tensor) -> Optional[torch.Tensor]:
         """``fn(*inputs)`` replayed from a graph, or None where the caller must run eagerly."""
+        named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+        params = [p for _, p in named]
         key = tuple((tuple(t.shape), t.stride(), t.dtype, t.device, t.requires_grad) for t in inputs)
         if key in self._graphs and self._graphs[key] is None:
             return None
@@ -170,7 +163,7 @@ class MixerGraphs:
                 record("mixer_graphs", f"eager: more than {MAX_SHAPES} input shapes")
                 return None
             try:
-                g = _Graph(fn, inputs, params, module=module, names=names)
+                g = _Graph(fn, inputs, module, named)
             except RuntimeError as e:  # a host sync or an uncapturable op inside: stay eager for this shape
                 self._graphs[key] = None
                 record("mixer_graphs", f"eager: capture failed ({str(e).splitlines()[0][:120]})")
@@ -194,5 +187,4 @@ def graphed_or_none(mixer, fn: Callable, *inputs: torch.Tensor, **why_kwargs) ->
     cache = _CACHES.get(mixer)
     if cache is None:
         cache = _CACHES[mixer] = MixerGraphs()
-    named = [(n, p) for n, p in mixer.named_parameters() if p.requires_grad]
-    return cache(fn, [p for _, p in named], *inputs, module=mixer, names=[n for n, _ in named])
+    return cache(fn, mixer, *inputs)
