@@ -5,7 +5,7 @@
 # Steps: tests (GPU numerics of the speed paths; GPU_TESTS = other test files), bgtests + wait (the same in the background), warm (compile for gdn/model, untimed), model (ours with lever variants + HF, B=2/1 T=4096,
 # breakdown, profile), second (a new process on the warm machine: time to its first step), gdn (our GDN layer
 # at the acceptance shapes, eager and CUDA-graphed; GDN_IMPLS, GDN_SHAPES), nemo (examples/pretrain.py on the same model, data=mock, NEMO_STEPS steps), wave (GPU tests + the model
-# benchmark with every compile at once, then timed alone), decode (examples/bench_decode.py; DECODE_ARGS), cache (tar of the kernel cache into $OUT). Logs and JSON go to $OUT.
+# benchmark with every compile at once, then timed alone), importtime (the second-process command under -X importtime, twice), decode (examples/bench_decode.py; DECODE_ARGS), cache (tar of the kernel cache into $OUT). Logs and JSON go to $OUT.
 set -u
 # The device returns at most 8 files: steps write to a work folder; at the end the JSON and PNGs are copied
 # to $OUT, everything else (logs, profiles, metrics) goes into $OUT/logs.tgz, the kernel cache (step cache) into $OUT/kcache.tar.xz.
@@ -63,8 +63,14 @@ for item in "$@"; do
              --anchor-path /tmp/site-anchor --mcore-timeout "${MCORE_TIMEOUT:-420}" --rep 10 --visualize ${GDN_EXTRA:-} --out "$OUT/h200_gdn_now.json" 2>&1 | tee "$OUT/gdn.log" ;;
     nemo) PYTHONPATH=/tmp/nemosite:$PYTHONPATH timeout -k 10 "$lim" python3 examples/pretrain.py model=qwen3_next_reduced \
              data=mock trainer.precision=bf16-mixed trainer.max_steps=${NEMO_STEPS:-40} trainer.val_check_interval=1000 \
-             checkpoint.every_n_steps=1000 checkpoint.save_optim_on_train_end=false run_dir=/tmp/runs/nemo_reduced \
-             2>&1 | tee "$OUT/nemo_reduced.log"; cp /tmp/runs/nemo_reduced/metrics/metrics.jsonl "$OUT/nemo_reduced.metrics.jsonl" 2>/dev/null ;;
+             checkpoint.every_n_steps=1000 checkpoint.save_optim_on_train_end=false run_dir=/tmp/runs/nemo_reduced ${NEMO_EXTRA:-} \
+             2>&1 | tee "$OUT/nemo_reduced.log"; cp /tmp/runs/nemo_reduced/metrics/metrics.jsonl "$OUT/nemo_reduced.metrics.jsonl" 2>/dev/null
+          cp -r /tmp/runs/nemo_reduced/profile "$OUT/nemo_profile" 2>/dev/null; cp "$OUT"/nemo_profile/gaps_*.json "$OUT"/ 2>/dev/null ;;
+    importtime) # the second-process command under -X importtime (run twice: the first writes the .pyc files)
+          for i in 1 2; do timeout -k 5 "$lim" python3 -X importtime examples/benchmark.py --modules model --model-impls ours \
+              --shapes 1x4096 --variants "${MODEL_VARIANTS:-fast}" --rep 3 --no-breakdown --out "$OUT/h200_model_second_process_$i.json" \
+              > "$OUT/importtime_$i.log" 2> "$OUT/importtime_$i.txt"; grep -v "^import time" "$OUT/importtime_$i.txt" | tail -3
+            grep "^model" "$OUT/importtime_$i.log"; sort -t'|' -k2 -n "$OUT/importtime_$i.txt" | tail -30 | cut -c1-140; done ;;
     wave) # everything compiles at once (GPU tests, HF child, ours at B=1 in a side process, ours at B=2), then
           # ours and HF are timed alone on a quiet GPU (bench_model --hf-concurrent --prewarm --wait-file)
           rm -f /tmp/tests.done /tmp/warm_b1.done

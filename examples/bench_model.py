@@ -242,8 +242,9 @@ def run_ours(args, B, T, variant: str):
             res["breakdown_ms"] = bd
         except Exception as e:  # noqa: BLE001 - the timing above stands without it
             res["breakdown_error"] = f"{type(e).__name__}: {e}"[:300]
-    if variant == "base" and args.profile:
-        _profile(step, args.profile + f".B{B}T{T}.txt")
+    if (variant == "base" or variant.startswith("megatron_")) and args.profile:
+        gaps = _profile(step, args.profile + f".{variant}.B{B}T{T}.txt")
+        res["gpu_idle_ms_per_step"] = gaps["gpu_idle_ms_per_step"]
     del model
     torch.cuda.empty_cache()
     return res
@@ -277,22 +278,38 @@ def megatron_step(model, cfg, fwd):
     return step
 
 
-def _profile(step, path):
-    """Kernel time per op over 3 steps (torch.profiler), sorted by CUDA time."""
+def _profile(step, path, steps: int = 3):
+    """Kernel time per op over `steps` steps (torch.profiler, sorted by CUDA time), the GPU's idle gaps
+    (`training.profiling.gpu_gaps`, the measure the NeMo loop's `logging.profile_steps` reports too), then
+    cProfile over as many steps (`path` with .python.txt)."""
+    import cProfile
+
     from torch.profiler import ProfilerActivity, profile
 
+    from nemo_qwen3_next.training.profiling import gpu_gaps, python_table, tables
+
+    torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(3):
+        for _ in range(steps):
             step()
         torch.cuda.synchronize()
+    gaps = gpu_gaps(prof.events(), steps)
     with open(path, "w") as f:
-        f.write("per 3 steps\n")
-        f.write(prof.key_averages().table(sort_by="cuda_time_total", row_limit=60, max_name_column_width=90))
-        f.write("\n\nby self CPU time\n")
-        f.write(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=90))
+        f.write(tables(prof, gaps))
         f.write("\n\nby input shape (self CUDA)\n")
         f.write(prof.key_averages(group_by_input_shape=True).table(sort_by="self_cuda_time_total", row_limit=50,
                                                                    max_name_column_width=40))
+    with open(path.replace(".txt", ".gaps.json"), "w") as f:
+        json.dump(gaps, f, indent=1)
+    pr = cProfile.Profile()
+    pr.enable()
+    for _ in range(steps):
+        step()
+    torch.cuda.synchronize()
+    pr.disable()
+    with open(path.replace(".txt", ".python.txt"), "w") as f:
+        f.write(python_table(pr))
+    return gaps
 
 
 def _summary(times, B, T, args):

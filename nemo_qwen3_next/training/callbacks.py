@@ -467,3 +467,19 @@ class SaveInitialCheckpoint(Callback):
     def on_train_start(self, trainer, pl_module):
         if trainer.global_step == 0 and not os.path.exists(self.path):
             trainer.save_checkpoint(self.path, weights_only=True)
+
+
+class ProfileSteps(Callback):
+    """`logging.profile_steps`: hands each step's start and end to `profiling.StepProfiler`."""
+
+    def __init__(self, profiler):
+        self.profiler = profiler
+        self._step = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._step = trainer.global_step
+        self.profiler.batch_start(self._step)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self._step is not None:
+            self.profiler.batch_end(self._step)

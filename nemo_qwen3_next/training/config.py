@@ -96,6 +96,7 @@ class LoggingConfig:
     progress: str = "auto"  # bar (Lightning's TQDM) | lines (one per logged step) | auto: bar on a terminal
     verbose: bool = False  # also NeMo/Megatron/Lightning info logs and the model summary on the console
     timing_warmup_steps: int = 5  # steps left out of the closing median step time (kernel compilation)
+    profile_steps: Any = None  # [start, stop]: torch.profiler over those steps, cProfile over as many after (training/profiling.py)
 
 
 @dataclass
@@ -255,10 +256,25 @@ def _check_values(cfg: PretrainConfig) -> None:
             if missing:
                 raise ConfigError(f"data.paths: {missing[0]} does not exist; give the prefix of a Megatron indexed "
                                   f"dataset (PREFIX.bin + PREFIX.idx; see scripts/prepare_pretraining_data.py).")
+    _check_profile_steps(cfg.logging.profile_steps, cfg.trainer.max_steps)
     init = cfg.checkpoint.init_from
     if init is not None and not os.path.isdir(str(init)):
         raise ConfigError(f"checkpoint.init_from = {init!r} is not a directory; give a checkpoint directory "
                           f"or set checkpoint.init_from=null.")
+
+
+def _check_profile_steps(steps, max_steps: int) -> None:
+    if steps is None:
+        return
+    ok = (isinstance(steps, (list, tuple)) and len(steps) == 2
+          and all(isinstance(v, int) and not isinstance(v, bool) for v in steps) and 0 <= steps[0] < steps[1])
+    if not ok:
+        raise ConfigError(f"logging.profile_steps = {steps!r} must be [start, stop] with 0 <= start < stop, "
+                          f"e.g. logging.profile_steps=[10,12], or null.")
+    if 2 * steps[1] - steps[0] > max_steps:
+        raise ConfigError(f"logging.profile_steps = {list(steps)} profiles up to step {2 * steps[1] - steps[0] - 1} "
+                          f"(torch.profiler over [start, stop), then cProfile over as many steps) but "
+                          f"trainer.max_steps is {max_steps}; lower the steps or raise trainer.max_steps.")
 
 
 def check_model_keys(model: Dict[str, Any]) -> None:

@@ -195,6 +195,13 @@ def kernel_cache_report(info: dict) -> str:
             f"compiled this run, kept for the next one in {info['dir']}")
 
 
+def _with_profile_lines(on_end, profiler):
+    """The closing summary also names the profile reports."""
+    def lines():
+        return list(on_end() if on_end else []) + [f"profile: {p}" for p in profiler.written]
+    return lines
+
+
 def run(cfg: PretrainConfig, label: str = "", kernel_cache: Optional[dict] = None) -> str:
     """Train; returns the run directory. Assumes `cfg` came from `config.validate`. `label` names the
     model (the Hydra choice) in the console and the plot; `kernel_cache` is
@@ -260,6 +267,14 @@ def run(cfg: PretrainConfig, label: str = "", kernel_cache: Optional[dict] = Non
         print(describe(kernel_cache), flush=True)
     # metrics first: a step's time must not include the checkpoint callback's save at its end
     callbacks = [metrics, checkpointing(cfg)] + ([ProgressBar(metrics)] if mode == "bar" else [])
+    profiler = None
+    if cfg.logging.profile_steps is not None:
+        from .callbacks import ProfileSteps
+        from .profiling import StepProfiler
+
+        profiler = StepProfiler(os.path.join(cfg.run_dir, "profile"), *cfg.logging.profile_steps)
+        callbacks.insert(1, ProfileSteps(profiler))  # inside the metrics' timed step
+        metrics.on_end = _with_profile_lines(metrics.on_end, profiler)
     if cfg.checkpoint.save_initial:
         from .callbacks import SaveInitialCheckpoint
 
