@@ -18,6 +18,14 @@ What each library reads (checked in their sources; docs/performance.md#kernel-ca
 * ``TORCHINDUCTOR_CACHE_DIR``: torch.compile (Megatron's fused glue).
 
 Call it before the first kernel compiles (the entry points do so first thing); it imports only torch.
+
+It also remembers one failed JIT build: megatron-core 0.15 compiles a CUDA managed-memory allocator with
+`load_inline` while `import megatron.core` runs (`megatron.core.inference.unified_memory`, used only by its
+dynamic inference engine, which we do not use). Where that build fails it costs ~12 s in every process
+(measured on the H200 machine: 12.2 s of a 27.7 s import). `skip_failed_unified_memory_build` records the
+failure once per machine and megatron-core/torch version (``unified_memory_failed-<versions>`` in the cache
+directory) and lets later processes load a module that says it is unavailable instead; delete the file
+to retry. megatron-core >= 0.16 compiles that allocator lazily and is left alone.
 """
 
 from __future__ import annotations
@@ -27,6 +35,9 @@ import importlib.metadata
 import json
 import os
 import sys
+import types
+from importlib.abc import MetaPathFinder
+from importlib.machinery import PathFinder
 from typing import Dict, Optional
 
 # environment variable -> sub-directory of the keyed cache
@@ -140,8 +151,77 @@ def configure_kernel_cache(fields: Optional[Dict[str, Optional[str]]] = None) ->
     except OSError:  # read-only home: the libraries fall back to compiling; say so in the log line
         pass
     entries = count_entries(dirs)
+    unified = skip_failed_unified_memory_build(directory)
     return dict(dir=directory, key=key, fields=fields, dirs=dirs, user_set=user_set, entries=entries,
-                warm=entries["TILELANG_CACHE_DIR"] + entries["TRITON_CACHE_DIR"] > 0)
+                warm=entries["TILELANG_CACHE_DIR"] + entries["TRITON_CACHE_DIR"] > 0, unified_memory=unified)
+
+
+UNIFIED_MEMORY = "megatron.core.inference.unified_memory"
+
+
+def _unified_memory_marker(directory: str) -> str:
+    tag = "-".join(v or "none" for v in (_version(("megatron-core", "megatron_core")), _version(("torch",))))
+    return os.path.join(directory, f"unified_memory_failed-{tag}")
+
+
+class _RecordUnifiedMemoryOutcome(MetaPathFinder):
+    """Finds megatron-core's unified_memory module as usual; after it ran, writes the marker if its
+    eager build failed (0.15: ``has_unified_memory`` is False)."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != UNIFIED_MEMORY:
+            return None
+        spec = PathFinder.find_spec(fullname, path)
+        if spec is None or spec.loader is None:
+            return spec
+        loader, marker = spec.loader, self.marker
+
+        class _Loader:
+            def create_module(self, spec):
+                return loader.create_module(spec)
+
+            def exec_module(self, module):
+                loader.exec_module(module)
+                if getattr(module, "has_unified_memory", None) is False:
+                    try:
+                        with open(marker, "w") as f:
+                            f.write("megatron-core's unified-memory allocator failed to build here; delete to retry\n")
+                    except OSError:
+                        pass
+
+        spec.loader = _Loader()
+        return spec
+
+
+def _unavailable_unified_memory() -> types.ModuleType:
+    mod = types.ModuleType(UNIFIED_MEMORY)
+    mod.__doc__ = "Stand-in: the managed-memory allocator failed to build on this machine (nemo_qwen3_next.kernel_cache)."
+    mod.has_unified_memory = False
+    mod._alloc = None
+
+    def create_unified_mempool():
+        raise RuntimeError("megatron-core's unified-memory allocator failed to build on this machine; delete "
+                           "the unified_memory_failed-* file in the kernel cache directory to retry the build.")
+
+    mod.create_unified_mempool = create_unified_mempool
+    return mod
+
+
+def skip_failed_unified_memory_build(directory: str) -> str:
+    """Before megatron-core is imported: 'skipped' (the build failed here before: a stand-in module is
+    loaded), 'watching' (the first import records a failure) or 'n/a' (megatron-core already imported)."""
+    if UNIFIED_MEMORY in sys.modules or "megatron.core" in sys.modules:
+        return "n/a"
+    marker = _unified_memory_marker(directory)
+    if os.path.exists(marker):
+        sys.modules[UNIFIED_MEMORY] = _unavailable_unified_memory()
+        return "skipped"
+    if not any(isinstance(f, _RecordUnifiedMemoryOutcome) for f in sys.meta_path):
+        sys.meta_path.insert(0, _RecordUnifiedMemoryOutcome(marker))
+    return "watching"
 
 
 def describe(info: dict) -> str:
@@ -150,6 +230,8 @@ def describe(info: dict) -> str:
     state = (f"warm: {n['TILELANG_CACHE_DIR']} TileLang kernels, {n['TRITON_CACHE_DIR']} Triton entries"
              if info["warm"] else "cold: kernels compile on first use and are kept here")
     line = f"kernel cache: {info['dir']} ({state})"
+    if info.get("unified_memory") == "skipped":
+        line += "; megatron-core's unified-memory build skipped (it failed here before)"
     if info["user_set"]:
         line += "; kept from the environment: " + ", ".join(f"{v}={info['dirs'][v]}" for v in info["user_set"])
     return line
