@@ -257,9 +257,11 @@ def megatron_step(model, cfg, fwd):
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
-    from nemo_qwen3_next.training.fixes import use_fused_torch_adam
+    from nemo_qwen3_next.training import fixes
 
-    use_fused_torch_adam()  # as examples/pretrain.py does (training.fixes.apply)
+    fixes.use_fused_torch_adam()  # as examples/pretrain.py does (training.fixes.apply)
+    fixes.use_foreach_multi_tensor_ops()
+    fixes.defer_grad_nan_check()
 
     ddp = DistributedDataParallel(cfg, DistributedDataParallelConfig(
         check_for_nan_in_grad=True, grad_reduce_in_fp32=True, overlap_grad_reduce=True,

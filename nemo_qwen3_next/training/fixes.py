@@ -141,6 +141,115 @@ def use_fused_torch_adam() -> None:
     mopt._get_megatron_optimizer_based_on_param_groups = build
 
 
+def foreach_l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
+    """Drop-in for megatron-core's `local_multi_tensor_l2_norm` (its no-TE/Apex fallback): the same
+    fp32 L2 norm of all tensors, from `torch._foreach_norm`, returned as a 1-element tensor on their device.
+    The fallback builds a CPU tensor from one 0-d CUDA norm per parameter: a host sync per parameter
+    (57 per step on the reduced model) in every clipped optimizer step."""
+    tensors = [t for tl in tensor_lists for t in tl]
+    if not tensors:
+        return torch.zeros(1, dtype=torch.float, device="cuda" if torch.cuda.is_available() else "cpu"), None
+    norms = torch._foreach_norm(tensors)
+    total = torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
+    return total.reshape(1), None
+
+
+def foreach_scale(chunk_size, noop_flag, tensor_lists, scale):
+    """Drop-in for megatron-core's `local_multi_tensor_scale` (``dst = src * scale``): in place with
+    `torch._foreach_mul_` where dst is src (gradient clipping), else `_foreach_mul` + `_foreach_copy_`
+    (the main -> model parameter copy, fp32 -> bf16). The fallback loops ``dst.copy_(src * scale)`` over
+    the parameters: a temporary and two passes over every gradient."""
+    src, dst = list(tensor_lists[0]), list(tensor_lists[1])
+    if not src:
+        return
+    if all(a is b for a, b in zip(src, dst)):
+        torch._foreach_mul_(dst, scale)
+    elif scale == 1.0:
+        torch._foreach_copy_(dst, src)
+    else:
+        torch._foreach_copy_(dst, torch._foreach_mul(src, scale))
+
+
+def use_foreach_multi_tensor_ops() -> int:
+    """Where megatron-core fell back to its local multi-tensor helpers (no TransformerEngine, no Apex),
+    use `foreach_l2_norm` / `foreach_scale` instead, in the modules that picked them at import
+    (gradient clipping, the mixed-precision optimizer's parameter copy). Returns how many were replaced."""
+    from megatron.core import utils as mutils
+    from megatron.core.optimizer import clip_grads, optimizer as mopt
+
+    n = 0
+    for mod, name, local, ours in ((clip_grads, "l2_norm_impl", mutils.local_multi_tensor_l2_norm, foreach_l2_norm),
+                                   (clip_grads, "multi_tensor_scale_impl", mutils.local_multi_tensor_scale, foreach_scale),
+                                   (mopt, "multi_tensor_scale_impl", mutils.local_multi_tensor_scale, foreach_scale)):
+        if getattr(mod, name, None) is local:
+            setattr(mod, name, ours)
+            n += 1
+    return n
+
+
+def defer_grad_nan_check() -> bool:
+    """megatron-core DDP's ``check_for_nan_in_grad``: the same check, one host sync per step instead of two
+    per gradient bucket. Returns True when installed (idempotent).
+
+    megatron-core 0.15 checks each bucket's local gradient norm for NaN/Inf as the bucket's reduction starts,
+    inside the backward pass, and each check reads the norm on the host (20 syncs per step on the reduced
+    model, each stalling the CPU until the GPU has caught up, so the next kernels launch late). Here the
+    bucket norms are still computed there, before the data-parallel collective, but only kept on the GPU;
+    `DistributedDataParallel.finish_grad_sync` (before any optimizer step) reads them all at once and raises
+    megatron's own message (rank, bucket, NaN or Inf) if one is not finite. Megatron's path is kept whenever
+    its rerun state machine is enabled or the large-gradient check is asked for."""
+    from megatron.core.distributed import distributed_data_parallel as mddp
+    from megatron.core.distributed import param_and_grad_buffer as pgb
+    from megatron.core.rerun_state_machine import RerunMode, get_rerun_state_machine
+
+    group_cls, ddp_cls = getattr(pgb, "_ParamAndGradBucketGroup", None), mddp.DistributedDataParallel
+    orig_check = getattr(group_cls, "check_grads", None)
+    if orig_check is None or getattr(orig_check, "_qwen3_next_fixed", False):
+        return orig_check is not None
+    orig_finish = ddp_cls.finish_grad_sync
+
+    def raise_if_not_finite(norms):
+        """`norms`: per bucket-group tensors of bucket norms; one host sync for all of them."""
+        if bool(torch.isfinite(torch.cat(norms)).all()):
+            return
+        for n in norms:
+            bad = (~torch.isfinite(n)).nonzero().flatten().tolist()
+            if bad:
+                i = bad[0]
+                kind = "NaN" if torch.isnan(n[i]) else "Inf"
+                rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+                raise RuntimeError(
+                    f"Rank {rank}, iteration {get_rerun_state_machine().current_iteration}: found {kind} in local "
+                    f"grad norm for bucket #{i} in backward pass before data-parallel communication collective "
+                    f"(checked at finish_grad_sync)")
+
+    @functools.wraps(orig_check)
+    def check_grads(self, check_for_nan_or_inf, check_for_large):
+        if check_for_large or not check_for_nan_or_inf or get_rerun_state_machine().mode != RerunMode.DISABLED:
+            return orig_check(self, check_for_nan_or_inf, check_for_large)
+        stale = getattr(self, "_qwen3_next_grad_norms", None)
+        if stale is not None:  # a finish_grad_sync that is not DDP's never read them: check now, late
+            raise_if_not_finite([stale])
+        self._qwen3_next_grad_norms = torch.stack([b.grad_data.norm(p=2) for b in self.buckets])
+
+    @functools.wraps(orig_finish)
+    def finish_grad_sync(self, *args, **kwargs):
+        out = orig_finish(self, *args, **kwargs)
+        groups = [g for g in self.bucket_groups + self.expert_parallel_bucket_groups
+                  if getattr(g, "_qwen3_next_grad_norms", None) is not None]
+        if groups:
+            norms = [g._qwen3_next_grad_norms for g in groups]
+            for g in groups:
+                g._qwen3_next_grad_norms = None
+            raise_if_not_finite(norms)
+        return out
+
+    check_grads._qwen3_next_fixed = True
+    group_cls.check_grads = check_grads
+    ddp_cls.finish_grad_sync = finish_grad_sync
+    return True
+
+
 def apply(force_cpu: bool = False) -> bool:
     """Apply the fixes, and the CPU workarounds when CUDA is unavailable. Idempotent.
     Returns True when the CPU workarounds are active."""
@@ -149,6 +258,8 @@ def apply(force_cpu: bool = False) -> bool:
     fix_numpy2_product()
     fix_cp_aux_loss_scale()
     use_fused_torch_adam()
+    use_foreach_multi_tensor_ops()
+    defer_grad_nan_check()
     if torch.cuda.is_available():
         if force_cpu:
             raise RuntimeError("trainer.accelerator=cpu on a machine with CUDA is not supported; "
