@@ -262,6 +262,7 @@ def megatron_step(model, cfg, fwd):
     fixes.use_fused_torch_adam()  # as examples/pretrain.py does (training.fixes.apply)
     fixes.use_foreach_multi_tensor_ops()
     fixes.defer_grad_nan_check()
+    fixes.fold_clip_into_fused_adam()
 
     ddp = DistributedDataParallel(cfg, DistributedDataParallelConfig(
         check_for_nan_in_grad=True, grad_reduce_in_fp32=True, overlap_grad_reduce=True,

@@ -43,3 +43,41 @@ def test_only_torch_adam_and_the_build_hook_once():
     hooked = mopt._get_megatron_optimizer_based_on_param_groups
     fixes.use_fused_torch_adam()
     assert hooked is mopt._get_megatron_optimizer_based_on_param_groups and hooked._qwen3_next_fixed
+
+
+def _clip_run(fold: bool, max_norm: float, steps: int = 3):
+    """`steps` clipped AdamW steps; fold=False: megatron-core's clip (gradients scaled in place), then the
+    fused step; fold=True: the clip factor handed to the fused kernel as grad_scale."""
+    from megatron.core.optimizer import clip_grads, optimizer as mopt
+
+    import nemo_qwen3_next as nq
+
+    fixes.apply()  # CPU: megatron's clip asserts CUDA gradients without the CPU workarounds
+    nq.init_distributed()  # its norm all-reduces over the (one-process) model-parallel group
+    fixes.fold_clip_into_fused_adam()
+    clip = mopt.clip_grad_by_total_norm_fp32 if fold else mopt.clip_grad_by_total_norm_fp32.__wrapped__
+    g = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(shape, generator=g)) for shape in ((64, 32), (32,), (3, 5, 7))]
+    opt = torch.optim.AdamW([{"params": params}], lr=1e-2, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8)
+    assert fixes.fuse_torch_adam(SimpleNamespace(optimizer=opt), devices=("cpu",)) == 1
+    norms = []
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g) * 3
+        norm = clip_grads.get_grad_norm_fp32([p.grad for p in params])
+        norms.append(norm)
+        clip(params, max_norm, norm)
+        opt.step()
+    return [p.detach().clone() for p in params], opt, norms
+
+
+def test_clip_folded_into_fused_adam_equals_clip_then_step():
+    for max_norm in (1.0, 1e6):  # clipped every step / never clipped
+        ref, _, norms = _clip_run(False, max_norm)
+        got, opt, _ = _clip_run(True, max_norm)
+        assert (min(norms) > max_norm) == (max_norm == 1.0)
+        for a, b in zip(got, ref):
+            torch.testing.assert_close(a, b, rtol=2e-6, atol=1e-7)
+        assert (opt.grad_scale is None) == (max_norm > max(norms))  # set each step, None under the limit
+    unfused = torch.optim.SGD([torch.nn.Parameter(torch.ones(3))], lr=0.1)
+    assert fixes._fused_owner(unfused.param_groups[0]["params"]) is None  # other optimizers: megatron's path

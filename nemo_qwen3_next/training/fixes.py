@@ -118,7 +118,58 @@ def fuse_torch_adam(optimizer, devices=("cuda",)) -> int:
                 p.device.type in devices and p.is_floating_point() for p in params):
             group["fused"], group["foreach"] = True, False
             n += 1
+    if n:
+        for group in inner.param_groups:
+            for p in group["params"]:
+                _FUSED_OWNER[id(p)] = inner
     return n
+
+
+# id(fp32 main parameter) -> the fused torch Adam that updates it (`fold_clip_into_fused_adam`)
+_FUSED_OWNER: "dict" = {}
+
+
+def _fused_owner(parameters):
+    """The one fused torch Adam/AdamW (every group fused) updating all of `parameters`, else None."""
+    params = [p for p in parameters if p.grad is not None]
+    owner = _FUSED_OWNER.get(id(params[0])) if params else None
+    if owner is None or not all(g.get("fused") for g in owner.param_groups):
+        return None
+    owned = {id(p) for g in owner.param_groups for p in g["params"]}
+    return owner if all(id(p) in owned for p in params) else None
+
+
+def fold_clip_into_fused_adam() -> bool:
+    """Gradient clipping without its pass over the gradients: where the clipped parameters are all updated
+    by one fused torch Adam/AdamW (`fuse_torch_adam`), ``clip_grad_by_total_norm_fp32`` hands the clip
+    factor to the optimizer as its ``grad_scale`` (torch's fused kernel divides each gradient by it as it
+    reads it; the same attribute `torch.amp.GradScaler` uses) instead of multiplying every fp32 gradient
+    in place (6.3 GB read and written per step on the reduced model). Set every step (None when the norm
+    is under the limit), so nothing carries over; other optimizers keep Megatron's path. Returns True
+    once installed."""
+    from megatron.core.optimizer import clip_grads
+    from megatron.core.optimizer import optimizer as mopt
+
+    orig = getattr(mopt, "clip_grad_by_total_norm_fp32", None)
+    if orig is None or getattr(orig, "_qwen3_next_fixed", False):
+        return orig is not None
+
+    @functools.wraps(orig)
+    def clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decoupled_grad=False):
+        if isinstance(parameters, torch.Tensor):
+            parameters = [parameters]
+        owner = None if use_decoupled_grad else _fused_owner(parameters)
+        if owner is None:
+            return orig(parameters, max_norm, total_norm, use_decoupled_grad)
+        clip_coeff = max_norm / (total_norm + 1.0e-6)  # megatron-core's formula
+        device = owner.param_groups[0]["params"][0].device
+        owner.grad_scale = (torch.tensor(1.0 / clip_coeff, dtype=torch.float32, device=device)
+                            if clip_coeff < 1.0 else None)
+
+    clip_grad_by_total_norm_fp32._qwen3_next_fixed = True
+    mopt.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_fp32
+    clip_grads.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_fp32
+    return True
 
 
 def use_fused_torch_adam() -> None:
@@ -260,6 +311,7 @@ def apply(force_cpu: bool = False) -> bool:
     use_fused_torch_adam()
     use_foreach_multi_tensor_ops()
     defer_grad_nan_check()
+    fold_clip_into_fused_adam()
     if torch.cuda.is_available():
         if force_cpu:
             raise RuntimeError("trainer.accelerator=cpu on a machine with CUDA is not supported; "
