@@ -133,6 +133,10 @@ def test_console_validation_and_closing_summary(reference):
     assert summary["measured_steps"] == len(times) and summary["median_step_time_s"] == pytest.approx(statistics.median(times))
     assert summary["median_tokens_per_s"] == pytest.approx(8 * 128 / statistics.median(times))
     assert summary["first_step_time_s"] == pytest.approx(rec[1]["step_time_s"])
+    # the wall clock over the same steps holds their step times plus the validation between them
+    assert summary["wall_step_time_s"] * len(times) >= sum(times)
+    assert summary["wall_tokens_per_s"] == pytest.approx(8 * 128 / summary["wall_step_time_s"])
+    assert f"wall clock: {summary['wall_step_time_s'] * 1e3:.1f} ms per step" in stdout
     assert _tensorboard_scalars(run_dir, "timing/median_tokens_per_s")[STEPS] == pytest.approx(
         summary["median_tokens_per_s"], rel=1e-6)
     assert f"done: steps 1-{STEPS} of {STEPS} | train loss {rec[STEPS]['loss']:.4f} (step {STEPS}) | val loss " \

@@ -132,6 +132,7 @@ class TrainingMetrics(Callback):
         self.on_end = on_end  # () -> [extra summary lines]
         self.latest: Dict[str, float] = {}  # the last logged record (the progress bar shows it)
         self.step_times: list = []  # (step, seconds) of every step this process ran
+        self.step_spans: list = []  # (start, end) perf_counter of every step: the wall clock between steps too
         self._t0: Optional[float] = None
         self._elapsed = 0.0
         self._steps = 0
@@ -159,8 +160,10 @@ class TrainingMetrics(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         _cuda_sync()
-        dt = time.perf_counter() - (self._t0 or time.perf_counter())
+        end = time.perf_counter()
+        dt = end - (self._t0 or end)
         self.step_times.append((trainer.global_step, dt))
+        self.step_spans.append((self._t0 or end, end))
         if len(self.step_times) == 1 and _world()[1] == 0:  # on GPU: kernel compilation on a cold cache
             _say(f"first step of this process: {dt:.1f} s")
         self._elapsed += dt
@@ -227,6 +230,11 @@ class TrainingMetrics(Callback):
             med = statistics.median(measured)
             out.update(median_step_time_s=med, median_tokens_per_s=self.tokens_per_step / med,
                        median_tflops_per_gpu=self.flops_per_step / med / _world()[0] / 1e12)
+            # what the run really sustained: first measured step's start to the last one's end, so the
+            # loop's work between steps (logging, callbacks, validation, checkpoints) counts too
+            spans = self.step_spans[self.warmup_steps:]
+            wall = (spans[-1][1] - spans[0][0]) / len(spans)
+            out.update(wall_step_time_s=wall, wall_tokens_per_s=self.tokens_per_step / wall)
         return out
 
     # ------------------------------------------------------------------ helpers
@@ -337,6 +345,9 @@ def summary_text(s: dict, png: Optional[str], extra=()) -> str:
         lines.append(f"speed: median step {s['median_step_time_s'] * 1e3:.1f} ms = {s['median_tokens_per_s']:.0f} tokens/s, "
                      f"{s['median_tflops_per_gpu']:.3f} TFLOP/s/GPU over {s['measured_steps']} steps after "
                      f"{s['warmup_steps']} warm-up; first step {s['first_step_time_s']:.1f} s (compilation, warm-up)")
+        if s.get("wall_tokens_per_s"):
+            lines.append(f"wall clock: {s['wall_step_time_s'] * 1e3:.1f} ms per step = {s['wall_tokens_per_s']:.0f} "
+                         "tokens/s with the loop's work between steps (logging, validation, checkpoints)")
     elif s.get("first_step_time_s") is not None:
         lines.append(f"speed: first step {s['first_step_time_s']:.1f} s; too few steps after {s['warmup_steps']} "
                      "warm-up for a median (raise trainer.max_steps)")

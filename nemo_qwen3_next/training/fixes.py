@@ -238,17 +238,68 @@ def use_foreach_multi_tensor_ops() -> int:
     return n
 
 
+class _PendingGradCheck:
+    """The last finish_grad_sync's NaN/Inf verdict, still on its way to the host (see `defer_grad_nan_check`)."""
+
+    norms = None  # per bucket-group tensors of bucket norms (for the message)
+    flag = None  # bool tensor: some norm is not finite (pinned host memory under CUDA)
+    event = None  # CUDA event after the flag's copy; None when the flag is already on the host
+
+
+def raise_pending_grad_nan() -> None:
+    """Raise megatron's NaN/Inf message if the last finish_grad_sync saw a bad gradient norm; waits only for
+    that step's backward (a no-op when nothing is pending). Runs before every torch optimizer step."""
+    from megatron.core.rerun_state_machine import get_rerun_state_machine
+
+    norms, flag, event = _PendingGradCheck.norms, _PendingGradCheck.flag, _PendingGradCheck.event
+    if norms is None:
+        return
+    _PendingGradCheck.norms = _PendingGradCheck.flag = _PendingGradCheck.event = None
+    if event is not None:
+        event.synchronize()
+    if not bool(flag):
+        return
+    for n in norms:
+        bad = (~torch.isfinite(n)).nonzero().flatten().tolist()
+        if bad:
+            i = bad[0]
+            kind = "NaN" if torch.isnan(n[i]) else "Inf"
+            rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+            raise RuntimeError(
+                f"Rank {rank}, iteration {get_rerun_state_machine().current_iteration}: found {kind} in local "
+                f"grad norm for bucket #{i} in backward pass before data-parallel communication collective "
+                f"(checked at finish_grad_sync, raised before the optimizer step)")
+
+
+def _record_grad_check(norms) -> None:
+    """Start the norms' verdict on its way to the host without waiting for it (no sync under CUDA)."""
+    raise_pending_grad_nan()  # an unread verdict of an earlier step (no optimizer step ran since)
+    bad = ~torch.isfinite(torch.cat(norms)).all()
+    if bad.is_cuda:
+        flag = torch.empty((), dtype=torch.bool, pin_memory=True)
+        flag.copy_(bad, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+    else:
+        flag, event = bad, None
+    _PendingGradCheck.norms, _PendingGradCheck.flag, _PendingGradCheck.event = norms, flag, event
+
+
 def defer_grad_nan_check() -> bool:
-    """megatron-core DDP's ``check_for_nan_in_grad``: the same check, one host sync per step instead of two
-    per gradient bucket. Returns True when installed (idempotent).
+    """megatron-core DDP's ``check_for_nan_in_grad``: the same check, no host sync inside the step. Returns
+    True when installed (idempotent).
 
     megatron-core 0.15 checks each bucket's local gradient norm for NaN/Inf as the bucket's reduction starts,
     inside the backward pass, and each check reads the norm on the host (20 syncs per step on the reduced
     model, each stalling the CPU until the GPU has caught up, so the next kernels launch late). Here the
     bucket norms are still computed there, before the data-parallel collective, but only kept on the GPU;
-    `DistributedDataParallel.finish_grad_sync` (before any optimizer step) reads them all at once and raises
-    megatron's own message (rank, bucket, NaN or Inf) if one is not finite. Megatron's path is kept whenever
-    its rerun state machine is enabled or the large-gradient check is asked for."""
+    `DistributedDataParallel.finish_grad_sync` combines them into one flag and starts its copy to pinned host
+    memory; the flag is read (megatron's own message: rank, bucket, NaN or Inf) just before the next torch
+    optimizer step (a global step pre-hook), so no update is ever applied from bad gradients, while the CPU
+    runs ahead through the loop's post-backward Python (NeMo: finalize_model_grads, loss reduction, logging)
+    instead of waiting there for the backward to finish. Without an optimizer step in between, the next
+    finish_grad_sync reads it. Megatron's path is kept whenever its rerun state machine is enabled or the
+    large-gradient check is asked for."""
     from megatron.core.distributed import distributed_data_parallel as mddp
     from megatron.core.distributed import param_and_grad_buffer as pgb
     from megatron.core.rerun_state_machine import RerunMode, get_rerun_state_machine
@@ -259,28 +310,15 @@ def defer_grad_nan_check() -> bool:
         return orig_check is not None
     orig_finish = ddp_cls.finish_grad_sync
 
-    def raise_if_not_finite(norms):
-        """`norms`: per bucket-group tensors of bucket norms; one host sync for all of them."""
-        if bool(torch.isfinite(torch.cat(norms)).all()):
-            return
-        for n in norms:
-            bad = (~torch.isfinite(n)).nonzero().flatten().tolist()
-            if bad:
-                i = bad[0]
-                kind = "NaN" if torch.isnan(n[i]) else "Inf"
-                rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-                raise RuntimeError(
-                    f"Rank {rank}, iteration {get_rerun_state_machine().current_iteration}: found {kind} in local "
-                    f"grad norm for bucket #{i} in backward pass before data-parallel communication collective "
-                    f"(checked at finish_grad_sync)")
-
     @functools.wraps(orig_check)
     def check_grads(self, check_for_nan_or_inf, check_for_large):
         if check_for_large or not check_for_nan_or_inf or get_rerun_state_machine().mode != RerunMode.DISABLED:
             return orig_check(self, check_for_nan_or_inf, check_for_large)
         stale = getattr(self, "_qwen3_next_grad_norms", None)
         if stale is not None:  # a finish_grad_sync that is not DDP's never read them: check now, late
-            raise_if_not_finite([stale])
+            self._qwen3_next_grad_norms = None
+            _record_grad_check([stale])
+            raise_pending_grad_nan()
         self._qwen3_next_grad_norms = torch.stack([b.grad_data.norm(p=2) for b in self.buckets])
 
     @functools.wraps(orig_finish)
@@ -292,9 +330,12 @@ def defer_grad_nan_check() -> bool:
             norms = [g._qwen3_next_grad_norms for g in groups]
             for g in groups:
                 g._qwen3_next_grad_norms = None
-            raise_if_not_finite(norms)
+            _record_grad_check(norms)
         return out
 
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    register_optimizer_step_pre_hook(lambda *_: raise_pending_grad_nan())
     check_grads._qwen3_next_fixed = True
     group_cls.check_grads = check_grads
     ddp_cls.finish_grad_sync = finish_grad_sync
