@@ -41,7 +41,7 @@ def test_bad_gradients_raise_megatron_message_before_the_optimizer_step(ddp_mode
     _backward(ddp, model, cfg, 1.0)
     list(model.parameters())[-1].main_grad.view(-1)[3] = float("nan" if kind == "NaN" else "inf")
     ddp.finish_grad_sync()  # records the verdict; the loop's post-backward work goes on
-    params = [p for p in model.parameters()]
+    params = list(model.parameters())
     for p in params:
         p.grad = p.main_grad.to(p.dtype)
     opt = torch.optim.SGD(params, lr=0.1)

@@ -131,8 +131,7 @@ class TrainingMetrics(Callback):
         self.model_line = model_line  # (pl_module) -> str, printed once at the start
         self.on_end = on_end  # () -> [extra summary lines]
         self.latest: Dict[str, float] = {}  # the last logged record (the progress bar shows it)
-        self.step_times: list = []  # (step, seconds) of every step this process ran
-        self.step_spans: list = []  # (start, end) perf_counter of every step: the wall clock between steps too
+        self.step_spans: list = []  # (start, end) perf_counter of every step this process ran
         self._t0: Optional[float] = None
         self._elapsed = 0.0
         self._steps = 0
@@ -161,10 +160,10 @@ class TrainingMetrics(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         _cuda_sync()
         end = time.perf_counter()
-        dt = end - (self._t0 or end)
-        self.step_times.append((trainer.global_step, dt))
-        self.step_spans.append((self._t0 or end, end))
-        if len(self.step_times) == 1 and _world()[1] == 0:  # on GPU: kernel compilation on a cold cache
+        start = self._t0 or end
+        dt = end - start
+        self.step_spans.append((start, end))
+        if len(self.step_spans) == 1 and _world()[1] == 0:  # on GPU: kernel compilation on a cold cache
             _say(f"first step of this process: {dt:.1f} s")
         self._elapsed += dt
         self._steps += 1
@@ -218,7 +217,7 @@ class TrainingMetrics(Callback):
     # ------------------------------------------------------------------ timing summary
     def summary(self, trainer) -> dict:
         """Steps, final losses and the median step time / tokens/s over the steps after warm-up."""
-        times = [t for _, t in self.step_times]
+        times = [end - start for start, end in self.step_spans]
         measured = times[self.warmup_steps:]
         out = {"run_dir": self.run_dir, "first_step": self._start_step + 1, "last_step": trainer.global_step,
                "max_steps": trainer.max_steps, "loss": self.latest.get("loss"),
