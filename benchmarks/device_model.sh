@@ -5,7 +5,7 @@
 # Steps: tests (GPU numerics of the speed paths; GPU_TESTS = other test files), bgtests + wait (the same in the background), warm (compile for gdn/model, untimed), model (ours with lever variants + HF, B=2/1 T=4096,
 # breakdown, profile), second (a new process on the warm machine: time to its first step), gdn (our GDN layer
 # at the acceptance shapes, eager and CUDA-graphed; GDN_IMPLS, GDN_SHAPES), nemo (examples/pretrain.py on the same model, data=mock, NEMO_STEPS steps), wave (GPU tests + the model
-# benchmark with every compile at once, then timed alone), importtime (the second-process command under -X importtime, twice), decode (examples/bench_decode.py; DECODE_ARGS), cache (tar of the kernel cache into $OUT). Logs and JSON go to $OUT.
+# benchmark with every compile at once, then timed alone), importtime (the second-process command under -X importtime, twice), decode (examples/bench_decode.py; DECODE_ARGS), profile (benchmarks/profile_gdn.py per kernel), cache (the kernel cache into $OUT, xz in 15 MiB parts). Logs and JSON go to $OUT.
 set -u
 # The device returns at most 8 files: steps write to a work folder; at the end the JSON and PNGs are copied
 # to $OUT, everything else (logs, profiles, metrics) goes into $OUT/logs.tgz, the kernel cache (step cache) into $OUT/kcache.tar.xz.
@@ -31,6 +31,7 @@ if [ "${1:-}" = install_nemo ]; then  # carry .devwheels/nemo (benchmarks/stage_
 fi
 [ -f .devwheels/cache/kcache.tgz ] && tar -xzf .devwheels/cache/kcache.tgz && echo "restored .kcache"
 [ -f .devwheels/cache/kcache.tar.xz ] && tar -xJf .devwheels/cache/kcache.tar.xz && echo "restored .kcache (xz)"
+ls .devwheels/cache/kcache.tar.xz.part* >/dev/null 2>&1 && cat .devwheels/cache/kcache.tar.xz.part* | tar -xJf - && echo "restored .kcache (xz parts)"
 mkdir -p .kcache/tl .kcache/triton
 export PYTHONPATH=/tmp/site:$PWD TILELANG_CACHE_DIR=${TILELANG_CACHE_DIR:-$PWD/.kcache/tl} TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$PWD/.kcache/triton}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
@@ -84,8 +85,12 @@ for item in "$@"; do
           wait ;;
     decode) timeout -k 5 "$lim" python3 examples/bench_decode.py --decode-out "$OUT/h200_decode.json" --visualize ${DECODE_ARGS:-} \
              2>&1 | tee "$OUT/decode.log" ;;
-    cache) # xz: ~8 MiB where gzip gave 34 (fits beside .devwheels/b in one carry); put it at .devwheels/cache/
-          du -sh .kcache/*; tar -cf - .kcache | xz -T0 -6 > "$OUT/kcache.tar.xz" && ls -la "$OUT/kcache.tar.xz" ;;
+    cache) # xz, split into 15 MiB parts (a returned file is at most 16 MiB); put them at .devwheels/cache/
+          du -sh .kcache/*; tar -cf - .kcache | xz -T0 -6 | split -b 15M -d - "$FINAL/kcache.tar.xz.part" && ls -la "$FINAL"/kcache* ;;
+    profile) # where the GDN layer's fwd+bwd time goes, per CUDA kernel (PROFILE_SHAPES, PROFILE_VARIANTS)
+          for shp in $(echo "${PROFILE_SHAPES:-4x4096,1x32768}" | tr , ' '); do
+            timeout -k 5 "$lim" python3 benchmarks/profile_gdn.py --shape "$shp" --variants "${PROFILE_VARIANTS:-flash_qla}" --top 40 \
+              2>&1 | grep -v "TileLang begins\|TileLang completes" | tee -a "$OUT/gdn_profile.log"; done ;;
   esac
   echo "===== $step rc=${PIPESTATUS[0]} took $(( $(date +%s) - s )) s"
 done
