@@ -25,6 +25,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def load_benchmark():
+    sys.path.insert(0, os.path.join(HERE, "..", "examples"))  # benchmark.py imports its sibling scripts
     spec = importlib.util.spec_from_file_location("benchmark", os.path.join(HERE, "..", "examples", "benchmark.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
