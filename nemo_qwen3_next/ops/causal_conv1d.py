@@ -13,8 +13,11 @@ history (``t - (W-1) + j < 0``) taken from ``initial_state`` or zeros.  This is 
 ``causal_conv1d_update`` is the one-token form for decoding: it reads and advances the state in
 place (fixed addresses, no allocation that depends on data), so a CUDA graph can capture it.
 
-Backends ("auto" on CUDA, tried in order; imports are lazy since both need a GPU stack):
+Backends ("auto" on CUDA, tried in order; imports are lazy since all need a GPU stack):
 
+0. ``triton``: ours (`causal_conv1d_triton`), for calls without ``cu_seqlens`` or states and width
+   <= 4 (every training step without packing): one pass each way, the pre-activation recomputed in
+   registers. ``CONV_KERNEL = "vendor"`` (or ``QWEN3_NEXT_CONV_KERNEL=vendor``) skips it, to compare.
 1. ``causal_conv1d`` (Dao-AILab): ``causal_conv1d_fn(x [B, D, T], weight [D, W], bias,
    seq_idx [B, T] int32, initial_states [B, D, W-1], return_final_states, activation)``.
    It cannot combine ``seq_idx`` with initial/final states, so packed input that needs
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import os
 from typing import Optional, Tuple
 
 import torch
@@ -39,7 +43,9 @@ from .usage import record
 
 __all__ = ["causal_conv1d", "causal_conv1d_ref", "causal_conv1d_update"]
 
-_BACKENDS = ("auto", "torch", "causal_conv1d", "fla")
+_BACKENDS = ("auto", "torch", "triton", "causal_conv1d", "fla")
+# "auto": ours where it applies, else the vendors' kernels; "vendor": never ours (for comparisons)
+CONV_KERNEL = os.environ.get("QWEN3_NEXT_CONV_KERNEL", "auto")
 _ACTIVATIONS = (None, "silu", "swish")
 
 
@@ -194,8 +200,8 @@ def causal_conv1d(
         cu_seqlens: 1-D document offsets for packed input (``B == 1``); no leakage across documents.
         initial_state: ``[N, D, W-1]`` left context per sequence (``N = B`` or number of documents).
         output_final_state: also return the last ``W-1`` inputs per sequence, ``[N, D, W-1]``.
-        backend: ``"auto"`` | ``"torch"`` | ``"causal_conv1d"`` | ``"fla"``; forcing a missing
-            package raises ImportError.
+        backend: ``"auto"`` | ``"torch"`` | ``"triton"`` | ``"causal_conv1d"`` | ``"fla"``; forcing a
+            missing package (or ``"triton"`` on a call it does not cover) raises.
 
     Returns ``(y [B, T, D], final_state or None)``.
     """
@@ -214,9 +220,33 @@ def causal_conv1d(
     )
 
 
+@functools.lru_cache(maxsize=None)
+def _triton_ok() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
 def _run_kernel(backend: str, args):
-    """Dao's kernel or fla's Triton conv for `backend`; None when `auto` finds neither usable."""
-    _, _, _, _, cu_seqlens, initial_state, output_final_state = args
+    """Ours, Dao's kernel or fla's Triton conv for `backend`; None when `auto` finds none usable."""
+    x, weight, bias, activation, cu_seqlens, initial_state, output_final_state = args
+    if CONV_KERNEL not in ("auto", "vendor"):
+        raise ValueError(f"QWEN3_NEXT_CONV_KERNEL must be 'auto' or 'vendor', got {CONV_KERNEL!r}")
+    if backend == "triton" or (backend == "auto" and CONV_KERNEL != "vendor"):
+        from . import causal_conv1d_triton as ours
+
+        if ours.supported(x, weight, cu_seqlens, initial_state, output_final_state) and _triton_ok():
+            record("causal_conv1d", "triton")
+            return ours.causal_conv1d_triton(x, weight, bias, activation), None
+        if backend == "triton":
+            raise ValueError(
+                "backend='triton' covers CUDA calls without cu_seqlens or states, width <= 4 and unit channel "
+                f"stride (needs triton); got x {tuple(x.shape)} on {x.device}, width {weight.shape[1]}, "
+                f"cu_seqlens={'set' if cu_seqlens is not None else None}, initial_state="
+                f"{'set' if initial_state is not None else None}, output_final_state={output_final_state}"
+            )
     # Dao's kernel cannot mix seq_idx (packing) with initial/final states.
     dao_ok = cu_seqlens is None or (initial_state is None and not output_final_state)
     if backend in ("auto", "causal_conv1d"):

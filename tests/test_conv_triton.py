@@ -1,0 +1,72 @@
+"""Our Triton causal conv (`ops.causal_conv1d_triton`) on the CPU, through Triton's interpreter
+(``TRITON_INTERPRET=1``, in a child process: the switch is read when the kernels are built), against
+the plain-torch reference; and its dispatch rules. The GPU run is in `test_gpu_speed_paths.py`."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from nemo_qwen3_next.ops import causal_conv1d
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+CHILD = textwrap.dedent(
+    """
+    import torch
+    from nemo_qwen3_next.ops.causal_conv1d import causal_conv1d_ref
+    from nemo_qwen3_next.ops.causal_conv1d_triton import _CausalConv1dTriton
+
+    torch.manual_seed(0)
+    worst = 0.0
+    # (B, T, D, W, bias, silu, row-strided input): T below, at and off the 32-step program length
+    for B, T, D, W, bias, silu, strided in [(2, 37, 48, 4, True, True, False), (1, 70, 300, 4, False, True, True),
+                                            (2, 33, 16, 3, True, False, False), (1, 3, 8, 2, False, True, False),
+                                            (3, 64, 130, 4, False, False, True)]:
+        x = torch.randn(B, T, 2 * D if strided else D, requires_grad=True)  # fp32: what the kernel reads
+        xin = x[..., :D]  # strided rows when `strided` (the kernel takes any row stride)
+        w = torch.randn(D, W, requires_grad=True)
+        b = torch.randn(D, requires_grad=True) if bias else None
+        leaves = [x, w] + ([b] if bias else [])
+        gy = torch.randn(B, T, D)
+        y = _CausalConv1dTriton.apply(xin, w, b, silu)
+        got = [y] + list(torch.autograd.grad(y, leaves, gy))
+        yr, _ = causal_conv1d_ref(xin.double(), w.double(), None if b is None else b.double(), "silu" if silu else None)
+        want = [yr] + list(torch.autograd.grad(yr, leaves, gy.double()))
+        for g, r in zip(got, want):
+            worst = max(worst, ((g.double() - r.double()).norm() / r.double().norm()).item())
+    print("WORST", worst)
+    """
+)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton (its CPU interpreter)")
+def test_triton_conv_interpreted_matches_reference():
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    out = subprocess.run([sys.executable, "-c", CHILD], env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    worst = float(out.stdout.split("WORST")[-1])
+    assert worst < 1e-5, worst  # fp32 kernel math against the float64 reference
+
+
+def test_triton_backend_refuses_what_it_does_not_cover():
+    x = torch.randn(1, 8, 4)
+    w = torch.randn(4, 4)
+    with pytest.raises(ValueError, match="backend='triton' covers CUDA calls"):
+        causal_conv1d(x, w, backend="triton")
+    with pytest.raises(ValueError, match="width <= 4"):
+        causal_conv1d(x, torch.randn(4, 5), backend="triton")
+
+
+def test_auto_on_cpu_stays_on_the_reference():
+    from nemo_qwen3_next.ops.usage import kernels_used, reset
+
+    reset()
+    causal_conv1d(torch.randn(1, 8, 4), torch.randn(4, 4))
+    assert kernels_used() == ["causal_conv1d:torch"]
