@@ -4,7 +4,7 @@ Times forward, backward and forward+backward of
 
 * ``gdn``:   the Gated DeltaNet layer, side by side: ``ours`` (fused CUDA path; FlashQLA's chunk kernel
   when installed), ``ours-graphs`` (the same with ``config.mixer_cuda_graphs``: forward+backward replayed
-  from CUDA graphs; also for ``attn``/``layer``), ``ours-fla`` (the same with fla's chunk kernel), ``hf`` (transformers'
+  from CUDA graphs; also for ``attn``/``layer``), ``ours-fla`` (the same with fla's chunk kernel), ``ours-fla_conv`` (with fla's causal conv instead of ours), ``hf`` (transformers'
   ``Qwen3NextGatedDeltaNet``), ``mcore`` (megatron-core 0.16.1's ``GatedDeltaNet`` with local linears,
   run in a child process with that version first on ``PYTHONPATH``: ``--anchor-path``) and ``ref``
   (our plain-torch reference path, only up to ``--ref-max-tokens``);
@@ -198,6 +198,20 @@ def with_chunk_kernel(kernel, fwd):
             return fwd(x)
         finally:
             gdr.CHUNK_KERNEL = old
+
+    return run
+
+
+def with_conv_kernel(setting, fwd):
+    """fwd with `nemo_qwen3_next.ops.causal_conv1d.CONV_KERNEL` = `setting` ("vendor": fla's conv, not ours)."""
+    conv = importlib.import_module("nemo_qwen3_next.ops.causal_conv1d")
+
+    def run(x):
+        old, conv.CONV_KERNEL = conv.CONV_KERNEL, setting
+        try:
+            return fwd(x)
+        finally:
+            conv.CONV_KERNEL = old
 
     return run
 
@@ -496,6 +510,9 @@ def main():
                     elif impl == "ours-fla":  # ours with fla's chunk kernel instead of FlashQLA
                         fwd, params = our_forward(module, B, T)
                         fwd = with_chunk_kernel("fla", fwd)
+                    elif impl == "ours-fla_conv":  # ours with fla's causal conv instead of our Triton one
+                        fwd, params = our_forward(module, B, T)
+                        fwd = with_conv_kernel("vendor", fwd)
                     elif impl == "hf":
                         fwd, params = hf_forward()
                     elif impl == "ref":

@@ -1,6 +1,6 @@
 """The fused GDN path's planar layout (`GatedDeltaNet._forward_fused`), checked on CPU in fp32.
 
-In the fused path, in_proj runs as four GEMMs on weight pieces that `_PlanarPieces` copies out of the
+In the fused path, in_proj runs as five GEMMs on weight pieces that `_PlanarPieces` copies out of the
 per-key-head layout, and the conv runs once each on q, k and v. These tests check that this is the
 reference math, by running the fused path with the torch ops (`backend="torch"`) against
 `_forward_reference` on the same weights: output, input gradient and every parameter gradient. They
@@ -65,15 +65,15 @@ def test_planar_pieces_equal_index_select_bitwise(layer, which, dtype):
     for p, g in zip(pieces, gathered):
         assert p.is_contiguous() and torch.equal(p, g)
     assert torch.equal(w1.grad, w2.grad)
-    if which == "in_proj":  # [z_all | b_all | a_all] in the row order generation reads in_proj's output with
-        assert torch.equal(pieces[3], w.index_select(0, layer._in_proj_rows(w.device)[1]))
+    if which == "in_proj":  # z_all, then [b_all | a_all]: the row order generation reads in_proj's output with
+        assert torch.equal(torch.cat(pieces[3:]), w.index_select(0, layer._in_proj_rows(w.device)[1]))
 
 
 def test_planar_pieces_unused_piece_gets_zero_grad(layer):
     Hk, G = layer.num_key_heads, sum(layer.group_split)
     w = torch.randn(Hk * G, 5, requires_grad=True)
-    q, k, v, zba = _PlanarPieces.apply(w.view(Hk, G, 5), layer._proj_layout)
-    (q.sum() + zba.sum()).backward()
+    q, k, v, z, ba = _PlanarPieces.apply(w.view(Hk, G, 5), layer._proj_layout)
+    (q.sum() + z.sum() + ba.sum()).backward()
     expect = torch.zeros(Hk, G, 5)
     dk = layer.key_head_dim
     expect[:, :dk] = 1

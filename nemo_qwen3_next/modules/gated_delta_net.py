@@ -36,8 +36,8 @@ Two forward paths, one set of parameters:
 * `_forward_fused` (CUDA): works in the layouts the kernels want. The projections run batch-first
   (transposing the narrow `[s, b, H]` activations, not the 6x wider projection; kept sequence-first
   under sequence parallelism, whose gather/scatter is along dim 0). Where in_proj is a bare GEMM
-  (TP=1, no SP/FP8/fused grad accumulation) it runs *planar*: four GEMMs on weight pieces copied out
-  of the per-key-head layout (`_PlanarPieces`) give q, k, v and `[z | b | a]` each contiguous, and
+  (TP=1, no SP/FP8/fused grad accumulation) it runs *planar*: five GEMMs on weight pieces copied out
+  of the per-key-head layout (`_PlanarPieces`) give q, k, v, z and `[b | a]` each contiguous, and
   three causal convs (one per q/k/v, on their conv-weight pieces) give the chunk kernel contiguous
   q, k, v, so its input guard copies nothing and no gradient cat feeds the conv backward. Otherwise
   one strided `cat` of `[q k v]` feeds one conv. The conv is fla's Triton causal conv (or Dao's
@@ -187,7 +187,9 @@ class GatedDeltaNet(MegatronModule):
         self.group_split = [dk, dk, r * dv, r * dv, r, r]  # q k v z b a, per key head
         self.conv_group = 2 * dk + r * dv  # q k v channels per key head
         # planar fused path: in_proj weight pieces q, k, v, [z_all | b_all | a_all]; conv weight q, k, v
-        self._proj_layout = _planar_layout(self.group_split, ((0,), (1,), (2,), (3, 4, 5)))
+        # q, k, v, z, [b | a]: z a piece of its own, so the gated norm reads it contiguous (a strided z costs
+        # the norm a 4096-wide copy per token each way) and no gradient cat joins z with b, a
+        self._proj_layout = _planar_layout(self.group_split, ((0,), (1,), (2,), (3,), (4, 5)))
         self._conv_layout = _planar_layout(self.group_split[:3], ((0,), (1,), (2,)))
         self.chunk_size = c.linear_attention_chunk_size
         self.use_recurrent = c.linear_attention_use_recurrent
@@ -366,14 +368,14 @@ class GatedDeltaNet(MegatronModule):
         dk, dv, Hv = self.key_head_dim, self.value_head_dim, self.num_value_heads
 
         if self._direct_in_proj_ok():
-            # Planar: q, k, v and [z | b | a] from four GEMMs, each contiguous, so the three convs and the
+            # Planar: q, k, v, z and [b | a] from five GEMMs, each contiguous, so the three convs and the
             # chunk kernel copy nothing and nothing is concatenated (forward or backward). Here x is
             # batch-first or b == 1, so its rows are (b, s)-ordered either way.
             w = self.in_proj.weight
             pieces = _PlanarPieces.apply(w.view(Hk, G, w.shape[-1]), self._proj_layout)
-            q, k, v, zba = (t.view(b, s, -1) for t in _SharedInputLinears.apply(x.reshape(b * s, -1), *pieces))
-            z, beta, a = torch.split(zba, [Hv * dv, Hv, Hv], dim=-1)
-            z = z.view(b, s, Hv, dv)  # a strided view, read in place by the fused norm
+            q, k, v, z, ba = (t.view(b, s, -1) for t in _SharedInputLinears.apply(x.reshape(b * s, -1), *pieces))
+            beta, a = torch.split(ba, [Hv, Hv], dim=-1)
+            z = z.view(b, s, Hv, dv)  # contiguous
             conv_in = (q, k, v)
         else:
             proj, _ = self.in_proj(x)
