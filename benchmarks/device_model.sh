@@ -2,7 +2,7 @@
 # One device call for the whole-model speed work (issue 10): run the named steps, each under its limit.
 # Usage (device, repo root, after the stage-a install call of ../shared/device/README.md):
 #   bash benchmarks/device_model.sh [install] STEP[:SECONDS] ...      (carry .devwheels/b for install)
-# Steps: tests (GPU numerics of the speed paths; GPU_TESTS = other test files), bgtests + wait (the same in the background), warm (compile for gdn/model, untimed), model (ours with lever variants + HF, B=2/1 T=4096,
+# Steps: tests (GPU numerics of the speed paths; GPU_TESTS = other test files), bgtests + wait (the same in the background), warm (compile for gdn/model, untimed), gdnwarm (compile for the gdn step: a process per shape + the mcore child, with bgtests), model (ours with lever variants + HF, B=2/1 T=4096,
 # breakdown, profile), second (a new process on the warm machine: time to its first step), gdn (our GDN layer
 # at the acceptance shapes, eager and CUDA-graphed; GDN_IMPLS, GDN_SHAPES), nemo (examples/pretrain.py on the same model, data=mock, NEMO_STEPS steps), wave (GPU tests + the model
 # benchmark with every compile at once, then timed alone), importtime (the second-process command under -X importtime, twice), decode (examples/bench_decode.py; DECODE_ARGS), profile (benchmarks/profile_gdn.py per kernel), cache (the kernel cache into $OUT, xz in 15 MiB parts). Logs and JSON go to $OUT.
@@ -54,6 +54,16 @@ for item in "$@"; do
           ( timeout -k 5 "$lim" python3 examples/benchmark.py --modules model --model-impls ours --shapes "${MODEL_SHAPES:-2x4096}" \
               --variants "${MODEL_VARIANTS:-fast}" --rep 1 --warmup 1 --no-breakdown --out /tmp/warm_model.json > "$OUT/warm_model.log" 2>&1 ) &
           wait; tail -n 2 "$OUT"/warm_*.log "$OUT/${GPU_TESTS_LOG:-gpu_tests.log}" ;;
+    gdnwarm) # compile everything the timed gdn step needs, one process per shape plus the mcore child and
+          # bgtests' GPU tests, all at once (compiles are CPU work); nothing here is timed
+          for shp in $(echo "${GDN_SHAPES:-1x4096,4x4096,1x32768}" | tr , ' '); do
+            ( timeout -k 5 "$lim" python3 examples/benchmark.py --modules gdn --impls "${GDN_IMPLS:-ours,ours-graphs}" \
+                --shapes "$shp" --rep 1 --warmup 1 --out "/tmp/warm_gdn_$shp.json" > "$OUT/warm_gdn_$shp.log" 2>&1 ) &
+          done
+          ( timeout -k 5 "$lim" python3 examples/benchmark.py --modules gdn --impls mcore --shapes "${GDN_SHAPES:-1x4096,4x4096,1x32768}" \
+              --anchor-path /tmp/site-anchor --mcore-timeout "$lim" --rep 1 --warmup 1 --out /tmp/warm_mcore.json \
+              > "$OUT/warm_mcore.log" 2>&1 ) &
+          wait; tail -n 3 "$OUT"/warm_*.log "$OUT/${GPU_TESTS_LOG:-gpu_tests.log}" ;;
     wait) wait; tail -3 "$OUT/${GPU_TESTS_LOG:-gpu_tests.log}" ;;
     model) timeout -k 5 "$lim" python3 examples/benchmark.py --modules model --model-impls "${MODEL_IMPLS:-hf,ours}" --shapes "${MODEL_SHAPES:-2x4096,1x4096}" \
              --variants "${MODEL_VARIANTS:-base,no_fused_ce,no_fast_permute,all_off}" --rep "${MODEL_REP:-10}" \
