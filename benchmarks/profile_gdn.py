@@ -3,8 +3,8 @@
 Variants (our layer at 80B-A3B widths, bf16, ``[T, B, 2048]`` input):
 
 * ``flash_qla``: the default fused path (FlashQLA chunk kernel, planar q/k/v/z: five in_proj GEMMs on weight pieces,
-  three of our Triton convs);
-* ``flash_qla-fla_conv``: the same with fla's conv (``QWEN3_NEXT_CONV_KERNEL=vendor``);
+  three fla convs);
+* ``flash_qla-triton_conv``: the same with our Triton conv (``QWEN3_NEXT_CONV_KERNEL=ours``);
 * ``fla``:       fla's chunk kernel, the same planar projections;
 * ``fla-cat``:   fla's chunk kernel, one in_proj GEMM + a ``cat`` of q/k/v (the path before FlashQLA).
 
@@ -63,7 +63,7 @@ def main():
 
     for variant in args.variants.split(","):
         gdr.CHUNK_KERNEL = "flash_qla" if variant.startswith("flash_qla") else "fla"
-        conv.CONV_KERNEL = "vendor" if variant.endswith("fla_conv") or variant == "fla-cat" else "auto"
+        conv.CONV_KERNEL = "ours" if variant.endswith("triton_conv") else "vendor"
         layer.split_in_proj = variant != "fla-cat"
         ms = bm.time_ms(step, warmup=3, rep=10)
         print(f"\n=== {variant}: B={B} T={T} fwd+bwd {ms:.3f} ms (median of CUDA-event times)", flush=True)
@@ -79,7 +79,7 @@ def main():
             t = e.self_device_time_total / args.iters / 1e3
             print(f"    {t:8.3f} ms {100 * t / total:5.1f}%  x{e.count // args.iters:<3d} {e.key[:110]}")
         sys.stdout.flush()
-    gdr.CHUNK_KERNEL = conv.CONV_KERNEL = "auto"
+    gdr.CHUNK_KERNEL, conv.CONV_KERNEL = "auto", "vendor"
     layer.split_in_proj = True
 
 

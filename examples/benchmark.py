@@ -4,7 +4,7 @@ Times forward, backward and forward+backward of
 
 * ``gdn``:   the Gated DeltaNet layer, side by side: ``ours`` (fused CUDA path; FlashQLA's chunk kernel
   when installed), ``ours-graphs`` (the same with ``config.mixer_cuda_graphs``: forward+backward replayed
-  from CUDA graphs; also for ``attn``/``layer``), ``ours-fla`` (the same with fla's chunk kernel), ``ours-fla_conv`` (with fla's causal conv instead of ours), ``hf`` (transformers'
+  from CUDA graphs; also for ``attn``/``layer``), ``ours-fla`` (the same with fla's chunk kernel), ``ours-triton_conv`` (with our Triton causal conv instead of fla's), ``hf`` (transformers'
   ``Qwen3NextGatedDeltaNet``), ``mcore`` (megatron-core 0.16.1's ``GatedDeltaNet`` with local linears,
   run in a child process with that version first on ``PYTHONPATH``: ``--anchor-path``) and ``ref``
   (our plain-torch reference path, only up to ``--ref-max-tokens``);
@@ -203,7 +203,7 @@ def with_chunk_kernel(kernel, fwd):
 
 
 def with_conv_kernel(setting, fwd):
-    """fwd with `nemo_qwen3_next.ops.causal_conv1d.CONV_KERNEL` = `setting` ("vendor": fla's conv, not ours)."""
+    """fwd with `nemo_qwen3_next.ops.causal_conv1d.CONV_KERNEL` = `setting` ("ours": our Triton conv; "vendor": fla's)."""
     conv = importlib.import_module("nemo_qwen3_next.ops.causal_conv1d")
 
     def run(x):
@@ -510,9 +510,9 @@ def main():
                     elif impl == "ours-fla":  # ours with fla's chunk kernel instead of FlashQLA
                         fwd, params = our_forward(module, B, T)
                         fwd = with_chunk_kernel("fla", fwd)
-                    elif impl == "ours-fla_conv":  # ours with fla's causal conv instead of our Triton one
+                    elif impl == "ours-triton_conv":  # ours with our Triton causal conv instead of fla's
                         fwd, params = our_forward(module, B, T)
-                        fwd = with_conv_kernel("vendor", fwd)
+                        fwd = with_conv_kernel("ours", fwd)
                     elif impl == "hf":
                         fwd, params = hf_forward()
                     elif impl == "ref":

@@ -70,3 +70,11 @@ def test_auto_on_cpu_stays_on_the_reference():
     reset()
     causal_conv1d(torch.randn(1, 8, 4), torch.randn(4, 4))
     assert kernels_used() == ["causal_conv1d:torch"]
+
+
+def test_conv_kernel_setting_is_checked(monkeypatch):
+    import nemo_qwen3_next.ops.causal_conv1d as conv
+
+    monkeypatch.setattr(conv, "CONV_KERNEL", "fast")
+    with pytest.raises(ValueError, match="QWEN3_NEXT_CONV_KERNEL must be 'ours' or 'vendor', got 'fast'"):
+        causal_conv1d(torch.randn(1, 8, 4), torch.randn(4, 4), backend="triton")

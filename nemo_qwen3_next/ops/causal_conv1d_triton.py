@@ -12,9 +12,12 @@ Layout: ``x [B, T, D]`` channels last (any row strides, unit channel stride), ``
 ``y[t] = act(bias + sum_j weight[:, j] * x[t - (W-1) + j])`` with zeros before ``t = 0``, the same as
 `causal_conv1d_ref`. Widths below 4 run as width 4 with leading zero taps (same result).
 
-``causal_conv1d`` dispatches here on CUDA when there is no ``cu_seqlens``, initial or final state
-(packed input and generation go to fla / Dao's kernel / the reference); tests compare it with the
-reference on GPU (`tests/test_gpu_speed_paths.py`) and, under Triton's interpreter, on CPU.
+``causal_conv1d(..., backend="triton")``, or "auto" with ``QWEN3_NEXT_CONV_KERNEL=ours``, runs it on
+CUDA when there is no ``cu_seqlens``, initial or final state (packed input and generation go to fla /
+Dao's kernel / the reference). Tests compare it with the reference under Triton's interpreter on CPU
+(`tests/test_conv_triton.py`, fp32: 1e-6) and in bf16 on GPU against the reference and fla
+(`tests/test_gpu_speed_paths.py`); it has not run on a GPU yet (the Dec 04 device machine was lost),
+hence opt-in for now.
 """
 
 from __future__ import annotations
