@@ -73,8 +73,9 @@ def test_auto_on_cpu_stays_on_the_reference():
 
 
 def test_conv_kernel_setting_is_checked(monkeypatch):
-    import nemo_qwen3_next.ops.causal_conv1d as conv
+    import importlib
 
+    conv = importlib.import_module("nemo_qwen3_next.ops.causal_conv1d")  # the module (ops exports the function)
     monkeypatch.setattr(conv, "CONV_KERNEL", "fast")
     with pytest.raises(ValueError, match="QWEN3_NEXT_CONV_KERNEL must be 'ours' or 'vendor', got 'fast'"):
         causal_conv1d(torch.randn(1, 8, 4), torch.randn(4, 4), backend="triton")
