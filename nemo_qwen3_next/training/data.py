@@ -147,7 +147,8 @@ def make_mock_data_module(cfg, tokenizer, seq_length: int, micro_batch_size: int
 
     return _Module(seq_length=seq_length, tokenizer=tokenizer, micro_batch_size=micro_batch_size,
                    global_batch_size=global_batch_size, num_workers=cfg.num_workers,
-                   pin_memory=cfg.pin_memory and torch.cuda.is_available(), persistent_workers=False)
+                   pin_memory=cfg.pin_memory and torch.cuda.is_available(),
+                   persistent_workers=cfg.num_workers > 0)  # workers started once, not per epoch / validation
 
 
 def make_data_module(cfg, tokenizer, seq_length: int, micro_batch_size: int, global_batch_size: int, seed: int):
