@@ -4,7 +4,7 @@ Times forward, backward and forward+backward of
 
 * ``gdn``:   the Gated DeltaNet layer, side by side: ``ours`` (fused CUDA path; FlashQLA's chunk kernel
   when installed), ``ours-graphs`` (the same with ``config.mixer_cuda_graphs``: forward+backward replayed
-  from CUDA graphs; also for ``attn``/``layer``), ``ours-fla`` (the same with fla's chunk kernel), ``ours-triton_conv`` (with our Triton causal conv instead of fla's), ``hf`` (transformers'
+  from CUDA graphs; also for ``attn``/``layer``), ``ours-fla`` (the same with fla's chunk kernel), ``ours-triton_conv`` / ``ours-graphs-triton_conv`` (with our Triton causal conv instead of fla's), ``hf`` (transformers'
   ``Qwen3NextGatedDeltaNet``), ``mcore`` (megatron-core 0.16.1's ``GatedDeltaNet`` with local linears,
   run in a child process with that version first on ``PYTHONPATH``: ``--anchor-path``) and ``ref``
   (our plain-torch reference path, only up to ``--ref-max-tokens``);
@@ -513,6 +513,10 @@ def main():
                     elif impl == "ours-triton_conv":  # ours with our Triton causal conv instead of fla's
                         fwd, params = our_forward(module, B, T)
                         fwd = with_conv_kernel("ours", fwd)
+                    elif impl == "ours-graphs-triton_conv":  # both; on a fresh layer, since a layer keeps the
+                        _LAYERS.pop("attn" if module == "attn" else "gdn", None)  # graphs it captured (fla's conv)
+                        fwd, params = our_forward(module, B, T)
+                        fwd = with_mixer_graphs(module, with_conv_kernel("ours", fwd))
                     elif impl == "hf":
                         fwd, params = hf_forward()
                     elif impl == "ref":
