@@ -4,7 +4,7 @@ Variants (our layer at 80B-A3B widths, bf16, ``[T, B, 2048]`` input):
 
 * ``flash_qla``: the default fused path (FlashQLA chunk kernel, planar q/k/v/z: five in_proj GEMMs on weight pieces,
   three fla convs);
-* ``flash_qla-triton_conv``: the same with our Triton conv (``QWEN3_NEXT_CONV_KERNEL=ours``);
+* ``flash_qla-triton``: the same with our Triton conv and gated norm, sequence-first (``QWEN3_NEXT_OWN_KERNELS=1``);
 * ``fla``:       fla's chunk kernel, the same planar projections;
 * ``fla-cat``:   fla's chunk kernel, one in_proj GEMM + a ``cat`` of q/k/v (the path before FlashQLA).
 
@@ -45,7 +45,7 @@ def main():
     bm = load_benchmark()
     from nemo_qwen3_next.model import init_distributed
     gdr = importlib.import_module("nemo_qwen3_next.ops.gated_delta_rule")  # the module, not the function
-    conv = importlib.import_module("nemo_qwen3_next.ops.causal_conv1d")
+    own = importlib.import_module("nemo_qwen3_next.ops.own_kernels")
 
     init_distributed()
     torch.manual_seed(0)
@@ -63,7 +63,7 @@ def main():
 
     for variant in args.variants.split(","):
         gdr.CHUNK_KERNEL = "flash_qla" if variant.startswith("flash_qla") else "fla"
-        conv.CONV_KERNEL = "ours" if variant.endswith("triton_conv") else "vendor"
+        own.ENABLED = "1" if variant.endswith("-triton") else "0"
         layer.split_in_proj = variant != "fla-cat"
         ms = bm.time_ms(step, warmup=3, rep=10)
         print(f"\n=== {variant}: B={B} T={T} fwd+bwd {ms:.3f} ms (median of CUDA-event times)", flush=True)
@@ -79,7 +79,7 @@ def main():
             t = e.self_device_time_total / args.iters / 1e3
             print(f"    {t:8.3f} ms {100 * t / total:5.1f}%  x{e.count // args.iters:<3d} {e.key[:110]}")
         sys.stdout.flush()
-    gdr.CHUNK_KERNEL, conv.CONV_KERNEL = "auto", "vendor"
+    gdr.CHUNK_KERNEL, own.ENABLED = "auto", "0"
     layer.split_in_proj = True
 
 

@@ -4,7 +4,7 @@ Times forward, backward and forward+backward of
 
 * ``gdn``:   the Gated DeltaNet layer, side by side: ``ours`` (fused CUDA path; FlashQLA's chunk kernel
   when installed), ``ours-graphs`` (the same with ``config.mixer_cuda_graphs``: forward+backward replayed
-  from CUDA graphs; also for ``attn``/``layer``), ``ours-fla`` (the same with fla's chunk kernel), ``ours-triton_conv`` / ``ours-graphs-triton_conv`` (with our Triton causal conv instead of fla's), ``hf`` (transformers'
+  from CUDA graphs; also for ``attn``/``layer``), ``ours-fla`` (the same with fla's chunk kernel), ``ours-triton`` / ``ours-graphs-triton`` (with our Triton conv and gated norm, ``QWEN3_NEXT_OWN_KERNELS=1``), ``hf`` (transformers'
   ``Qwen3NextGatedDeltaNet``), ``mcore`` (megatron-core 0.16.1's ``GatedDeltaNet`` with local linears,
   run in a child process with that version first on ``PYTHONPATH``: ``--anchor-path``) and ``ref``
   (our plain-torch reference path, only up to ``--ref-max-tokens``);
@@ -202,16 +202,17 @@ def with_chunk_kernel(kernel, fwd):
     return run
 
 
-def with_conv_kernel(setting, fwd):
-    """fwd with `nemo_qwen3_next.ops.causal_conv1d.CONV_KERNEL` = `setting` ("ours": our Triton conv; "vendor": fla's)."""
-    conv = importlib.import_module("nemo_qwen3_next.ops.causal_conv1d")
+def with_own_kernels(fwd):
+    """fwd with `nemo_qwen3_next.ops.own_kernels` on (our Triton conv and gated norm, the sequence-first GDN
+    path) while it runs; the backward follows what the forward chose."""
+    own = importlib.import_module("nemo_qwen3_next.ops.own_kernels")
 
     def run(x):
-        old, conv.CONV_KERNEL = conv.CONV_KERNEL, setting
+        old, own.ENABLED = own.ENABLED, "1"
         try:
             return fwd(x)
         finally:
-            conv.CONV_KERNEL = old
+            own.ENABLED = old
 
     return run
 
@@ -510,13 +511,13 @@ def main():
                     elif impl == "ours-fla":  # ours with fla's chunk kernel instead of FlashQLA
                         fwd, params = our_forward(module, B, T)
                         fwd = with_chunk_kernel("fla", fwd)
-                    elif impl == "ours-triton_conv":  # ours with our Triton causal conv instead of fla's
+                    elif impl == "ours-triton":  # ours with our Triton conv and gated norm (QWEN3_NEXT_OWN_KERNELS=1)
                         fwd, params = our_forward(module, B, T)
-                        fwd = with_conv_kernel("ours", fwd)
-                    elif impl == "ours-graphs-triton_conv":  # both; on a fresh layer, since a layer keeps the
-                        _LAYERS.pop("attn" if module == "attn" else "gdn", None)  # graphs it captured (fla's conv)
+                        fwd = with_own_kernels(fwd)
+                    elif impl == "ours-graphs-triton":  # both; on a fresh layer, since a layer keeps the
+                        _LAYERS.pop("attn" if module == "attn" else "gdn", None)  # graphs it captured (fla's kernels)
                         fwd, params = our_forward(module, B, T)
-                        fwd = with_mixer_graphs(module, with_conv_kernel("ours", fwd))
+                        fwd = with_mixer_graphs(module, with_own_kernels(fwd))
                     elif impl == "hf":
                         fwd, params = hf_forward()
                     elif impl == "ref":

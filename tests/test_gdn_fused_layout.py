@@ -100,8 +100,14 @@ def _run(layer, path, x, cu_seqlens):
     return y.detach(), {"x": x.grad, **{n: p.grad.clone() for n, p in layer.named_parameters()}}
 
 
-@pytest.mark.parametrize("case", ["b1", "b2", "packed", "b2-recompute", "b2-one-gemm"])
-def test_fused_path_equals_reference(layer, case):
+@pytest.mark.parametrize("case", ["b1", "b2", "packed", "b2-recompute", "b2-one-gemm", "b2-seq-first",
+                                  "b2-seq-first-recompute"])
+def test_fused_path_equals_reference(layer, case, monkeypatch):
+    """b2-seq-first: the planar path as it runs with our kernels (QWEN3_NEXT_OWN_KERNELS=1): sequence-first
+    GEMM outputs, the convs reading strided rows, z and the norm's output [b, s] views of [s, b] memory."""
+    from nemo_qwen3_next.ops import own_kernels
+
+    monkeypatch.setattr(own_kernels, "enabled", lambda: "seq-first" in case)
     torch.manual_seed(1)
     b, T, cu = (1, 40, None) if case in ("b1", "packed") else (2, 24, None)
     if case == "packed":  # three documents; the conv history and the state restart at each boundary
@@ -109,7 +115,7 @@ def test_fused_path_equals_reference(layer, case):
     x = torch.randn(T, b, layer.config.hidden_size)
     layer.train()
     layer.split_in_proj = case != "b2-one-gemm"  # False: the in_proj-module GEMM, split and cat, one conv
-    layer.config.linear_attention_recompute = case == "b2-recompute"
+    layer.config.linear_attention_recompute = case.endswith("recompute")
     try:
         y, g = _run(layer, layer._forward_fused, x, cu)
     finally:

@@ -63,7 +63,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.utils import divide
 
-from ..ops import causal_conv1d, gated_delta_rule
+from ..ops import causal_conv1d, gated_delta_rule, own_kernels
 from ..ops.gated_delta_rule import gdn_gate
 from ..parallel.context import causal_conv1d_cp, cp_group_or_none, gated_delta_rule_cp
 from .cuda_graphs import graphed_or_none
@@ -363,19 +363,32 @@ class GatedDeltaNet(MegatronModule):
         s, b = hidden_states.shape[:2]
         # Sequence parallelism gathers/scatters along dim 0 inside the linears: stay [s, b, *] there.
         batch_first = b > 1 and not self.config.sequence_parallel
+        planar = self._direct_in_proj_ok()
+        # Our conv reads strided rows and our gated norm writes its output in z's layout, so with them the
+        # planar path stays sequence-first at b > 1: no transpose of the input or the output (own_kernels).
+        seq_first = planar and batch_first and own_kernels.enabled()
+        if seq_first:
+            batch_first = False
         x = hidden_states.transpose(0, 1).contiguous() if batch_first else hidden_states
         Hk, G, r = self.num_key_heads, sum(self.group_split), self.heads_per_key
         dk, dv, Hv = self.key_head_dim, self.value_head_dim, self.num_value_heads
 
-        if self._direct_in_proj_ok():
+        if planar:
             # Planar: q, k, v, z and [b | a] from five GEMMs, each contiguous, so the three convs and the
             # chunk kernel copy nothing and nothing is concatenated (forward or backward). Here x is
-            # batch-first or b == 1, so its rows are (b, s)-ordered either way.
+            # batch-first or b == 1, so its rows are (b, s)-ordered, or (seq_first) (s, b)-ordered and the
+            # pieces are [b, s, *] views of [s, b, *] memory.
             w = self.in_proj.weight
             pieces = _PlanarPieces.apply(w.view(Hk, G, w.shape[-1]), self._proj_layout)
-            q, k, v, z, ba = (t.view(b, s, -1) for t in _SharedInputLinears.apply(x.reshape(b * s, -1), *pieces))
+            outs = _SharedInputLinears.apply(x.reshape(b * s, -1), *pieces)
+            if seq_first:
+                q, k, v, z, ba = (t.view(s, b, -1).transpose(0, 1) for t in outs)
+            else:
+                q, k, v, z, ba = (t.view(b, s, -1) for t in outs)
             beta, a = torch.split(ba, [Hv, Hv], dim=-1)
-            z = z.view(b, s, Hv, dv)  # contiguous
+            if seq_first:  # 2 x [b, s, Hv]: small, and the chunk kernels take their gates batch-first
+                beta, a = beta.contiguous(), a.contiguous()
+            z = z.view(b, s, Hv, dv)  # contiguous (seq_first: a [b, s] view of [s, b] memory)
             conv_in = (q, k, v)
         else:
             proj, _ = self.in_proj(x)
@@ -395,7 +408,7 @@ class GatedDeltaNet(MegatronModule):
         if batch_first:
             out, bias = self.out_proj(o)
             return out.transpose(0, 1).contiguous(), bias
-        return self.out_proj(o.transpose(0, 1).contiguous())
+        return self.out_proj(o.transpose(0, 1).contiguous())  # free when b == 1 or seq_first (already [s, b])
 
     def _mix_fused(self, z, beta, a, cu_seqlens, *conv_in):
         """conv -> gated delta rule -> gated norm on the fused path: what `linear_attention_recompute` recomputes.

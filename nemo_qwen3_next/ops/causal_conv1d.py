@@ -17,10 +17,9 @@ Backends ("auto" on CUDA, tried in order; imports are lazy since all need a GPU 
 
 0. ``triton``: ours (`causal_conv1d_triton`), for calls without ``cu_seqlens`` or states and width
    <= 4 (every training step without packing): one pass each way, the pre-activation recomputed in
-   registers. "auto" takes it only with ``CONV_KERNEL = "ours"`` (``QWEN3_NEXT_CONV_KERNEL=ours``):
-   it matches the reference under Triton's interpreter and compiles for sm_90a without spills, but has
-   not run on a GPU yet, so the vendors' kernels stay the default until the H200 test and timing
-   (`tests/test_gpu_speed_paths.py`, `benchmark.py --impls ours,ours-triton_conv`) say otherwise.
+   registers. "auto" takes it only with ``QWEN3_NEXT_OWN_KERNELS=1`` (`own_kernels`): it matches the
+   reference under Triton's interpreter and compiles for sm_90a without spills, but has not run on a
+   GPU yet, so the vendors' kernels stay the default until the H200 test and timing say otherwise.
 1. ``causal_conv1d`` (Dao-AILab): ``causal_conv1d_fn(x [B, D, T], weight [D, W], bias,
    seq_idx [B, T] int32, initial_states [B, D, W-1], return_final_states, activation)``.
    It cannot combine ``seq_idx`` with initial/final states, so packed input that needs
@@ -36,20 +35,17 @@ from __future__ import annotations
 
 import functools
 import inspect
-import os
 from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
+from . import own_kernels
 from .usage import record
 
 __all__ = ["causal_conv1d", "causal_conv1d_ref", "causal_conv1d_update"]
 
 _BACKENDS = ("auto", "torch", "triton", "causal_conv1d", "fla")
-# what backend="auto" takes on CUDA: "ours" (our Triton conv where it applies, else the vendors') or
-# "vendor" (Dao's / fla's kernels only; the default until ours has run on a GPU, see above)
-CONV_KERNEL = os.environ.get("QWEN3_NEXT_CONV_KERNEL", "vendor")
 _ACTIVATIONS = (None, "silu", "swish")
 
 
@@ -224,24 +220,13 @@ def causal_conv1d(
     )
 
 
-@functools.lru_cache(maxsize=None)
-def _triton_ok() -> bool:
-    try:
-        import triton  # noqa: F401
-    except Exception:
-        return False
-    return True
-
-
 def _run_kernel(backend: str, args):
     """Ours, Dao's kernel or fla's Triton conv for `backend`; None when `auto` finds none usable."""
     x, weight, bias, activation, cu_seqlens, initial_state, output_final_state = args
-    if CONV_KERNEL not in ("ours", "vendor"):
-        raise ValueError(f"QWEN3_NEXT_CONV_KERNEL must be 'ours' or 'vendor', got {CONV_KERNEL!r}")
-    if backend == "triton" or (backend == "auto" and CONV_KERNEL == "ours"):
+    if backend == "triton" or (backend == "auto" and own_kernels.enabled()):
         from . import causal_conv1d_triton as ours
 
-        if ours.supported(x, weight, cu_seqlens, initial_state, output_final_state) and _triton_ok():
+        if ours.supported(x, weight, cu_seqlens, initial_state, output_final_state) and own_kernels.triton_ok():
             record("causal_conv1d", "triton")
             return ours.causal_conv1d_triton(x, weight, bias, activation), None
         if backend == "triton":

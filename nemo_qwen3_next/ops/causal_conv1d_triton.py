@@ -12,7 +12,7 @@ Layout: ``x [B, T, D]`` channels last (any row strides, unit channel stride), ``
 ``y[t] = act(bias + sum_j weight[:, j] * x[t - (W-1) + j])`` with zeros before ``t = 0``, the same as
 `causal_conv1d_ref`. Widths below 4 run as width 4 with leading zero taps (same result).
 
-``causal_conv1d(..., backend="triton")``, or "auto" with ``QWEN3_NEXT_CONV_KERNEL=ours``, runs it on
+``causal_conv1d(..., backend="triton")``, or "auto" with ``QWEN3_NEXT_OWN_KERNELS=1``, runs it on
 CUDA when there is no ``cu_seqlens``, initial or final state (packed input and generation go to fla /
 Dao's kernel / the reference). Tests compare it with the reference under Triton's interpreter on CPU
 (`tests/test_conv_triton.py`, fp32: 1e-6) and in bf16 on GPU against the reference and fla

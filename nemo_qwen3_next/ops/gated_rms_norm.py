@@ -2,7 +2,9 @@
 
 ``gated_rms_norm`` is the dispatch seam: fla's fused Triton kernel (``fla.modules.fused_norm_gate.
 rms_norm_gated``: one pass forward, one pass backward, fp32 inside) for CUDA tensors, the plain-torch
-``gated_rms_norm_ref`` elsewhere.  The two differ only by rounding: the reference rounds ``x̂`` to the
+``gated_rms_norm_ref`` elsewhere; with ``QWEN3_NEXT_OWN_KERNELS=1`` (or ``backend="triton"``), our
+`gated_rms_norm_triton` for 4-D inputs, which reads x and z and writes the result each in its own
+layout (the GDN's sequence-first path).  The two differ only by rounding: the reference rounds ``x̂`` to the
 input dtype before the gain (HF's casts, kept bit for bit), the kernel keeps fp32 until the end.
 """
 
@@ -13,11 +15,12 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from . import own_kernels
 from .usage import record
 
 __all__ = ["gated_rms_norm", "gated_rms_norm_ref"]
 
-_BACKENDS = ("auto", "torch", "fla")
+_BACKENDS = ("auto", "torch", "triton", "fla")
 
 
 def gated_rms_norm_ref(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -44,10 +47,22 @@ def gated_rms_norm(
 ) -> torch.Tensor:
     """``x``, ``gate``: ``[..., D]`` (any strides), ``weight``: ``[D]``. Returns ``[..., D]`` in ``x.dtype``.
 
-    backend: ``"auto"`` (fla's kernel for CUDA tensors when importable), ``"torch"``, ``"fla"``.
+    backend: ``"auto"`` (fla's kernel for CUDA tensors when importable; ours first with
+    ``QWEN3_NEXT_OWN_KERNELS=1``), ``"torch"``, ``"triton"``, ``"fla"``.
     """
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    if backend == "triton" or (backend == "auto" and x.is_cuda and own_kernels.enabled()):
+        from . import gated_rms_norm_triton as ours
+
+        if ours.supported(x, gate) and own_kernels.triton_ok():
+            record("gated_rms_norm", "triton")
+            return ours.gated_rms_norm_triton(x, gate, weight, eps)
+        if backend == "triton":
+            raise ValueError(
+                "backend='triton' for the gated RMSNorm covers CUDA [B, S, H, D] x and gate of one shape with unit "
+                f"stride in D (needs triton); got x {tuple(x.shape)} on {x.device}, gate {tuple(gate.shape)}"
+            )
     use_ref = backend == "torch" or (backend == "auto" and not x.is_cuda)
     fn = None if use_ref else _load_fla_norm()
     if fn is None:

@@ -1,6 +1,7 @@
-"""Our Triton causal conv (`ops.causal_conv1d_triton`) on the CPU, through Triton's interpreter
-(``TRITON_INTERPRET=1``, in a child process: the switch is read when the kernels are built), against
-the plain-torch reference; and its dispatch rules. The GPU run is in `test_gpu_speed_paths.py`."""
+"""Our Triton kernels (`ops.causal_conv1d_triton`, `ops.gated_rms_norm_triton`) on the CPU, through
+Triton's interpreter (``TRITON_INTERPRET=1``, in a child process: the switch is read when the kernels
+are built), against the plain-torch references in float64; and their dispatch rules
+(`ops.own_kernels`). The bf16 GPU runs are in `test_gpu_speed_paths.py`."""
 
 from __future__ import annotations
 
@@ -45,11 +46,40 @@ CHILD = textwrap.dedent(
     """
 )
 
+NORM_CHILD = textwrap.dedent(
+    """
+    import torch
+    from nemo_qwen3_next.ops.gated_rms_norm import gated_rms_norm_ref
+    from nemo_qwen3_next.ops.gated_rms_norm_triton import _GatedRMSNormTriton
+
+    torch.manual_seed(0)
+    worst = 0.0
+    # [B, S, H, D]; z (and so the output) sequence-first as in the GDN's seq-first path, or like x;
+    # D off a power of two (masked lanes) and rows not a multiple of the 16 a program takes
+    for B, S, H, D, seq_first in [(2, 5, 3, 16, True), (1, 7, 4, 32, False), (3, 4, 2, 8, True), (2, 3, 5, 12, True)]:
+        x = torch.randn(B, S, H, D, requires_grad=True)
+        zs = torch.randn(S, B, H, D, requires_grad=True) if seq_first else torch.randn(B, S, H, D, requires_grad=True)
+        z = zs.transpose(0, 1) if seq_first else zs
+        w = (1 + 0.1 * torch.randn(D)).requires_grad_()
+        y = _GatedRMSNormTriton.apply(x, z, w, 1e-6)
+        assert y.stride() == z.stride(), (y.stride(), z.stride())  # written in z's layout
+        gy = torch.randn(B, S, H, D)
+        got = [y] + list(torch.autograd.grad(y, [x, zs, w], gy))
+        yr = gated_rms_norm_ref(x.double(), z.double(), w.double(), 1e-6)
+        want = [yr] + list(torch.autograd.grad(yr, [x, zs, w], gy.double()))
+        for g, r in zip(got, want):
+            worst = max(worst, ((g.double() - r.double()).norm() / r.double().norm()).item())
+    print("WORST", worst)
+    """
+)
+
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton (its CPU interpreter)")
-def test_triton_conv_interpreted_matches_reference():
+@pytest.mark.parametrize("kernel", ["conv", "norm"])
+def test_triton_kernel_interpreted_matches_reference(kernel):
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    out = subprocess.run([sys.executable, "-c", CHILD], env=env, capture_output=True, text=True, timeout=900)
+    code = CHILD if kernel == "conv" else NORM_CHILD
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     worst = float(out.stdout.split("WORST")[-1])
     assert worst < 1e-5, worst  # fp32 kernel math against the float64 reference
@@ -72,10 +102,19 @@ def test_auto_on_cpu_stays_on_the_reference():
     assert kernels_used() == ["causal_conv1d:torch"]
 
 
-def test_conv_kernel_setting_is_checked(monkeypatch):
-    import importlib
+def test_own_kernels_setting_is_checked(monkeypatch):
+    from nemo_qwen3_next.ops import own_kernels
 
-    conv = importlib.import_module("nemo_qwen3_next.ops.causal_conv1d")  # the module (ops exports the function)
-    monkeypatch.setattr(conv, "CONV_KERNEL", "fast")
-    with pytest.raises(ValueError, match="QWEN3_NEXT_CONV_KERNEL must be 'ours' or 'vendor', got 'fast'"):
-        causal_conv1d(torch.randn(1, 8, 4), torch.randn(4, 4), backend="triton")
+    monkeypatch.setattr(own_kernels, "ENABLED", "yes")
+    with pytest.raises(ValueError, match="QWEN3_NEXT_OWN_KERNELS must be 0 or 1, got 'yes'"):
+        own_kernels.enabled()
+    monkeypatch.setattr(own_kernels, "ENABLED", "0")
+    assert not own_kernels.enabled()
+
+
+def test_triton_norm_backend_refuses_cpu():
+    from nemo_qwen3_next.ops.gated_rms_norm import gated_rms_norm
+
+    x = torch.randn(1, 2, 3, 8)
+    with pytest.raises(ValueError, match="backend='triton' for the gated RMSNorm covers CUDA"):
+        gated_rms_norm(x, x, torch.ones(8), 1e-6, backend="triton")

@@ -1,0 +1,124 @@
+"""Our Triton gated RMSNorm, ``y = x̂ · w · silu(z)`` per row of the last dim, on any row strides.
+
+Why our own: fla's fused kernel flattens its inputs to rows, so x, z and y must share one row layout.
+The GDN's sequence-first path (`GatedDeltaNet._forward_fused` with our kernels) has the chunk rule's
+output ``o`` batch-first ``[b, s, Hv, Dv]`` but z (from in_proj) and the output (for out_proj)
+sequence-first: this kernel reads and writes each in its own layout, which saves the two batch-first
+transposes of the layer's input and output, forward and backward (4 x 64 MB at B=4 T=4096, 80B-A3B).
+
+Tensors are ``[B, S, H, D]`` with unit stride in D (any strides over B, S, H); ``y`` and ``dz`` take
+z's layout, ``dx`` takes x's (`torch.empty_like`). Math in fp32 (x̂ is not rounded to the input dtype,
+as fla's kernel; the reference `gated_rms_norm_ref` rounds it, HF's casts). ``rstd`` per row is
+saved for the backward; the gain's gradient is a per-program partial sum, reduced in torch.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+_ROWS = 16  # rows per program
+
+
+@functools.lru_cache(maxsize=None)
+def _kernels():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def fwd(x, z, w, y, rstd, N, S, H, D, eps, sxb, sxs, sxh, szb, szs, szh,
+            BR: tl.constexpr, BD: tl.constexpr):
+        r = tl.program_id(0) * BR + tl.arange(0, BR)
+        mr = r < N
+        d = tl.arange(0, BD)
+        md = d < D
+        m = mr[:, None] & md[None, :]
+        rb, rs_, rh = (r // (S * H)).to(tl.int64), ((r // H) % S).to(tl.int64), (r % H).to(tl.int64)
+        ox = rb * sxb + rs_ * sxs + rh * sxh  # row r = ((b * S) + s) * H + h, in each tensor's own layout
+        oz = rb * szb + rs_ * szs + rh * szh
+        bx = tl.load(x + ox[:, None] + d[None, :], mask=m, other=0.0).to(tl.float32)
+        bz = tl.load(z + oz[:, None] + d[None, :], mask=m, other=0.0).to(tl.float32)
+        bw = tl.load(w + d, mask=md, other=0.0).to(tl.float32)
+        rs = 1.0 / tl.sqrt(tl.sum(bx * bx, 1) / D + eps)
+        out = bx * rs[:, None] * bw[None, :] * (bz * tl.sigmoid(bz))
+        tl.store(y + oz[:, None] + d[None, :], out.to(y.dtype.element_ty), mask=m)  # y has z's layout
+        tl.store(rstd + r, rs, mask=mr)
+
+    @triton.jit
+    def bwd(x, z, w, dy, rstd, dx, dz, dwp, N, S, H, D, sxb, sxs, sxh, szb, szs, szh,
+            BR: tl.constexpr, BD: tl.constexpr):
+        pid = tl.program_id(0)
+        r = pid * BR + tl.arange(0, BR)
+        mr = r < N
+        d = tl.arange(0, BD)
+        md = d < D
+        m = mr[:, None] & md[None, :]
+        rb, rs_, rh = (r // (S * H)).to(tl.int64), ((r // H) % S).to(tl.int64), (r % H).to(tl.int64)
+        ox = rb * sxb + rs_ * sxs + rh * sxh  # row r = ((b * S) + s) * H + h, in each tensor's own layout
+        oz = rb * szb + rs_ * szs + rh * szh
+        bx = tl.load(x + ox[:, None] + d[None, :], mask=m, other=0.0).to(tl.float32)
+        bz = tl.load(z + oz[:, None] + d[None, :], mask=m, other=0.0).to(tl.float32)
+        bg = tl.load(dy + oz[:, None] + d[None, :], mask=m, other=0.0).to(tl.float32)  # dy has y's = z's layout
+        bw = tl.load(w + d, mask=md, other=0.0).to(tl.float32)
+        rs = tl.load(rstd + r, mask=mr, other=0.0)
+        xhat = bx * rs[:, None]
+        sg = tl.sigmoid(bz)
+        silu = bz * sg
+        gz = bg * xhat * bw[None, :] * sg * (1 + bz * (1 - sg))
+        gxh = bg * bw[None, :] * silu
+        c = tl.sum(gxh * xhat, 1) / D
+        gx = rs[:, None] * (gxh - xhat * c[:, None])
+        tl.store(dx + ox[:, None] + d[None, :], gx.to(dx.dtype.element_ty), mask=m)
+        tl.store(dz + oz[:, None] + d[None, :], gz.to(dz.dtype.element_ty), mask=m)
+        tl.store(dwp + pid.to(tl.int64) * D + d, tl.sum(bg * xhat * silu, 0), mask=md)
+
+    return triton, fwd, bwd
+
+
+def _strides(t):
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+class _GatedRMSNormTriton(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, z, w, eps):
+        triton, fwd, _ = _kernels()
+        B, S, H, D = x.shape
+        N = B * S * H
+        y = torch.empty_like(z, dtype=x.dtype)  # z's layout (a permuted dense layout is kept)
+        rstd = torch.empty(N, device=x.device, dtype=torch.float32)
+        grid = (triton.cdiv(N, _ROWS),)
+        fwd[grid](x, z, w, y, rstd, N, S, H, D, eps, *_strides(x), *_strides(z),
+                  BR=_ROWS, BD=triton.next_power_of_2(D), num_warps=4)
+        ctx.save_for_backward(x, z, w, rstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        triton, _, bwd = _kernels()
+        x, z, w, rstd = ctx.saved_tensors
+        B, S, H, D = x.shape
+        N = B * S * H
+        if dy.stride() != z.stride():  # the kernel reads dy in y's (= z's) layout
+            dy = torch.empty_like(z, dtype=dy.dtype).copy_(dy)
+        dx, dz = torch.empty_like(x), torch.empty_like(z)
+        grid = (triton.cdiv(N, _ROWS),)
+        dwp = torch.empty(grid[0], D, device=x.device, dtype=torch.float32)
+        bwd[grid](x, z, w, dy, rstd, dx, dz, dwp, N, S, H, D, *_strides(x), *_strides(z),
+                  BR=_ROWS, BD=triton.next_power_of_2(D), num_warps=4)
+        return dx, dz, dwp.sum(0).to(w.dtype), None
+
+
+def supported(x: torch.Tensor, z: torch.Tensor) -> bool:
+    """CUDA, 4-D ``[B, S, H, D]`` of one shape, unit stride in D, z densely laid out (y, dz take its layout)."""
+    return (
+        x.is_cuda and x.dim() == 4 and z.shape == x.shape and x.stride(-1) == 1 and z.stride(-1) == 1
+        and z.is_non_overlapping_and_dense() and x.is_non_overlapping_and_dense()
+        and x.dtype in (torch.bfloat16, torch.float16, torch.float32)
+    )
+
+
+def gated_rms_norm_triton(x: torch.Tensor, z: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """``[B, S, H, D]`` gated RMSNorm; the result in x's dtype, laid out like z (see the module docstring)."""
+    return _GatedRMSNormTriton.apply(x, z, w, eps)
