@@ -29,15 +29,21 @@ CHILD = textwrap.dedent(
     # (B, T, D, W, bias, silu, row-strided input): T below, at and off the 32-step program length
     for B, T, D, W, bias, silu, strided in [(2, 37, 48, 4, True, True, False), (1, 70, 300, 4, False, True, True),
                                             (2, 33, 16, 3, True, False, False), (1, 3, 8, 2, False, True, False),
-                                            (3, 64, 130, 4, False, False, True)]:
-        x = torch.randn(B, T, 2 * D if strided else D, requires_grad=True)  # fp32: what the kernel reads
-        xin = x[..., :D]  # strided rows when `strided` (the kernel takes any row stride)
+                                            (3, 64, 130, 4, False, False, True), (2, 40, 24, 4, True, True, "seq")]:
+        if strided == "seq":  # a [b, s] view of [s, b] memory, as the GDN's sequence-first path hands it over
+            x = torch.randn(T, B, D, requires_grad=True)
+            xin = x.transpose(0, 1)
+        else:
+            x = torch.randn(B, T, 2 * D if strided else D, requires_grad=True)  # fp32: what the kernel reads
+            xin = x[..., :D]  # strided rows when `strided` (the kernel takes any row stride)
         w = torch.randn(D, W, requires_grad=True)
         b = torch.randn(D, requires_grad=True) if bias else None
         leaves = [x, w] + ([b] if bias else [])
         gy = torch.randn(B, T, D)
         y = _CausalConv1dTriton.apply(xin, w, b, silu)
         got = [y] + list(torch.autograd.grad(y, leaves, gy))
+        gx = torch.autograd.grad(_CausalConv1dTriton.apply(xin, w, b, silu), xin, gy)[0]
+        assert gx.stride() == torch.empty_like(xin).stride(), (gx.stride(), xin.stride())  # dx in x's layout
         yr, _ = causal_conv1d_ref(xin.double(), w.double(), None if b is None else b.double(), "silu" if silu else None)
         want = [yr] + list(torch.autograd.grad(yr, leaves, gy.double()))
         for g, r in zip(got, want):

@@ -180,7 +180,7 @@ class _CausalConv1dTriton(torch.autograd.Function):
         wp = _padded_weight(weight)
         bp = bias.detach().float().contiguous() if bias is not None else wp
         rows = B * (-(-T // _ROWS))
-        dx = torch.empty(B, T, D, device=x.device, dtype=x.dtype)
+        dx = torch.empty_like(x)  # x's layout (a [b, s] view of [s, b] memory stays one, so no copy follows)
         dwp = torch.empty(rows, W_MAX, D, device=x.device, dtype=torch.float32)
         dbp = torch.empty(rows, D, device=x.device, dtype=torch.float32) if bias is not None else dwp
         bwd[_grid(B, T, D)](x, wp, bp, dy, dx, dwp, dbp, T, D, x.stride(0), x.stride(1), dy.stride(0), dy.stride(1),
