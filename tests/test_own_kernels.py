@@ -62,13 +62,21 @@ NORM_CHILD = textwrap.dedent(
     worst = 0.0
     # [B, S, H, D]; z (and so the output) sequence-first as in the GDN's seq-first path, or like x;
     # D off a power of two (masked lanes) and rows not a multiple of the 16 a program takes
-    for B, S, H, D, seq_first in [(2, 5, 3, 16, True), (1, 7, 4, 32, False), (3, 4, 2, 8, True), (2, 3, 5, 12, True)]:
+    # ("slice": z a non-dense slice of a wider tensor, so the output comes back contiguous)
+    for B, S, H, D, zlay in [(2, 5, 3, 16, "seq"), (1, 7, 4, 32, "same"), (3, 4, 2, 8, "seq"), (2, 3, 5, 12, "seq"),
+                             (2, 4, 3, 8, "slice")]:
         x = torch.randn(B, S, H, D, requires_grad=True)
-        zs = torch.randn(S, B, H, D, requires_grad=True) if seq_first else torch.randn(B, S, H, D, requires_grad=True)
-        z = zs.transpose(0, 1) if seq_first else zs
+        if zlay == "seq":
+            zs = torch.randn(S, B, H, D, requires_grad=True)
+            z = zs.transpose(0, 1)
+        elif zlay == "slice":
+            zs = torch.randn(B, S, H, 2 * D, requires_grad=True)
+            z = zs[..., :D]
+        else:
+            zs = z = torch.randn(B, S, H, D, requires_grad=True)
         w = (1 + 0.1 * torch.randn(D)).requires_grad_()
         y = _GatedRMSNormTriton.apply(x, z, w, 1e-6)
-        assert y.stride() == z.stride(), (y.stride(), z.stride())  # written in z's layout
+        assert y.stride() == (z.stride() if zlay != "slice" else y.contiguous().stride()), (y.stride(), z.stride())
         gy = torch.randn(B, S, H, D)
         got = [y] + list(torch.autograd.grad(y, [x, zs, w], gy))
         yr = gated_rms_norm_ref(x.double(), z.double(), w.double(), 1e-6)

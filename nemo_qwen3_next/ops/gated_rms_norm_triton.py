@@ -6,8 +6,9 @@ output ``o`` batch-first ``[b, s, Hv, Dv]`` but z (from in_proj) and the output 
 sequence-first: this kernel reads and writes each in its own layout, which saves the two batch-first
 transposes of the layer's input and output, forward and backward (4 x 64 MB at B=4 T=4096, 80B-A3B).
 
-Tensors are ``[B, S, H, D]`` with unit stride in D (any strides over B, S, H); ``y`` and ``dz`` take
-z's layout, ``dx`` takes x's (`torch.empty_like`). Math in fp32 (x̂ is not rounded to the input dtype,
+Tensors are ``[B, S, H, D]`` with unit stride in D (any strides over B, S, H; each tensor's own);
+``y`` and ``dz`` take z's layout, ``dx`` takes x's (`torch.empty_like`: a dense permuted layout is
+kept, anything else becomes contiguous). Math in fp32 (x̂ is not rounded to the input dtype,
 as fla's kernel; the reference `gated_rms_norm_ref` rounds it, HF's casts). ``rstd`` per row is
 saved for the backward; the gain's gradient is a per-program partial sum, reduced in torch.
 """
@@ -27,7 +28,7 @@ def _kernels():
     import triton.language as tl
 
     @triton.jit
-    def fwd(x, z, w, y, rstd, N, S, H, D, eps, sxb, sxs, sxh, szb, szs, szh,
+    def fwd(x, z, w, y, rstd, N, S, H, D, eps, sxb, sxs, sxh, szb, szs, szh, syb, sys, syh,
             BR: tl.constexpr, BD: tl.constexpr):
         r = tl.program_id(0) * BR + tl.arange(0, BR)
         mr = r < N
@@ -42,12 +43,13 @@ def _kernels():
         bw = tl.load(w + d, mask=md, other=0.0).to(tl.float32)
         rs = 1.0 / tl.sqrt(tl.sum(bx * bx, 1) / D + eps)
         out = bx * rs[:, None] * bw[None, :] * (bz * tl.sigmoid(bz))
-        tl.store(y + oz[:, None] + d[None, :], out.to(y.dtype.element_ty), mask=m)  # y has z's layout
+        oy = rb * syb + rs_ * sys + rh * syh
+        tl.store(y + oy[:, None] + d[None, :], out.to(y.dtype.element_ty), mask=m)
         tl.store(rstd + r, rs, mask=mr)
 
     @triton.jit
-    def bwd(x, z, w, dy, rstd, dx, dz, dwp, N, S, H, D, sxb, sxs, sxh, szb, szs, szh,
-            BR: tl.constexpr, BD: tl.constexpr):
+    def bwd(x, z, w, dy, rstd, dx, dz, dwp, N, S, H, D, sxb, sxs, sxh, szb, szs, szh, sgb, sgs, sgh,
+            sdxb, sdxs, sdxh, sdzb, sdzs, sdzh, BR: tl.constexpr, BD: tl.constexpr):
         pid = tl.program_id(0)
         r = pid * BR + tl.arange(0, BR)
         mr = r < N
@@ -59,7 +61,8 @@ def _kernels():
         oz = rb * szb + rs_ * szs + rh * szh
         bx = tl.load(x + ox[:, None] + d[None, :], mask=m, other=0.0).to(tl.float32)
         bz = tl.load(z + oz[:, None] + d[None, :], mask=m, other=0.0).to(tl.float32)
-        bg = tl.load(dy + oz[:, None] + d[None, :], mask=m, other=0.0).to(tl.float32)  # dy has y's = z's layout
+        og = rb * sgb + rs_ * sgs + rh * sgh
+        bg = tl.load(dy + og[:, None] + d[None, :], mask=m, other=0.0).to(tl.float32)
         bw = tl.load(w + d, mask=md, other=0.0).to(tl.float32)
         rs = tl.load(rstd + r, mask=mr, other=0.0)
         xhat = bx * rs[:, None]
@@ -69,8 +72,10 @@ def _kernels():
         gxh = bg * bw[None, :] * silu
         c = tl.sum(gxh * xhat, 1) / D
         gx = rs[:, None] * (gxh - xhat * c[:, None])
-        tl.store(dx + ox[:, None] + d[None, :], gx.to(dx.dtype.element_ty), mask=m)
-        tl.store(dz + oz[:, None] + d[None, :], gz.to(dz.dtype.element_ty), mask=m)
+        odx = rb * sdxb + rs_ * sdxs + rh * sdxh
+        odz = rb * sdzb + rs_ * sdzs + rh * sdzh
+        tl.store(dx + odx[:, None] + d[None, :], gx.to(dx.dtype.element_ty), mask=m)
+        tl.store(dz + odz[:, None] + d[None, :], gz.to(dz.dtype.element_ty), mask=m)
         tl.store(dwp + pid.to(tl.int64) * D + d, tl.sum(bg * xhat * silu, 0), mask=md)
 
     return triton, fwd, bwd
@@ -86,10 +91,10 @@ class _GatedRMSNormTriton(torch.autograd.Function):
         triton, fwd, _ = _kernels()
         B, S, H, D = x.shape
         N = B * S * H
-        y = torch.empty_like(z, dtype=x.dtype)  # z's layout (a permuted dense layout is kept)
+        y = torch.empty_like(z, dtype=x.dtype)  # z's layout when z is dense (a permutation is kept), else contiguous
         rstd = torch.empty(N, device=x.device, dtype=torch.float32)
         grid = (triton.cdiv(N, _ROWS),)
-        fwd[grid](x, z, w, y, rstd, N, S, H, D, eps, *_strides(x), *_strides(z),
+        fwd[grid](x, z, w, y, rstd, N, S, H, D, eps, *_strides(x), *_strides(z), *_strides(y),
                   BR=_ROWS, BD=triton.next_power_of_2(D), num_warps=4)
         ctx.save_for_backward(x, z, w, rstd)
         return y
@@ -100,21 +105,20 @@ class _GatedRMSNormTriton(torch.autograd.Function):
         x, z, w, rstd = ctx.saved_tensors
         B, S, H, D = x.shape
         N = B * S * H
-        if dy.stride() != z.stride():  # the kernel reads dy in y's (= z's) layout
-            dy = torch.empty_like(z, dtype=dy.dtype).copy_(dy)
-        dx, dz = torch.empty_like(x), torch.empty_like(z)
+        if dy.stride(-1) != 1:
+            dy = dy.contiguous()
+        dx, dz = torch.empty_like(x), torch.empty_like(z)  # each in its input's layout (when dense)
         grid = (triton.cdiv(N, _ROWS),)
         dwp = torch.empty(grid[0], D, device=x.device, dtype=torch.float32)
-        bwd[grid](x, z, w, dy, rstd, dx, dz, dwp, N, S, H, D, *_strides(x), *_strides(z),
-                  BR=_ROWS, BD=triton.next_power_of_2(D), num_warps=4)
+        bwd[grid](x, z, w, dy, rstd, dx, dz, dwp, N, S, H, D, *_strides(x), *_strides(z), *_strides(dy),
+                  *_strides(dx), *_strides(dz), BR=_ROWS, BD=triton.next_power_of_2(D), num_warps=4)
         return dx, dz, dwp.sum(0).to(w.dtype), None
 
 
 def supported(x: torch.Tensor, z: torch.Tensor) -> bool:
-    """CUDA, 4-D ``[B, S, H, D]`` of one shape, unit stride in D, z densely laid out (y, dz take its layout)."""
+    """CUDA, 4-D ``[B, S, H, D]`` of one shape, unit stride in D (any strides over B, S, H)."""
     return (
         x.is_cuda and x.dim() == 4 and z.shape == x.shape and x.stride(-1) == 1 and z.stride(-1) == 1
-        and z.is_non_overlapping_and_dense() and x.is_non_overlapping_and_dense()
         and x.dtype in (torch.bfloat16, torch.float16, torch.float32)
     )
 
