@@ -132,3 +132,61 @@ def test_triton_norm_backend_refuses_cpu():
     x = torch.randn(1, 2, 3, 8)
     with pytest.raises(ValueError, match="backend='triton' for the gated RMSNorm covers CUDA"):
         gated_rms_norm(x, x, torch.ones(8), 1e-6, backend="triton")
+
+
+LAYER_CHILD = textwrap.dedent(
+    """
+    import torch
+    import nemo_qwen3_next.modules.gated_delta_net as gdn
+    from nemo_qwen3_next.config import qwen3_next_tiny_5m
+    from nemo_qwen3_next.model import init_distributed
+    from nemo_qwen3_next.ops import causal_conv1d_triton, gated_rms_norm_triton, own_kernels
+    from nemo_qwen3_next.ops.usage import kernels_used, reset
+    from nemo_qwen3_next.spec import get_qwen3_next_layer_spec
+    from megatron.core.transformer.spec_utils import build_module
+
+    init_distributed()
+    cfg = qwen3_next_tiny_5m(hidden_size=32, linear_num_key_heads=2, linear_num_value_heads=6, linear_key_head_dim=8,
+                             linear_value_head_dim=16, linear_attention_chunk_size=8, params_dtype=torch.float32,
+                             bf16=False)
+    torch.manual_seed(0)
+    m = build_module(get_qwen3_next_layer_spec(cfg, backend="local").submodules.linear_attention, config=cfg,
+                     layer_number=1)
+    with torch.no_grad():
+        m.out_norm.weight.add_(0.1 * torch.randn_like(m.out_norm.weight))
+    m.backend = "torch"  # the delta rule's reference; the conv and the norm are ours (interpreted) below
+    m.out_norm.backend = "triton"
+    conv = gdn.causal_conv1d  # the layer passes its own backend=: route every conv call to ours
+    gdn.causal_conv1d = lambda *a, backend=None, **k: conv(*a, backend="triton", **k)
+    causal_conv1d_triton.supported = lambda x, *a: True  # the interpreter runs on CPU tensors
+    gated_rms_norm_triton.supported = lambda x, z: True
+    own_kernels.enabled = lambda: True  # the sequence-first planar path
+
+    def run(path, x):
+        m.zero_grad(set_to_none=True)
+        x = x.detach().requires_grad_(True)
+        y, _ = path(x, None)
+        (y * probe).sum().backward()
+        return [y.detach(), x.grad] + [p.grad.clone() for p in m.parameters()]
+
+    x = torch.randn(24, 2, 32)  # [s, b, H], b = 2: the sequence-first path
+    probe = torch.randn(24, 2, 32)
+    reset()
+    got = run(m._forward_fused, x)
+    assert {"causal_conv1d:triton", "gated_rms_norm:triton"} <= set(kernels_used()), kernels_used()
+    want = run(m._forward_reference, x)
+    print("WORST", max(((g - w).norm() / w.norm()).item() for g, w in zip(got, want)))
+    """
+)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton (its CPU interpreter)")
+def test_gdn_sequence_first_path_with_our_kernels_equals_reference():
+    """The GDN layer's fused path as it runs on the GPU with QWEN3_NEXT_OWN_KERNELS=1 (sequence-first planar
+    GEMMs, our conv reading their strided views, our norm writing the output sequence-first), our kernels
+    interpreted on CPU, against `_forward_reference`: output, input gradient and every parameter gradient."""
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    out = subprocess.run([sys.executable, "-c", LAYER_CHILD], env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    worst = float(out.stdout.split("WORST")[-1])
+    assert worst < 1e-5, worst
