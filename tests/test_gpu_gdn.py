@@ -79,8 +79,15 @@ def _probe(y):
     return torch.randn(y.shape, generator=g, device=y.device, dtype=torch.float32)
 
 
+@pytest.mark.parametrize("own", [False, True], ids=["vendor", "own_kernels"])
 @pytest.mark.parametrize("B,T", [(2, 300), (1, 1024)])
-def test_gdn_fused_bf16_vs_fp32_reference(dist, B, T):
+def test_gdn_fused_bf16_vs_fp32_reference(dist, B, T, own, monkeypatch):
+    """own_kernels: QWEN3_NEXT_OWN_KERNELS=1 (our conv and gated norm; at B=2 the sequence-first path)."""
+    from nemo_qwen3_next.ops import own_kernels
+    from nemo_qwen3_next.ops.usage import kernels_used, reset
+
+    monkeypatch.setattr(own_kernels, "ENABLED", "1" if own else "0")
+    reset()
     cfg = gdn_config()
     ref = build_gdn(cfg)
     ref.backend = ref.out_norm.backend = "torch"
@@ -93,6 +100,7 @@ def test_gdn_fused_bf16_vs_fp32_reference(dist, B, T):
     y_ref, g_ref = run(ref, x)
     y, g = run(fused, x.bfloat16())
     assert torch.isfinite(y).all()
+    assert own == ("causal_conv1d:triton" in kernels_used()) == ("gated_rms_norm:triton" in kernels_used())
     e = rel(y, y_ref)
     print(f"\nB={B} T={T} fwd rel err {e:.2e}")
     assert e <= 1e-2, f"forward relative error {e}"
