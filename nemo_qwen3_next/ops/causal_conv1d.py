@@ -220,15 +220,28 @@ def causal_conv1d(
     )
 
 
+def _ours_cover(x, weight, cu_seqlens, initial_state, output_final_state) -> bool:
+    """Whether our Triton conv takes this call: CUDA, no packing or states, width <= 4, unit channel stride."""
+    return (
+        x.is_cuda
+        and cu_seqlens is None
+        and initial_state is None
+        and not output_final_state
+        and weight.shape[1] <= 4
+        and x.stride(-1) == 1
+        and x.dtype in (torch.bfloat16, torch.float16, torch.float32)
+    )
+
+
 def _run_kernel(backend: str, args):
     """Ours, Dao's kernel or fla's Triton conv for `backend`; None when `auto` finds none usable."""
     x, weight, bias, activation, cu_seqlens, initial_state, output_final_state = args
     if backend == "triton" or (backend == "auto" and own_kernels.enabled()):
-        from . import causal_conv1d_triton as ours
+        if _ours_cover(x, weight, cu_seqlens, initial_state, output_final_state) and own_kernels.triton_ok():
+            from .causal_conv1d_triton import causal_conv1d_triton  # imports triton
 
-        if ours.supported(x, weight, cu_seqlens, initial_state, output_final_state) and own_kernels.triton_ok():
             record("causal_conv1d", "triton")
-            return ours.causal_conv1d_triton(x, weight, bias, activation), None
+            return causal_conv1d_triton(x, weight, bias, activation), None
         if backend == "triton":
             raise ValueError(
                 "backend='triton' covers CUDA calls without cu_seqlens or states, width <= 4 and unit channel "

@@ -12,6 +12,7 @@ Layout: ``x [B, T, D]`` channels last (any row strides, unit channel stride), ``
 ``y[t] = act(bias + sum_j weight[:, j] * x[t - (W-1) + j])`` with zeros before ``t = 0``, the same as
 `causal_conv1d_ref`. Widths below 4 run as width 4 with leading zero taps (same result).
 
+Imports triton at load: `causal_conv1d` imports this module only where triton is installed.
 ``causal_conv1d(..., backend="triton")``, or "auto" with ``QWEN3_NEXT_OWN_KERNELS=1``, runs it on
 CUDA when there is no ``cu_seqlens``, initial or final state (packed input and generation go to fla /
 Dao's kernel / the reference). Tests compare it with the reference under Triton's interpreter on CPU
@@ -22,126 +23,117 @@ hence opt-in for now.
 
 from __future__ import annotations
 
-import functools
 import os
 from typing import Optional
 
 import torch
+import triton
+import triton.language as tl
 
 W_MAX = 4  # taps the kernels are written for (Qwen3-Next uses 4)
 _ROWS = 32  # time steps per program: enough programs at B=1 T=4096, little warm-up re-reading
 
+# 4 channels a thread (the backward then needs 128 registers, no spills on sm_90a)
+_CONFIGS = [triton.Config({"BD": bd}, num_warps=nw) for bd, nw in ((128, 1), (256, 2), (512, 4))]
+if os.environ.get("TRITON_INTERPRET") == "1":  # Triton's CPU interpreter (tests) cannot benchmark configs
+    _CONFIGS = _CONFIGS[:1]
 
-@functools.lru_cache(maxsize=None)
-def _kernels():
-    """Build the kernels on first use (importing triton needs it installed; CPU CI never gets here)."""
-    import triton
-    import triton.language as tl
 
-    configs = [triton.Config({"BD": bd}, num_warps=nw) for bd, nw in ((128, 1), (256, 2), (512, 4))]  # 4 channels a thread (128 registers in bwd, no spills)
-    if os.environ.get("TRITON_INTERPRET") == "1":  # Triton's CPU interpreter (tests) cannot benchmark configs
-        configs = configs[:1]
+@triton.jit
+def _taps(w, b, d, md, HAS_BIAS: tl.constexpr, BD: tl.constexpr):
+    """The four (right-aligned, fp32) taps and the bias of channels d."""
+    w0 = tl.load(w + d * 4 + 0, mask=md, other=0.0)
+    w1 = tl.load(w + d * 4 + 1, mask=md, other=0.0)
+    w2 = tl.load(w + d * 4 + 2, mask=md, other=0.0)
+    w3 = tl.load(w + d * 4 + 3, mask=md, other=0.0)
+    bias = tl.zeros([BD], tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(b + d, mask=md, other=0.0)
+    return w0, w1, w2, w3, bias
 
-    @triton.autotune(configs=configs, key=["D"])
-    @triton.jit
-    def fwd(x, w, b, y, T, D, sxb, sxt, syb, syt,
-            L: tl.constexpr, BD: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr):
-        pid_d, pid_t, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        d = pid_d * BD + tl.arange(0, BD)
-        md = d < D
-        w0 = tl.load(w + d * 4 + 0, mask=md, other=0.0)
-        w1 = tl.load(w + d * 4 + 1, mask=md, other=0.0)
-        w2 = tl.load(w + d * 4 + 2, mask=md, other=0.0)
-        w3 = tl.load(w + d * 4 + 3, mask=md, other=0.0)
-        bias = tl.zeros([BD], tl.float32)
-        if HAS_BIAS:
-            bias = tl.load(b + d, mask=md, other=0.0)
-        xb = x + pid_b.to(tl.int64) * sxb + d
-        yb = y + pid_b.to(tl.int64) * syb + d
-        t0 = pid_t * L
-        xm3 = tl.load(xb + (t0 - 3).to(tl.int64) * sxt, mask=md & (t0 >= 3), other=0.0).to(tl.float32)
-        xm2 = tl.load(xb + (t0 - 2).to(tl.int64) * sxt, mask=md & (t0 >= 2), other=0.0).to(tl.float32)
-        xm1 = tl.load(xb + (t0 - 1).to(tl.int64) * sxt, mask=md & (t0 >= 1), other=0.0).to(tl.float32)
-        for i in tl.static_range(L):  # unrolled: the compiler can issue later rows' loads early
-            t = t0 + i
-            m = md & (t < T)
-            x0 = tl.load(xb + t.to(tl.int64) * sxt, mask=m, other=0.0).to(tl.float32)
-            acc = bias + w0 * xm3 + w1 * xm2 + w2 * xm1 + w3 * x0
-            if SILU:
-                acc = acc * tl.sigmoid(acc)
-            tl.store(yb + t.to(tl.int64) * syt, acc.to(y.dtype.element_ty), mask=m)
-            xm3, xm2, xm1 = xm2, xm1, x0
 
-    @triton.autotune(configs=configs, key=["D"])
-    @triton.jit
-    def bwd(x, w, b, dy, dx, dwp, dbp, T, D, sxb, sxt, sgb, sgt, sdb, sdt,
-            L: tl.constexpr, BD: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr):
-        pid_d, pid_t, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        d = pid_d * BD + tl.arange(0, BD)
-        md = d < D
-        w0 = tl.load(w + d * 4 + 0, mask=md, other=0.0)
-        w1 = tl.load(w + d * 4 + 1, mask=md, other=0.0)
-        w2 = tl.load(w + d * 4 + 2, mask=md, other=0.0)
-        w3 = tl.load(w + d * 4 + 3, mask=md, other=0.0)
-        bias = tl.zeros([BD], tl.float32)
-        if HAS_BIAS:
-            bias = tl.load(b + d, mask=md, other=0.0)
-        xb = x + pid_b.to(tl.int64) * sxb + d
-        gb = dy + pid_b.to(tl.int64) * sgb + d
-        ob = dx + pid_b.to(tl.int64) * sdb + d
-        t0 = pid_t * L
-        # the window: x at t-3 .. t+2 and g = dL/d(pre-activation) at t .. t+2 (zero past T: dy masked)
-        xm3 = tl.load(xb + (t0 - 3).to(tl.int64) * sxt, mask=md & (t0 >= 3), other=0.0).to(tl.float32)
-        xm2 = tl.load(xb + (t0 - 2).to(tl.int64) * sxt, mask=md & (t0 >= 2), other=0.0).to(tl.float32)
-        xm1 = tl.load(xb + (t0 - 1).to(tl.int64) * sxt, mask=md & (t0 >= 1), other=0.0).to(tl.float32)
-        x0 = tl.load(xb + t0.to(tl.int64) * sxt, mask=md & (t0 < T), other=0.0).to(tl.float32)
-        xp1 = tl.load(xb + (t0 + 1).to(tl.int64) * sxt, mask=md & (t0 + 1 < T), other=0.0).to(tl.float32)
-        xp2 = tl.load(xb + (t0 + 2).to(tl.int64) * sxt, mask=md & (t0 + 2 < T), other=0.0).to(tl.float32)
-        g0 = tl.load(gb + t0.to(tl.int64) * sgt, mask=md & (t0 < T), other=0.0).to(tl.float32)
-        g1 = tl.load(gb + (t0 + 1).to(tl.int64) * sgt, mask=md & (t0 + 1 < T), other=0.0).to(tl.float32)
-        g2 = tl.load(gb + (t0 + 2).to(tl.int64) * sgt, mask=md & (t0 + 2 < T), other=0.0).to(tl.float32)
+@triton.jit
+def _row(p, t, stride, md, T):
+    """Row t of a [T, channels] plane in fp32; zeros outside 0 <= t < T (the causal padding, the tail)."""
+    return tl.load(p + t.to(tl.int64) * stride, mask=md & (t >= 0) & (t < T), other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _dsilu(g, p):
+    """g * silu'(p)."""
+    s = tl.sigmoid(p)
+    return g * s * (1 + p * (1 - s))
+
+
+@triton.autotune(configs=_CONFIGS, key=["D"])
+@triton.jit
+def _fwd(x, w, b, y, T, D, sxb, sxt, syb, syt,
+         L: tl.constexpr, BD: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr):
+    pid_d, pid_t, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    d = pid_d * BD + tl.arange(0, BD)
+    md = d < D
+    w0, w1, w2, w3, bias = _taps(w, b, d, md, HAS_BIAS, BD)
+    xb = x + pid_b.to(tl.int64) * sxb + d
+    yb = y + pid_b.to(tl.int64) * syb + d
+    t0 = pid_t * L
+    xm3, xm2, xm1 = _row(xb, t0 - 3, sxt, md, T), _row(xb, t0 - 2, sxt, md, T), _row(xb, t0 - 1, sxt, md, T)
+    for i in tl.static_range(L):  # unrolled: the compiler can issue later rows' loads early
+        t = t0 + i
+        x0 = _row(xb, t, sxt, md, T)
+        acc = bias + w0 * xm3 + w1 * xm2 + w2 * xm1 + w3 * x0
         if SILU:
-            p = bias + w0 * xm3 + w1 * xm2 + w2 * xm1 + w3 * x0
-            s = tl.sigmoid(p)
-            g0 = g0 * s * (1 + p * (1 - s))
-            p = bias + w0 * xm2 + w1 * xm1 + w2 * x0 + w3 * xp1
-            s = tl.sigmoid(p)
-            g1 = g1 * s * (1 + p * (1 - s))
-            p = bias + w0 * xm1 + w1 * x0 + w2 * xp1 + w3 * xp2
-            s = tl.sigmoid(p)
-            g2 = g2 * s * (1 + p * (1 - s))
-        dw0 = tl.zeros([BD], tl.float32)
-        dw1 = tl.zeros([BD], tl.float32)
-        dw2 = tl.zeros([BD], tl.float32)
-        dw3 = tl.zeros([BD], tl.float32)
-        db = tl.zeros([BD], tl.float32)
-        for i in tl.static_range(L):  # unrolled: the compiler can issue later rows' loads early
-            t = t0 + i
-            xp3 = tl.load(xb + (t + 3).to(tl.int64) * sxt, mask=md & (t + 3 < T), other=0.0).to(tl.float32)
-            g3 = tl.load(gb + (t + 3).to(tl.int64) * sgt, mask=md & (t + 3 < T), other=0.0).to(tl.float32)
-            if SILU:
-                p = bias + w0 * x0 + w1 * xp1 + w2 * xp2 + w3 * xp3
-                s = tl.sigmoid(p)
-                g3 = g3 * s * (1 + p * (1 - s))
-            # y[t + 3 - j] reads x[t] through tap j
-            gx = w3 * g0 + w2 * g1 + w1 * g2 + w0 * g3
-            tl.store(ob + t.to(tl.int64) * sdt, gx.to(dx.dtype.element_ty), mask=md & (t < T))
-            dw0 += g0 * xm3
-            dw1 += g0 * xm2
-            dw2 += g0 * xm1
-            dw3 += g0 * x0
-            db += g0
-            xm3, xm2, xm1, x0, xp1, xp2 = xm2, xm1, x0, xp1, xp2, xp3
-            g0, g1, g2 = g1, g2, g3
-        row = (pid_b * tl.num_programs(1) + pid_t).to(tl.int64)
-        tl.store(dwp + row * 4 * D + 0 * D + d, dw0, mask=md)
-        tl.store(dwp + row * 4 * D + 1 * D + d, dw1, mask=md)
-        tl.store(dwp + row * 4 * D + 2 * D + d, dw2, mask=md)
-        tl.store(dwp + row * 4 * D + 3 * D + d, dw3, mask=md)
-        if HAS_BIAS:
-            tl.store(dbp + row * D + d, db, mask=md)
+            acc = acc * tl.sigmoid(acc)
+        tl.store(yb + t.to(tl.int64) * syt, acc.to(y.dtype.element_ty), mask=md & (t < T))
+        xm3, xm2, xm1 = xm2, xm1, x0
 
-    return triton, fwd, bwd
+
+@triton.autotune(configs=_CONFIGS, key=["D"])
+@triton.jit
+def _bwd(x, w, b, dy, dx, dwp, dbp, T, D, sxb, sxt, sgb, sgt, sdb, sdt,
+         L: tl.constexpr, BD: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr):
+    pid_d, pid_t, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    d = pid_d * BD + tl.arange(0, BD)
+    md = d < D
+    w0, w1, w2, w3, bias = _taps(w, b, d, md, HAS_BIAS, BD)
+    xb = x + pid_b.to(tl.int64) * sxb + d
+    gb = dy + pid_b.to(tl.int64) * sgb + d
+    ob = dx + pid_b.to(tl.int64) * sdb + d
+    t0 = pid_t * L
+    # the window: x at t-3 .. t+2 and g = dL/d(pre-activation) at t .. t+2 (zero past T: dy masked)
+    xm3, xm2, xm1 = _row(xb, t0 - 3, sxt, md, T), _row(xb, t0 - 2, sxt, md, T), _row(xb, t0 - 1, sxt, md, T)
+    x0, xp1, xp2 = _row(xb, t0, sxt, md, T), _row(xb, t0 + 1, sxt, md, T), _row(xb, t0 + 2, sxt, md, T)
+    g0, g1, g2 = _row(gb, t0, sgt, md, T), _row(gb, t0 + 1, sgt, md, T), _row(gb, t0 + 2, sgt, md, T)
+    if SILU:
+        g0 = _dsilu(g0, bias + w0 * xm3 + w1 * xm2 + w2 * xm1 + w3 * x0)
+        g1 = _dsilu(g1, bias + w0 * xm2 + w1 * xm1 + w2 * x0 + w3 * xp1)
+        g2 = _dsilu(g2, bias + w0 * xm1 + w1 * x0 + w2 * xp1 + w3 * xp2)
+    dw0 = tl.zeros([BD], tl.float32)
+    dw1 = tl.zeros([BD], tl.float32)
+    dw2 = tl.zeros([BD], tl.float32)
+    dw3 = tl.zeros([BD], tl.float32)
+    db = tl.zeros([BD], tl.float32)
+    for i in tl.static_range(L):  # unrolled: the compiler can issue later rows' loads early
+        t = t0 + i
+        xp3, g3 = _row(xb, t + 3, sxt, md, T), _row(gb, t + 3, sgt, md, T)
+        if SILU:
+            g3 = _dsilu(g3, bias + w0 * x0 + w1 * xp1 + w2 * xp2 + w3 * xp3)
+        # y[t + 3 - j] reads x[t] through tap j
+        gx = w3 * g0 + w2 * g1 + w1 * g2 + w0 * g3
+        tl.store(ob + t.to(tl.int64) * sdt, gx.to(dx.dtype.element_ty), mask=md & (t < T))
+        dw0 += g0 * xm3
+        dw1 += g0 * xm2
+        dw2 += g0 * xm1
+        dw3 += g0 * x0
+        db += g0
+        xm3, xm2, xm1, x0, xp1, xp2 = xm2, xm1, x0, xp1, xp2, xp3
+        g0, g1, g2 = g1, g2, g3
+    row = (pid_b * tl.num_programs(1) + pid_t).to(tl.int64)
+    tl.store(dwp + row * 4 * D + 0 * D + d, dw0, mask=md)
+    tl.store(dwp + row * 4 * D + 1 * D + d, dw1, mask=md)
+    tl.store(dwp + row * 4 * D + 2 * D + d, dw2, mask=md)
+    tl.store(dwp + row * 4 * D + 3 * D + d, dw3, mask=md)
+    if HAS_BIAS:
+        tl.store(dbp + row * D + d, db, mask=md)
 
 
 def _padded_weight(weight: torch.Tensor) -> torch.Tensor:
@@ -158,20 +150,18 @@ def _grid(B, T, D):
 class _CausalConv1dTriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, silu: bool):
-        triton, fwd, _ = _kernels()
         B, T, D = x.shape
         wp = _padded_weight(weight)
         bp = bias.detach().float().contiguous() if bias is not None else wp  # dummy pointer when absent
         y = torch.empty(B, T, D, device=x.device, dtype=x.dtype)
-        fwd[_grid(B, T, D)](x, wp, bp, y, T, D, x.stride(0), x.stride(1), y.stride(0), y.stride(1),
-                            L=_ROWS, HAS_BIAS=bias is not None, SILU=silu)
+        _fwd[_grid(B, T, D)](x, wp, bp, y, T, D, x.stride(0), x.stride(1), y.stride(0), y.stride(1),
+                             L=_ROWS, HAS_BIAS=bias is not None, SILU=silu)
         ctx.save_for_backward(x, weight, bias)
         ctx.silu = silu
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        triton, _, bwd = _kernels()
         x, weight, bias = ctx.saved_tensors
         if dy.stride(-1) != 1:
             dy = dy.contiguous()
@@ -183,24 +173,11 @@ class _CausalConv1dTriton(torch.autograd.Function):
         dx = torch.empty_like(x)  # x's layout (a [b, s] view of [s, b] memory stays one, so no copy follows)
         dwp = torch.empty(rows, W_MAX, D, device=x.device, dtype=torch.float32)
         dbp = torch.empty(rows, D, device=x.device, dtype=torch.float32) if bias is not None else dwp
-        bwd[_grid(B, T, D)](x, wp, bp, dy, dx, dwp, dbp, T, D, x.stride(0), x.stride(1), dy.stride(0), dy.stride(1),
-                            dx.stride(0), dx.stride(1), L=_ROWS, HAS_BIAS=bias is not None, SILU=ctx.silu)
+        _bwd[_grid(B, T, D)](x, wp, bp, dy, dx, dwp, dbp, T, D, x.stride(0), x.stride(1), dy.stride(0), dy.stride(1),
+                             dx.stride(0), dx.stride(1), L=_ROWS, HAS_BIAS=bias is not None, SILU=ctx.silu)
         dw = dwp.sum(0).t()[:, W_MAX - W:].to(weight.dtype) if ctx.needs_input_grad[1] else None
         db = dbp.sum(0).to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
         return dx, dw, db, None
-
-
-def supported(x: torch.Tensor, weight: torch.Tensor, cu_seqlens, initial_state, output_final_state) -> bool:
-    """Whether `causal_conv1d_triton` takes this call: CUDA, no packing/states, width <= 4, unit channel stride."""
-    return (
-        x.is_cuda
-        and cu_seqlens is None
-        and initial_state is None
-        and not output_final_state
-        and weight.shape[1] <= W_MAX
-        and x.stride(-1) == 1
-        and x.dtype in (torch.bfloat16, torch.float16, torch.float32)
-    )
 
 
 def causal_conv1d_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,

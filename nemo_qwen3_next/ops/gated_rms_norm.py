@@ -42,6 +42,14 @@ def _load_fla_norm():
     return rms_norm_gated
 
 
+def _ours_cover(x: torch.Tensor, gate: torch.Tensor) -> bool:
+    """Whether our Triton norm takes the call: CUDA, 4-D ``[B, S, H, D]`` of one shape, unit stride in D."""
+    return (
+        x.is_cuda and x.dim() == 4 and gate.shape == x.shape and x.stride(-1) == 1 and gate.stride(-1) == 1
+        and x.dtype in (torch.bfloat16, torch.float16, torch.float32)
+    )
+
+
 def gated_rms_norm(
     x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float, backend: str = "auto"
 ) -> torch.Tensor:
@@ -53,11 +61,11 @@ def gated_rms_norm(
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
     if backend == "triton" or (backend == "auto" and x.is_cuda and own_kernels.enabled()):
-        from . import gated_rms_norm_triton as ours
+        if _ours_cover(x, gate) and own_kernels.triton_ok():
+            from .gated_rms_norm_triton import gated_rms_norm_triton  # imports triton
 
-        if ours.supported(x, gate) and own_kernels.triton_ok():
             record("gated_rms_norm", "triton")
-            return ours.gated_rms_norm_triton(x, gate, weight, eps)
+            return gated_rms_norm_triton(x, gate, weight, eps)
         if backend == "triton":
             raise ValueError(
                 "backend='triton' for the gated RMSNorm covers CUDA [B, S, H, D] x and gate of one shape with unit "

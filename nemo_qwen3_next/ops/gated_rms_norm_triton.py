@@ -11,74 +11,66 @@ Tensors are ``[B, S, H, D]`` with unit stride in D (any strides over B, S, H; ea
 kept, anything else becomes contiguous). Math in fp32 (x̂ is not rounded to the input dtype,
 as fla's kernel; the reference `gated_rms_norm_ref` rounds it, HF's casts). ``rstd`` per row is
 saved for the backward; the gain's gradient is a per-program partial sum, reduced in torch.
+Imports triton at load: `gated_rms_norm` imports this module only where triton is installed.
 """
 
 from __future__ import annotations
 
-import functools
-
 import torch
+import triton
+import triton.language as tl
 
 _ROWS = 16  # rows per program
 
 
-@functools.lru_cache(maxsize=None)
-def _kernels():
-    import triton
-    import triton.language as tl
+@triton.jit
+def _tile(p, rb, rs_, rh, sb, ss, sh, d, m):
+    """The pointers of rows (b, s, h) x channels d of a [B, S, H, D] tensor with strides (sb, ss, sh, 1)."""
+    return p + (rb * sb + rs_ * ss + rh * sh)[:, None] + d[None, :]
 
-    @triton.jit
-    def fwd(x, z, w, y, rstd, N, S, H, D, eps, sxb, sxs, sxh, szb, szs, szh, syb, sys, syh,
-            BR: tl.constexpr, BD: tl.constexpr):
-        r = tl.program_id(0) * BR + tl.arange(0, BR)
-        mr = r < N
-        d = tl.arange(0, BD)
-        md = d < D
-        m = mr[:, None] & md[None, :]
-        rb, rs_, rh = (r // (S * H)).to(tl.int64), ((r // H) % S).to(tl.int64), (r % H).to(tl.int64)
-        ox = rb * sxb + rs_ * sxs + rh * sxh  # row r = ((b * S) + s) * H + h, in each tensor's own layout
-        oz = rb * szb + rs_ * szs + rh * szh
-        bx = tl.load(x + ox[:, None] + d[None, :], mask=m, other=0.0).to(tl.float32)
-        bz = tl.load(z + oz[:, None] + d[None, :], mask=m, other=0.0).to(tl.float32)
-        bw = tl.load(w + d, mask=md, other=0.0).to(tl.float32)
-        rs = 1.0 / tl.sqrt(tl.sum(bx * bx, 1) / D + eps)
-        out = bx * rs[:, None] * bw[None, :] * (bz * tl.sigmoid(bz))
-        oy = rb * syb + rs_ * sys + rh * syh
-        tl.store(y + oy[:, None] + d[None, :], out.to(y.dtype.element_ty), mask=m)
-        tl.store(rstd + r, rs, mask=mr)
 
-    @triton.jit
-    def bwd(x, z, w, dy, rstd, dx, dz, dwp, N, S, H, D, sxb, sxs, sxh, szb, szs, szh, sgb, sgs, sgh,
-            sdxb, sdxs, sdxh, sdzb, sdzs, sdzh, BR: tl.constexpr, BD: tl.constexpr):
-        pid = tl.program_id(0)
-        r = pid * BR + tl.arange(0, BR)
-        mr = r < N
-        d = tl.arange(0, BD)
-        md = d < D
-        m = mr[:, None] & md[None, :]
-        rb, rs_, rh = (r // (S * H)).to(tl.int64), ((r // H) % S).to(tl.int64), (r % H).to(tl.int64)
-        ox = rb * sxb + rs_ * sxs + rh * sxh  # row r = ((b * S) + s) * H + h, in each tensor's own layout
-        oz = rb * szb + rs_ * szs + rh * szh
-        bx = tl.load(x + ox[:, None] + d[None, :], mask=m, other=0.0).to(tl.float32)
-        bz = tl.load(z + oz[:, None] + d[None, :], mask=m, other=0.0).to(tl.float32)
-        og = rb * sgb + rs_ * sgs + rh * sgh
-        bg = tl.load(dy + og[:, None] + d[None, :], mask=m, other=0.0).to(tl.float32)
-        bw = tl.load(w + d, mask=md, other=0.0).to(tl.float32)
-        rs = tl.load(rstd + r, mask=mr, other=0.0)
-        xhat = bx * rs[:, None]
-        sg = tl.sigmoid(bz)
-        silu = bz * sg
-        gz = bg * xhat * bw[None, :] * sg * (1 + bz * (1 - sg))
-        gxh = bg * bw[None, :] * silu
-        c = tl.sum(gxh * xhat, 1) / D
-        gx = rs[:, None] * (gxh - xhat * c[:, None])
-        odx = rb * sdxb + rs_ * sdxs + rh * sdxh
-        odz = rb * sdzb + rs_ * sdzs + rh * sdzh
-        tl.store(dx + odx[:, None] + d[None, :], gx.to(dx.dtype.element_ty), mask=m)
-        tl.store(dz + odz[:, None] + d[None, :], gz.to(dz.dtype.element_ty), mask=m)
-        tl.store(dwp + pid.to(tl.int64) * D + d, tl.sum(bg * xhat * silu, 0), mask=md)
+@triton.jit
+def _rows(N, S, H, D, BR: tl.constexpr, BD: tl.constexpr):
+    """This program's rows r = ((b * S) + s) * H + h as (b, s, h) in int64, the channels, and the masks."""
+    r = tl.program_id(0) * BR + tl.arange(0, BR)
+    d = tl.arange(0, BD)
+    mr = r < N
+    m = mr[:, None] & (d < D)[None, :]
+    return r, (r // (S * H)).to(tl.int64), ((r // H) % S).to(tl.int64), (r % H).to(tl.int64), d, mr, m
 
-    return triton, fwd, bwd
+
+@triton.jit
+def _fwd(x, z, w, y, rstd, N, S, H, D, eps, sxb, sxs, sxh, szb, szs, szh, syb, sys, syh,
+         BR: tl.constexpr, BD: tl.constexpr):
+    r, rb, rs_, rh, d, mr, m = _rows(N, S, H, D, BR, BD)
+    bx = tl.load(_tile(x, rb, rs_, rh, sxb, sxs, sxh, d, m), mask=m, other=0.0).to(tl.float32)
+    bz = tl.load(_tile(z, rb, rs_, rh, szb, szs, szh, d, m), mask=m, other=0.0).to(tl.float32)
+    bw = tl.load(w + d, mask=d < D, other=0.0).to(tl.float32)
+    rs = 1.0 / tl.sqrt(tl.sum(bx * bx, 1) / D + eps)
+    out = bx * rs[:, None] * bw[None, :] * (bz * tl.sigmoid(bz))
+    tl.store(_tile(y, rb, rs_, rh, syb, sys, syh, d, m), out.to(y.dtype.element_ty), mask=m)
+    tl.store(rstd + r, rs, mask=mr)
+
+
+@triton.jit
+def _bwd(x, z, w, dy, rstd, dx, dz, dwp, N, S, H, D, sxb, sxs, sxh, szb, szs, szh, sgb, sgs, sgh,
+         sdxb, sdxs, sdxh, sdzb, sdzs, sdzh, BR: tl.constexpr, BD: tl.constexpr):
+    r, rb, rs_, rh, d, mr, m = _rows(N, S, H, D, BR, BD)
+    bx = tl.load(_tile(x, rb, rs_, rh, sxb, sxs, sxh, d, m), mask=m, other=0.0).to(tl.float32)
+    bz = tl.load(_tile(z, rb, rs_, rh, szb, szs, szh, d, m), mask=m, other=0.0).to(tl.float32)
+    bg = tl.load(_tile(dy, rb, rs_, rh, sgb, sgs, sgh, d, m), mask=m, other=0.0).to(tl.float32)
+    bw = tl.load(w + d, mask=d < D, other=0.0).to(tl.float32)
+    rs = tl.load(rstd + r, mask=mr, other=0.0)
+    xhat = bx * rs[:, None]
+    sg = tl.sigmoid(bz)
+    silu = bz * sg
+    gz = bg * xhat * bw[None, :] * sg * (1 + bz * (1 - sg))
+    gxh = bg * bw[None, :] * silu
+    c = tl.sum(gxh * xhat, 1) / D
+    gx = rs[:, None] * (gxh - xhat * c[:, None])
+    tl.store(_tile(dx, rb, rs_, rh, sdxb, sdxs, sdxh, d, m), gx.to(dx.dtype.element_ty), mask=m)
+    tl.store(_tile(dz, rb, rs_, rh, sdzb, sdzs, sdzh, d, m), gz.to(dz.dtype.element_ty), mask=m)
+    tl.store(dwp + tl.program_id(0).to(tl.int64) * D + d, tl.sum(bg * xhat * silu, 0), mask=d < D)
 
 
 def _strides(t):
@@ -88,20 +80,18 @@ def _strides(t):
 class _GatedRMSNormTriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, z, w, eps):
-        triton, fwd, _ = _kernels()
         B, S, H, D = x.shape
         N = B * S * H
         y = torch.empty_like(z, dtype=x.dtype)  # z's layout when z is dense (a permutation is kept), else contiguous
         rstd = torch.empty(N, device=x.device, dtype=torch.float32)
         grid = (triton.cdiv(N, _ROWS),)
-        fwd[grid](x, z, w, y, rstd, N, S, H, D, eps, *_strides(x), *_strides(z), *_strides(y),
+        _fwd[grid](x, z, w, y, rstd, N, S, H, D, eps, *_strides(x), *_strides(z), *_strides(y),
                   BR=_ROWS, BD=triton.next_power_of_2(D), num_warps=4)
         ctx.save_for_backward(x, z, w, rstd)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        triton, _, bwd = _kernels()
         x, z, w, rstd = ctx.saved_tensors
         B, S, H, D = x.shape
         N = B * S * H
@@ -110,17 +100,9 @@ class _GatedRMSNormTriton(torch.autograd.Function):
         dx, dz = torch.empty_like(x), torch.empty_like(z)  # each in its input's layout (when dense)
         grid = (triton.cdiv(N, _ROWS),)
         dwp = torch.empty(grid[0], D, device=x.device, dtype=torch.float32)
-        bwd[grid](x, z, w, dy, rstd, dx, dz, dwp, N, S, H, D, *_strides(x), *_strides(z), *_strides(dy),
+        _bwd[grid](x, z, w, dy, rstd, dx, dz, dwp, N, S, H, D, *_strides(x), *_strides(z), *_strides(dy),
                   *_strides(dx), *_strides(dz), BR=_ROWS, BD=triton.next_power_of_2(D), num_warps=4)
         return dx, dz, dwp.sum(0).to(w.dtype), None
-
-
-def supported(x: torch.Tensor, z: torch.Tensor) -> bool:
-    """CUDA, 4-D ``[B, S, H, D]`` of one shape, unit stride in D (any strides over B, S, H)."""
-    return (
-        x.is_cuda and x.dim() == 4 and z.shape == x.shape and x.stride(-1) == 1 and z.stride(-1) == 1
-        and x.dtype in (torch.bfloat16, torch.float16, torch.float32)
-    )
 
 
 def gated_rms_norm_triton(x: torch.Tensor, z: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
