@@ -22,6 +22,23 @@ def _rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
+def _ours_vs_fla(run, op, names, tag):
+    """``run(backend, dtype)`` -> tensors: ours (backend "triton") in bf16 must be no worse against the fp32
+    reference than fla's kernel on the same bf16 input (1.2x plus a floor); returns the fp32 reference."""
+    from nemo_qwen3_next.ops.usage import kernels_used, reset
+
+    ref = run("ref", torch.float32)
+    reset()
+    ours = run("triton", torch.bfloat16)
+    assert kernels_used() == [f"{op}:triton"]
+    fla = run("fla", torch.bfloat16)
+    for name, o, f, r in zip(names, ours, fla, ref):
+        e_ours, e_fla = _rel(o, r), _rel(f, r)
+        print(f"{tag} {name}: ours {e_ours:.2e}, fla {e_fla:.2e}")
+        assert e_ours <= 1.2 * e_fla + 2e-3, (name, e_ours, e_fla)
+    return ref
+
+
 def test_fused_linear_cross_entropy_kernel_bf16():
     from nemo_qwen3_next.ops.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_ref
     from nemo_qwen3_next.ops.usage import kernels_used, reset
@@ -111,7 +128,6 @@ def test_topk_permute_equals_megatron_permute_bf16():
 def test_triton_causal_conv_matches_reference_and_fla_bf16(shape):
     """Our Triton conv (fwd + bwd, SiLU) vs the fp32 reference, no worse than fla's conv on the same bf16 input."""
     from nemo_qwen3_next.ops import causal_conv1d, causal_conv1d_ref
-    from nemo_qwen3_next.ops.usage import kernels_used, reset
 
     B, T, D, W, bias = shape
     torch.manual_seed(0)
@@ -131,15 +147,7 @@ def test_triton_causal_conv_matches_reference_and_fla_bf16(shape):
         y.backward(gy.to(dtype))
         return [y.detach(), x.grad, w.grad] + ([b.grad] if bias else [])
 
-    ref = run("ref", torch.float32)
-    reset()
-    ours = run("triton", torch.bfloat16)
-    assert kernels_used() == ["causal_conv1d:triton"]
-    fla = run("fla", torch.bfloat16)
-    for name, o, f, r in zip(("y", "dx", "dw", "db"), ours, fla, ref):
-        e_ours, e_fla = _rel(o, r), _rel(f, r)
-        print(f"{shape} {name}: ours {e_ours:.2e}, fla {e_fla:.2e}")
-        assert e_ours <= 1.2 * e_fla + 2e-3, (name, e_ours, e_fla)
+    ref = _ours_vs_fla(run, "causal_conv1d", ("y", "dx", "dw", "db"), str(shape))
     # fp32 in, fp32 math: equal to the reference up to summation order
     ours32 = run("triton", torch.float32)
     for name, o, r in zip(("y", "dx", "dw", "db"), ours32, ref):
@@ -150,7 +158,6 @@ def test_triton_gated_rms_norm_matches_reference_and_fla_bf16():
     """Our Triton gated RMSNorm at the GDN's widths (z and the output sequence-first, o batch-first, as in
     the seq-first planar path) vs the fp32 reference, no worse than fla's kernel on the same bf16 input."""
     from nemo_qwen3_next.ops.gated_rms_norm import gated_rms_norm, gated_rms_norm_ref
-    from nemo_qwen3_next.ops.usage import kernels_used, reset
 
     torch.manual_seed(0)
     B, S, H, D = 4, 1024, 32, 128
@@ -168,12 +175,4 @@ def test_triton_gated_rms_norm_matches_reference_and_fla_bf16():
         y.backward(gy.to(dtype))
         return y.detach(), x.grad, zs.grad, w.grad
 
-    ref = run("ref", torch.float32)
-    reset()
-    ours = run("triton", torch.bfloat16)
-    assert kernels_used() == ["gated_rms_norm:triton"]
-    fla = run("fla", torch.bfloat16)
-    for name, o, f, r in zip(("y", "dx", "dz", "dw"), ours, fla, ref):
-        e_ours, e_fla = _rel(o, r), _rel(f, r)
-        print(f"norm {name}: ours {e_ours:.2e}, fla {e_fla:.2e}")
-        assert e_ours <= 1.2 * e_fla + 2e-3, (name, e_ours, e_fla)
+    _ours_vs_fla(run, "gated_rms_norm", ("y", "dx", "dz", "dw"), "norm")
