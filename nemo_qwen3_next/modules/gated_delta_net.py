@@ -381,13 +381,12 @@ class GatedDeltaNet(MegatronModule):
             w = self.in_proj.weight
             pieces = _PlanarPieces.apply(w.view(Hk, G, w.shape[-1]), self._proj_layout)
             outs = _SharedInputLinears.apply(x.reshape(b * s, -1), *pieces)
-            if seq_first:
+            if seq_first:  # the gates are 2 x [b, s, Hv]: small, copied batch-first for the chunk kernels
                 q, k, v, z, ba = (t.view(s, b, -1).transpose(0, 1) for t in outs)
+                beta, a = (t.contiguous() for t in torch.split(ba, [Hv, Hv], dim=-1))
             else:
                 q, k, v, z, ba = (t.view(b, s, -1) for t in outs)
-            beta, a = torch.split(ba, [Hv, Hv], dim=-1)
-            if seq_first:  # 2 x [b, s, Hv]: small, and the chunk kernels take their gates batch-first
-                beta, a = beta.contiguous(), a.contiguous()
+                beta, a = torch.split(ba, [Hv, Hv], dim=-1)
             z = z.view(b, s, Hv, dv)  # contiguous (seq_first: a [b, s] view of [s, b] memory)
             conv_in = (q, k, v)
         else:

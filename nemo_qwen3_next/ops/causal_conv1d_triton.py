@@ -40,8 +40,10 @@ if os.environ.get("TRITON_INTERPRET") == "1":  # Triton's CPU interpreter (tests
 
 
 @triton.jit
-def _taps(w, b, d, md, HAS_BIAS: tl.constexpr, BD: tl.constexpr):
-    """The four (right-aligned, fp32) taps and the bias of channels d."""
+def _channels(w, b, D, HAS_BIAS: tl.constexpr, BD: tl.constexpr):
+    """This program's channels d (and their mask) with their four right-aligned fp32 taps and bias."""
+    d = tl.program_id(0) * BD + tl.arange(0, BD)
+    md = d < D
     w0 = tl.load(w + d * 4 + 0, mask=md, other=0.0)
     w1 = tl.load(w + d * 4 + 1, mask=md, other=0.0)
     w2 = tl.load(w + d * 4 + 2, mask=md, other=0.0)
@@ -49,7 +51,7 @@ def _taps(w, b, d, md, HAS_BIAS: tl.constexpr, BD: tl.constexpr):
     bias = tl.zeros([BD], tl.float32)
     if HAS_BIAS:
         bias = tl.load(b + d, mask=md, other=0.0)
-    return w0, w1, w2, w3, bias
+    return d, md, w0, w1, w2, w3, bias
 
 
 @triton.jit
@@ -69,10 +71,8 @@ def _dsilu(g, p):
 @triton.jit
 def _fwd(x, w, b, y, T, D, sxb, sxt, syb, syt,
          L: tl.constexpr, BD: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr):
-    pid_d, pid_t, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    d = pid_d * BD + tl.arange(0, BD)
-    md = d < D
-    w0, w1, w2, w3, bias = _taps(w, b, d, md, HAS_BIAS, BD)
+    pid_t, pid_b = tl.program_id(1), tl.program_id(2)
+    d, md, w0, w1, w2, w3, bias = _channels(w, b, D, HAS_BIAS, BD)
     xb = x + pid_b.to(tl.int64) * sxb + d
     yb = y + pid_b.to(tl.int64) * syb + d
     t0 = pid_t * L
@@ -91,10 +91,8 @@ def _fwd(x, w, b, y, T, D, sxb, sxt, syb, syt,
 @triton.jit
 def _bwd(x, w, b, dy, dx, dwp, dbp, T, D, sxb, sxt, sgb, sgt, sdb, sdt,
          L: tl.constexpr, BD: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr):
-    pid_d, pid_t, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    d = pid_d * BD + tl.arange(0, BD)
-    md = d < D
-    w0, w1, w2, w3, bias = _taps(w, b, d, md, HAS_BIAS, BD)
+    pid_t, pid_b = tl.program_id(1), tl.program_id(2)
+    d, md, w0, w1, w2, w3, bias = _channels(w, b, D, HAS_BIAS, BD)
     xb = x + pid_b.to(tl.int64) * sxb + d
     gb = dy + pid_b.to(tl.int64) * sgb + d
     ob = dx + pid_b.to(tl.int64) * sdb + d
@@ -156,27 +154,28 @@ class _CausalConv1dTriton(torch.autograd.Function):
         y = torch.empty(B, T, D, device=x.device, dtype=x.dtype)
         _fwd[_grid(B, T, D)](x, wp, bp, y, T, D, x.stride(0), x.stride(1), y.stride(0), y.stride(1),
                              L=_ROWS, HAS_BIAS=bias is not None, SILU=silu)
-        ctx.save_for_backward(x, weight, bias)
-        ctx.silu = silu
+        ctx.save_for_backward(x, wp, bp if bias is not None else None)  # the kernels' fp32 taps and bias
+        ctx.silu, ctx.w_shape, ctx.w_dtype = silu, weight.shape, weight.dtype
+        ctx.b_dtype = bias.dtype if bias is not None else None
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight, bias = ctx.saved_tensors
+        x, wp, bp = ctx.saved_tensors
+        has_bias = bp is not None
+        bp = bp if has_bias else wp  # dummy pointer when absent
         if dy.stride(-1) != 1:
             dy = dy.contiguous()
         B, T, D = x.shape
-        W = weight.shape[1]
-        wp = _padded_weight(weight)
-        bp = bias.detach().float().contiguous() if bias is not None else wp
+        W = ctx.w_shape[1]
         rows = B * (-(-T // _ROWS))
         dx = torch.empty_like(x)  # x's layout (a [b, s] view of [s, b] memory stays one, so no copy follows)
         dwp = torch.empty(rows, W_MAX, D, device=x.device, dtype=torch.float32)
-        dbp = torch.empty(rows, D, device=x.device, dtype=torch.float32) if bias is not None else dwp
+        dbp = torch.empty(rows, D, device=x.device, dtype=torch.float32) if has_bias else dwp
         _bwd[_grid(B, T, D)](x, wp, bp, dy, dx, dwp, dbp, T, D, x.stride(0), x.stride(1), dy.stride(0), dy.stride(1),
-                             dx.stride(0), dx.stride(1), L=_ROWS, HAS_BIAS=bias is not None, SILU=ctx.silu)
-        dw = dwp.sum(0).t()[:, W_MAX - W:].to(weight.dtype) if ctx.needs_input_grad[1] else None
-        db = dbp.sum(0).to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
+                             dx.stride(0), dx.stride(1), L=_ROWS, HAS_BIAS=has_bias, SILU=ctx.silu)
+        dw = dwp.sum(0).t()[:, W_MAX - W:].to(ctx.w_dtype) if ctx.needs_input_grad[1] else None
+        db = dbp.sum(0).to(ctx.b_dtype) if has_bias and ctx.needs_input_grad[2] else None
         return dx, dw, db, None
 
 

@@ -24,7 +24,7 @@ _ROWS = 16  # rows per program
 
 
 @triton.jit
-def _tile(p, rb, rs_, rh, sb, ss, sh, d, m):
+def _tile(p, rb, rs_, rh, sb, ss, sh, d):
     """The pointers of rows (b, s, h) x channels d of a [B, S, H, D] tensor with strides (sb, ss, sh, 1)."""
     return p + (rb * sb + rs_ * ss + rh * sh)[:, None] + d[None, :]
 
@@ -43,12 +43,12 @@ def _rows(N, S, H, D, BR: tl.constexpr, BD: tl.constexpr):
 def _fwd(x, z, w, y, rstd, N, S, H, D, eps, sxb, sxs, sxh, szb, szs, szh, syb, sys, syh,
          BR: tl.constexpr, BD: tl.constexpr):
     r, rb, rs_, rh, d, mr, m = _rows(N, S, H, D, BR, BD)
-    bx = tl.load(_tile(x, rb, rs_, rh, sxb, sxs, sxh, d, m), mask=m, other=0.0).to(tl.float32)
-    bz = tl.load(_tile(z, rb, rs_, rh, szb, szs, szh, d, m), mask=m, other=0.0).to(tl.float32)
+    bx = tl.load(_tile(x, rb, rs_, rh, sxb, sxs, sxh, d), mask=m, other=0.0).to(tl.float32)
+    bz = tl.load(_tile(z, rb, rs_, rh, szb, szs, szh, d), mask=m, other=0.0).to(tl.float32)
     bw = tl.load(w + d, mask=d < D, other=0.0).to(tl.float32)
     rs = 1.0 / tl.sqrt(tl.sum(bx * bx, 1) / D + eps)
     out = bx * rs[:, None] * bw[None, :] * (bz * tl.sigmoid(bz))
-    tl.store(_tile(y, rb, rs_, rh, syb, sys, syh, d, m), out.to(y.dtype.element_ty), mask=m)
+    tl.store(_tile(y, rb, rs_, rh, syb, sys, syh, d), out.to(y.dtype.element_ty), mask=m)
     tl.store(rstd + r, rs, mask=mr)
 
 
@@ -56,9 +56,9 @@ def _fwd(x, z, w, y, rstd, N, S, H, D, eps, sxb, sxs, sxh, szb, szs, szh, syb, s
 def _bwd(x, z, w, dy, rstd, dx, dz, dwp, N, S, H, D, sxb, sxs, sxh, szb, szs, szh, sgb, sgs, sgh,
          sdxb, sdxs, sdxh, sdzb, sdzs, sdzh, BR: tl.constexpr, BD: tl.constexpr):
     r, rb, rs_, rh, d, mr, m = _rows(N, S, H, D, BR, BD)
-    bx = tl.load(_tile(x, rb, rs_, rh, sxb, sxs, sxh, d, m), mask=m, other=0.0).to(tl.float32)
-    bz = tl.load(_tile(z, rb, rs_, rh, szb, szs, szh, d, m), mask=m, other=0.0).to(tl.float32)
-    bg = tl.load(_tile(dy, rb, rs_, rh, sgb, sgs, sgh, d, m), mask=m, other=0.0).to(tl.float32)
+    bx = tl.load(_tile(x, rb, rs_, rh, sxb, sxs, sxh, d), mask=m, other=0.0).to(tl.float32)
+    bz = tl.load(_tile(z, rb, rs_, rh, szb, szs, szh, d), mask=m, other=0.0).to(tl.float32)
+    bg = tl.load(_tile(dy, rb, rs_, rh, sgb, sgs, sgh, d), mask=m, other=0.0).to(tl.float32)
     bw = tl.load(w + d, mask=d < D, other=0.0).to(tl.float32)
     rs = tl.load(rstd + r, mask=mr, other=0.0)
     xhat = bx * rs[:, None]
@@ -68,8 +68,8 @@ def _bwd(x, z, w, dy, rstd, dx, dz, dwp, N, S, H, D, sxb, sxs, sxh, szb, szs, sz
     gxh = bg * bw[None, :] * silu
     c = tl.sum(gxh * xhat, 1) / D
     gx = rs[:, None] * (gxh - xhat * c[:, None])
-    tl.store(_tile(dx, rb, rs_, rh, sdxb, sdxs, sdxh, d, m), gx.to(dx.dtype.element_ty), mask=m)
-    tl.store(_tile(dz, rb, rs_, rh, sdzb, sdzs, sdzh, d, m), gz.to(dz.dtype.element_ty), mask=m)
+    tl.store(_tile(dx, rb, rs_, rh, sdxb, sdxs, sdxh, d), gx.to(dx.dtype.element_ty), mask=m)
+    tl.store(_tile(dz, rb, rs_, rh, sdzb, sdzs, sdzh, d), gz.to(dz.dtype.element_ty), mask=m)
     tl.store(dwp + tl.program_id(0).to(tl.int64) * D + d, tl.sum(bg * xhat * silu, 0), mask=d < D)
 
 
