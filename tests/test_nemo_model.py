@@ -72,3 +72,40 @@ def test_model_is_llm_gpt_model_with_hf_connectors():
     assert isinstance(model, llm.GPTModel)
     assert isinstance(model.importer("hf:///nonexistent"), HFQwen3NextImporter)
     assert isinstance(model.exporter("hf", "/nonexistent"), HFQwen3NextExporter)
+
+
+def test_training_loss_reduction_matches_nemo_without_host_reads():
+    """Our reduction gives NeMo's value (empty micro-batches left out) and never reads a device value
+    on the host: NeMo's `if x[1] > 0` shows up as aten.is_nonzero / _local_scalar_dense."""
+    from nemo.collections.llm.gpt.model.base import MaskedTokenLossReduction
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from nemo_qwen3_next import init_single_process
+    from nemo_qwen3_next.nemo import Qwen3NextModel, qwen3_next_tiny_nemo
+
+    init_single_process()
+
+    class HostReads(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.reads = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.__name__.split(".")[0] in ("is_nonzero", "_local_scalar_dense", "item"):
+                self.reads.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    ours = Qwen3NextModel(qwen3_next_tiny_nemo(use_cpu_initialization=True)).training_loss_reduction
+    g = torch.Generator().manual_seed(0)
+    for rows in ([(3.5, 7), (0.0, 0), (float("nan"), 0), (1.25, 2)], [(2.0, 5)]):
+        outs = [{"loss_sum_and_ub_size": torch.tensor([s, n], dtype=torch.float32)} for s, n in rows]
+        for x in outs:
+            x["loss_sum_and_ub_size"][0] += torch.rand((), generator=g) * (x["loss_sum_and_ub_size"][1] > 0)
+        with HostReads() as mode:
+            got = ours.reduce(outs)
+        assert mode.reads == []
+        want = MaskedTokenLossReduction().reduce(outs)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    with HostReads() as mode:
+        MaskedTokenLossReduction().reduce(outs)
+    assert mode.reads, "the check must see NeMo's host read, or it proves nothing"

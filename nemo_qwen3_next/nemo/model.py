@@ -14,6 +14,7 @@ from nemo.collections.llm.gpt.model.base import GPTModel
 from nemo.lightning import io
 
 from .config import Qwen3NextNeMoConfig, qwen3_next_80b_a3b_nemo
+from .loss_reduction import SyncFreeMaskedTokenLossReduction
 
 
 class Qwen3NextModel(GPTModel):
@@ -23,6 +24,14 @@ class Qwen3NextModel(GPTModel):
                  model_transform: Optional[Callable] = None):
         super().__init__(config or qwen3_next_80b_a3b_nemo(), optim=optim, tokenizer=tokenizer,
                          model_transform=model_transform)
+
+    @property
+    def training_loss_reduction(self) -> SyncFreeMaskedTokenLossReduction:
+        """NeMo's masked-token loss reduction without its per-micro-batch host sync (see
+        `loss_reduction.py`); validation keeps NeMo's, which runs outside the timed step."""
+        if not self._training_loss_reduction:
+            self._training_loss_reduction = SyncFreeMaskedTokenLossReduction()
+        return self._training_loss_reduction
 
 
 def load_nemo(path: str, tp: int = 1, pp: int = 1, ep: int = 1, **config_overrides) -> Qwen3NextModel:
