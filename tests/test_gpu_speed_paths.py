@@ -109,6 +109,13 @@ def test_topk_permute_equals_megatron_permute_bf16():
                                   linear_attention_backend="torch")
         m = build_model(cfg, backend="local").cuda()
         assert isinstance(m.decoder.layers[0].mlp.token_dispatcher, TopKPermuteDispatcher) == fast
+        # the same weights: on a GPU Megatron initialises under its own CUDA RNG tracker, which
+        # torch.manual_seed does not rewind, so a second build alone would differ
+        if fast:
+            weights = {k: v.clone() for k, v in m.state_dict().items() if torch.is_tensor(v)}
+        else:
+            missing, unexpected = m.load_state_dict(weights, strict=False)
+            assert not unexpected and all(k.endswith("_extra_state") for k in missing), (missing, unexpected)
         ids = torch.randint(0, cfg.vocab_size, (2, 256), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
         pos = torch.arange(256, device="cuda")[None].expand(2, -1)
         loss = m(ids, pos, None, labels=ids).mean()
