@@ -26,12 +26,13 @@ def main():
     ap.add_argument("out_prefix")
     ap.add_argument("--warmup", type=int, default=5)
     args = ap.parse_args()
-    rows = {r["variant"]: r for r in json.load(open(args.bench_json))["model_rows"] if r["B"] == 2}
+    bench = json.load(open(args.bench_json))
+    rows = {r["variant"]: r for r in bench["model_rows"] if r["B"] == 2}
     recs = [r for r in read_metrics(args.nemo_metrics).values() if r["step"] > args.warmup]
     nemo_ms = statistics.median(r["step_time_s"] for r in recs) * 1e3
     bare = rows["megatron_fast"]
     out = {
-        "shape": "B=2 T=4096 (conf/data/mock.yaml), reduced model, bf16, one H200",
+        "shape": f"B=2 T=4096 (conf/data/mock.yaml), reduced model, bf16, one {bench.get('device', 'GPU')}",
         "bare_forward_backward_ms": rows["fast"]["step_ms"],
         "bare_megatron_step_ms": bare["step_ms"],
         "nemo_loop_median_step_ms": round(nemo_ms, 2),
