@@ -131,12 +131,14 @@ def test_topk_permute_equals_megatron_permute_bf16():
     assert total <= 5e-2
 
 
-@pytest.mark.parametrize("shape", [(4, 4096, 2048, 4, False), (1, 1000, 4096, 4, True), (2, 77, 96, 3, True)])
+@pytest.mark.parametrize("shape", [(4, 4096, 2048, 4, False, None), (1, 1000, 4096, 4, True, None),
+                                   (2, 77, 96, 3, True, None), (4, 4096, 2048, 4, False, 128), (1, 300, 256, 4, True, 64)])
 def test_triton_causal_conv_matches_reference_and_fla_bf16(shape):
-    """Our Triton conv (fwd + bwd, SiLU) vs the fp32 reference, no worse than fla's conv on the same bf16 input."""
+    """Our Triton conv (fwd + bwd, SiLU; with the GDN's per-head q/k L2-norm fused) vs the fp32 reference, no
+    worse than fla's conv (followed by the torch L2-norm) on the same bf16 input."""
     from nemo_qwen3_next.ops import causal_conv1d, causal_conv1d_ref
 
-    B, T, D, W, bias = shape
+    B, T, D, W, bias, hd = shape
     torch.manual_seed(0)
     x32 = torch.randn(B, T, D, device="cuda")
     w32 = 0.5 * torch.randn(D, W, device="cuda")
@@ -150,9 +152,9 @@ def test_triton_causal_conv_matches_reference_and_fla_bf16(shape):
         w = w32.to(dtype, copy=True).requires_grad_()
         b = b32.to(dtype, copy=True).requires_grad_() if bias else None
         if backend == "ref":
-            y, _ = causal_conv1d_ref(x, w, b, "silu")
+            y, _ = causal_conv1d_ref(x, w, b, "silu", l2norm_head_dim=hd)
         else:
-            y, _ = causal_conv1d(x, w, b, "silu", backend=backend)
+            y, _ = causal_conv1d(x, w, b, "silu", l2norm_head_dim=hd, backend=backend)
         y.backward(gy.to(dtype))
         return [y.detach(), x.grad, w.grad] + ([b.grad] if bias else [])
 

@@ -26,10 +26,14 @@ CHILD = textwrap.dedent(
 
     torch.manual_seed(0)
     worst = 0.0
-    # (B, T, D, W, bias, silu, row-strided input): T below, at and off the 32-step program length
-    for B, T, D, W, bias, silu, strided in [(2, 37, 48, 4, True, True, False), (1, 70, 300, 4, False, True, True),
-                                            (2, 33, 16, 3, True, False, False), (1, 3, 8, 2, False, True, False),
-                                            (3, 64, 130, 4, False, False, True), (2, 40, 24, 4, True, True, "seq")]:
+    # (B, T, D, W, bias, silu, row-strided input, L2-norm head dim): T below, at and off the 32-step program
+    # length; the fused per-head L2-norm (the GDN's q/k) with heads inside one channel block or spanning it
+    for B, T, D, W, bias, silu, strided, hd in [
+            (2, 37, 48, 4, True, True, False, None), (1, 70, 300, 4, False, True, True, None),
+            (2, 33, 16, 3, True, False, False, None), (1, 3, 8, 2, False, True, False, None),
+            (3, 64, 130, 4, False, False, True, None), (2, 40, 24, 4, True, True, "seq", None),
+            (2, 37, 48, 4, False, True, "seq", 16), (1, 35, 256, 4, False, True, False, 128),
+            (2, 9, 64, 3, True, False, True, 32)]:
         if strided == "seq":  # a [b, s] view of [s, b] memory, as the GDN's sequence-first path hands it over
             x = torch.randn(T, B, D, requires_grad=True)
             xin = x.transpose(0, 1)
@@ -40,11 +44,12 @@ CHILD = textwrap.dedent(
         b = torch.randn(D, requires_grad=True) if bias else None
         leaves = [x, w] + ([b] if bias else [])
         gy = torch.randn(B, T, D)
-        y = _CausalConv1dTriton.apply(xin, w, b, silu)
+        y = _CausalConv1dTriton.apply(xin, w, b, silu, hd or 0)
         got = [y] + list(torch.autograd.grad(y, leaves, gy))
-        gx = torch.autograd.grad(_CausalConv1dTriton.apply(xin, w, b, silu), xin, gy)[0]
+        gx = torch.autograd.grad(_CausalConv1dTriton.apply(xin, w, b, silu, hd or 0), xin, gy)[0]
         assert gx.stride() == torch.empty_like(xin).stride(), (gx.stride(), xin.stride())  # dx in x's layout
-        yr, _ = causal_conv1d_ref(xin.double(), w.double(), None if b is None else b.double(), "silu" if silu else None)
+        yr, _ = causal_conv1d_ref(xin.double(), w.double(), None if b is None else b.double(), "silu" if silu else None,
+                                  l2norm_head_dim=hd)
         want = [yr] + list(torch.autograd.grad(yr, leaves, gy.double()))
         for g, r in zip(got, want):
             worst = max(worst, ((g.double() - r.double()).norm() / r.double().norm()).item())

@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from . import own_kernels
+from .gated_delta_rule_ref import l2norm
 from .usage import record
 
 __all__ = ["causal_conv1d", "causal_conv1d_ref", "causal_conv1d_update"]
@@ -49,7 +50,7 @@ _BACKENDS = ("auto", "torch", "triton", "causal_conv1d", "fla")
 _ACTIVATIONS = (None, "silu", "swish")
 
 
-def _check(x, weight, bias, activation, cu_seqlens, initial_state, check_values=True):
+def _check(x, weight, bias, activation, cu_seqlens, initial_state, check_values=True, l2norm_head_dim=None):
     if x.dim() != 3:
         raise ValueError(f"x must be [B, T, D] (channels last); got {tuple(x.shape)}")
     B, T, D = x.shape
@@ -59,6 +60,8 @@ def _check(x, weight, bias, activation, cu_seqlens, initial_state, check_values=
         raise ValueError(f"bias must be [D] = [{D}]; got {tuple(bias.shape)}")
     if activation not in _ACTIVATIONS:
         raise ValueError(f"activation must be one of {_ACTIVATIONS}, got {activation!r}")
+    if l2norm_head_dim is not None and (l2norm_head_dim <= 0 or D % l2norm_head_dim):
+        raise ValueError(f"l2norm_head_dim must be a positive divisor of the channel count D={D}; got {l2norm_head_dim}")
     if cu_seqlens is not None:
         if B != 1:
             raise ValueError(f"with cu_seqlens the batch size must be 1 (packed sequences); got B={B}")
@@ -79,12 +82,14 @@ def causal_conv1d_ref(
     cu_seqlens: Optional[torch.Tensor] = None,
     initial_state: Optional[torch.Tensor] = None,
     output_final_state: bool = False,
+    l2norm_head_dim: Optional[int] = None,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Reference conv: prepend history, ``F.conv1d(groups=D)``, activation; math in fp32+.
+    """Reference conv: prepend history, ``F.conv1d(groups=D)``, activation (then the optional per-head
+    L2-norm, `l2norm`); math in fp32+.
 
     Returns ``(y [B, T, D] in x.dtype, final_state [N, D, W-1] in x.dtype or None)``.
     """
-    _check(x, weight, bias, activation, cu_seqlens, initial_state)
+    _check(x, weight, bias, activation, cu_seqlens, initial_state, l2norm_head_dim=l2norm_head_dim)
     B, T, D = x.shape
     W = weight.shape[1]
     dtype = torch.promote_types(x.dtype, torch.float32)
@@ -112,8 +117,17 @@ def causal_conv1d_ref(
         y, final = torch.cat(ys, dim=-1), torch.cat(finals, dim=0)
     if activation is not None:
         y = F.silu(y)
-    y = y.transpose(1, 2).contiguous().to(x.dtype)
+    y = y.transpose(1, 2)
+    if l2norm_head_dim is not None:
+        y = _l2norm_heads(y, l2norm_head_dim)
+    y = y.contiguous().to(x.dtype)
     return y, (final.to(x.dtype) if output_final_state else None)
+
+
+def _l2norm_heads(y: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """``y [B, T, D]`` with each group of ``head_dim`` channels L2-normalised (`l2norm`, fp32+)."""
+    B, T, D = y.shape
+    return l2norm(y.reshape(B, T, D // head_dim, head_dim)).reshape(B, T, D)
 
 
 @functools.lru_cache(maxsize=None)
@@ -191,12 +205,17 @@ def causal_conv1d(
     cu_seqlens: Optional[torch.Tensor] = None,
     initial_state: Optional[torch.Tensor] = None,
     output_final_state: bool = False,
+    l2norm_head_dim: Optional[int] = None,
     backend: str = "auto",
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Causal depthwise conv on ``x [B, T, D]`` with ``weight [D, W]``.
 
     Args:
         activation: ``"silu"`` (= ``"swish"``) or ``None``.
+        l2norm_head_dim: after the activation, L2-normalise each group of that many channels (in fp32,
+            eps 1e-6: the GDN's q/k norm, which then need not run in the chunk kernel). Fused into our
+            Triton kernel (the output is written once, the backward recomputes the norm in registers);
+            the other backends run `l2norm` after the conv.
         cu_seqlens: 1-D document offsets for packed input (``B == 1``); no leakage across documents.
         initial_state: ``[N, D, W-1]`` left context per sequence (``N = B`` or number of documents).
         output_final_state: also return the last ``W-1`` inputs per sequence, ``[N, D, W-1]``.
@@ -207,16 +226,17 @@ def causal_conv1d(
     """
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
-    _check(x, weight, bias, activation, cu_seqlens, initial_state, check_values=not x.is_cuda)  # no GPU syncs
+    _check(x, weight, bias, activation, cu_seqlens, initial_state, check_values=not x.is_cuda,  # no GPU syncs
+           l2norm_head_dim=l2norm_head_dim)
     args = (x, weight, bias, activation, cu_seqlens, initial_state, output_final_state)
     if not (backend == "torch" or (backend == "auto" and not x.is_cuda)):
-        out = _run_kernel(backend, args)
+        out = _run_kernel(backend, args, l2norm_head_dim)
         if out is not None:
             return out
     record("causal_conv1d", "torch")
     return causal_conv1d_ref(
-        x, weight, bias, activation,
-        cu_seqlens=cu_seqlens, initial_state=initial_state, output_final_state=output_final_state,
+        x, weight, bias, activation, cu_seqlens=cu_seqlens, initial_state=initial_state,
+        output_final_state=output_final_state, l2norm_head_dim=l2norm_head_dim,
     )
 
 
@@ -233,15 +253,27 @@ def _ours_cover(x, weight, cu_seqlens, initial_state, output_final_state) -> boo
     )
 
 
-def _run_kernel(backend: str, args):
-    """Ours, Dao's kernel or fla's Triton conv for `backend`; None when `auto` finds none usable."""
+def _run_kernel(backend: str, args, l2norm_head_dim=None):
+    """Ours, Dao's kernel or fla's Triton conv for `backend` (the L2-norm fused into ours where it can be,
+    else after the vendor's conv); None when `auto` finds none usable."""
+    out = _run_conv_kernel(backend, args, l2norm_head_dim)
+    if out is None or out[2] or l2norm_head_dim is None:
+        return None if out is None else out[:2]
+    y, final, _ = out
+    return _l2norm_heads(y, l2norm_head_dim).to(y.dtype), final
+
+
+def _run_conv_kernel(backend: str, args, l2norm_head_dim):
+    """``(y, final_state, l2norm_done)`` from the kernel `_run_kernel` picks, or None."""
     x, weight, bias, activation, cu_seqlens, initial_state, output_final_state = args
     if backend == "triton" or (backend == "auto" and own_kernels.enabled()):
         if _ours_cover(x, weight, cu_seqlens, initial_state, output_final_state) and own_kernels.triton_ok():
-            from .causal_conv1d_triton import causal_conv1d_triton  # imports triton
+            from .causal_conv1d_triton import causal_conv1d_triton, fuses_l2norm  # imports triton
 
             record("causal_conv1d", "triton")
-            return causal_conv1d_triton(x, weight, bias, activation), None
+            fuse = l2norm_head_dim is not None and fuses_l2norm(l2norm_head_dim)
+            y = causal_conv1d_triton(x, weight, bias, activation, l2norm_head_dim if fuse else None)
+            return y, None, fuse
         if backend == "triton":
             raise ValueError(
                 "backend='triton' covers CUDA calls without cu_seqlens or states, width <= 4 and unit channel "
@@ -259,13 +291,13 @@ def _run_kernel(backend: str, args):
             )
         if fn is not None and dao_ok:
             record("causal_conv1d", "causal_conv1d")
-            return _dao_conv(fn, *args)
+            return (*_dao_conv(fn, *args), False)
         if backend == "causal_conv1d":
             raise ValueError("causal_conv1d kernels cannot combine cu_seqlens with initial/final states")
     fn = _load_fla_conv()
     if fn is not None:
         record("causal_conv1d", "fla")
-        return _fla_conv(fn, *args)
+        return (*_fla_conv(fn, *args), False)
     if backend == "fla":
         raise ImportError(
             "backend='fla' needs a recent fla: `pip install fla-core` or "

@@ -31,12 +31,26 @@ import triton
 import triton.language as tl
 
 W_MAX = 4  # taps the kernels are written for (Qwen3-Next uses 4)
-_ROWS = 32  # time steps per program: enough programs at B=1 T=4096, little warm-up re-reading
+L2_EPS: tl.constexpr = tl.constexpr(1e-6)  # the q/k L2-norm's eps (HF's and fla's `l2norm`)
+# (channels BD, warps, time steps L) per program. 4 channels a thread (the backward then needs 128 registers,
+# no spills on sm_90a); L = 32 leaves enough programs at B=1 T=4096 and little warm-up re-reading.
+# QWEN3_NEXT_CONV_CONFIGS="BD:warps:L,..." replaces the list (benchmarks/bench_conv.py compares them).
+_DEFAULT_CONFIGS = "128:1:32,256:2:32,512:4:32"
 
-# 4 channels a thread (the backward then needs 128 registers, no spills on sm_90a)
-_CONFIGS = [triton.Config({"BD": bd}, num_warps=nw) for bd, nw in ((128, 1), (256, 2), (512, 4))]
+
+def _configs(spec: str):
+    try:
+        triples = [tuple(int(v) for v in item.split(":")) for item in spec.split(",")]
+        assert triples and all(len(t) == 3 and t[0] % 128 == 0 and t[1] > 0 and t[2] > 0 for t in triples)
+    except (ValueError, AssertionError):
+        raise ValueError(f"QWEN3_NEXT_CONV_CONFIGS must be 'BD:warps:L,...' with BD a multiple of 128; got {spec!r}")
+    return [triton.Config({"BD": bd, "L": rows}, num_warps=nw) for bd, nw, rows in triples]
+
+
+_CONFIGS = _configs(os.environ.get("QWEN3_NEXT_CONV_CONFIGS", _DEFAULT_CONFIGS))
 if os.environ.get("TRITON_INTERPRET") == "1":  # Triton's CPU interpreter (tests) cannot benchmark configs
     _CONFIGS = _CONFIGS[:1]
+_MIN_ROWS = min(c.kwargs["L"] for c in _CONFIGS)
 
 
 @triton.jit
@@ -61,16 +75,40 @@ def _row(p, t, stride, md, T):
 
 
 @triton.jit
-def _dsilu(g, p):
-    """g * silu'(p)."""
-    s = tl.sigmoid(p)
-    return g * s * (1 + p * (1 - s))
+def _act(p, SILU: tl.constexpr, HD: tl.constexpr, BD: tl.constexpr):
+    """The output row from the pre-activation p: SiLU, then (HD > 0) each group of HD channels L2-normalised."""
+    y = p
+    if SILU:
+        y = p * tl.sigmoid(p)
+    if HD > 0:
+        y2 = tl.reshape(y, [BD // HD, HD])
+        y = tl.reshape(y2 * tl.rsqrt(tl.sum(y2 * y2, axis=1) + L2_EPS)[:, None], [BD])
+    return y
 
 
-@triton.autotune(configs=_CONFIGS, key=["D"])
+@triton.jit
+def _grad_pre(g, p, SILU: tl.constexpr, HD: tl.constexpr, BD: tl.constexpr):
+    """dL/dp from g = dL/d(output row) and the pre-activation p (the inverse of `_act`, in fp32)."""
+    s = p
+    y = p
+    if SILU:
+        s = tl.sigmoid(p)
+        y = p * s
+    if HD > 0:  # y/|y|: dy = (g - yn * (g . yn)) / |y| per group
+        y2 = tl.reshape(y, [BD // HD, HD])
+        g2 = tl.reshape(g, [BD // HD, HD])
+        rstd = tl.rsqrt(tl.sum(y2 * y2, axis=1) + L2_EPS)[:, None]
+        yn = y2 * rstd
+        g = tl.reshape((g2 - yn * tl.sum(g2 * yn, axis=1)[:, None]) * rstd, [BD])
+    if SILU:
+        g = g * s * (1 + p * (1 - s))
+    return g
+
+
+@triton.autotune(configs=_CONFIGS, key=["D", "T"])
 @triton.jit
 def _fwd(x, w, b, y, T, D, sxb, sxt, syb, syt,
-         L: tl.constexpr, BD: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr):
+         L: tl.constexpr, BD: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, HD: tl.constexpr):
     pid_t, pid_b = tl.program_id(1), tl.program_id(2)
     d, md, w0, w1, w2, w3, bias = _channels(w, b, D, HAS_BIAS, BD)
     xb = x + pid_b.to(tl.int64) * sxb + d
@@ -80,17 +118,15 @@ def _fwd(x, w, b, y, T, D, sxb, sxt, syb, syt,
     for i in tl.static_range(L):  # unrolled: the compiler can issue later rows' loads early
         t = t0 + i
         x0 = _row(xb, t, sxt, md, T)
-        acc = bias + w0 * xm3 + w1 * xm2 + w2 * xm1 + w3 * x0
-        if SILU:
-            acc = acc * tl.sigmoid(acc)
+        acc = _act(bias + w0 * xm3 + w1 * xm2 + w2 * xm1 + w3 * x0, SILU, HD, BD)
         tl.store(yb + t.to(tl.int64) * syt, acc.to(y.dtype.element_ty), mask=md & (t < T))
         xm3, xm2, xm1 = xm2, xm1, x0
 
 
-@triton.autotune(configs=_CONFIGS, key=["D"])
+@triton.autotune(configs=_CONFIGS, key=["D", "T"])
 @triton.jit
 def _bwd(x, w, b, dy, dx, dwp, dbp, T, D, sxb, sxt, sgb, sgt, sdb, sdt,
-         L: tl.constexpr, BD: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr):
+         L: tl.constexpr, BD: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, HD: tl.constexpr):
     pid_t, pid_b = tl.program_id(1), tl.program_id(2)
     d, md, w0, w1, w2, w3, bias = _channels(w, b, D, HAS_BIAS, BD)
     xb = x + pid_b.to(tl.int64) * sxb + d
@@ -101,10 +137,10 @@ def _bwd(x, w, b, dy, dx, dwp, dbp, T, D, sxb, sxt, sgb, sgt, sdb, sdt,
     xm3, xm2, xm1 = _row(xb, t0 - 3, sxt, md, T), _row(xb, t0 - 2, sxt, md, T), _row(xb, t0 - 1, sxt, md, T)
     x0, xp1, xp2 = _row(xb, t0, sxt, md, T), _row(xb, t0 + 1, sxt, md, T), _row(xb, t0 + 2, sxt, md, T)
     g0, g1, g2 = _row(gb, t0, sgt, md, T), _row(gb, t0 + 1, sgt, md, T), _row(gb, t0 + 2, sgt, md, T)
-    if SILU:
-        g0 = _dsilu(g0, bias + w0 * xm3 + w1 * xm2 + w2 * xm1 + w3 * x0)
-        g1 = _dsilu(g1, bias + w0 * xm2 + w1 * xm1 + w2 * x0 + w3 * xp1)
-        g2 = _dsilu(g2, bias + w0 * xm1 + w1 * x0 + w2 * xp1 + w3 * xp2)
+    if SILU or HD > 0:
+        g0 = _grad_pre(g0, bias + w0 * xm3 + w1 * xm2 + w2 * xm1 + w3 * x0, SILU, HD, BD)
+        g1 = _grad_pre(g1, bias + w0 * xm2 + w1 * xm1 + w2 * x0 + w3 * xp1, SILU, HD, BD)
+        g2 = _grad_pre(g2, bias + w0 * xm1 + w1 * x0 + w2 * xp1 + w3 * xp2, SILU, HD, BD)
     dw0 = tl.zeros([BD], tl.float32)
     dw1 = tl.zeros([BD], tl.float32)
     dw2 = tl.zeros([BD], tl.float32)
@@ -113,8 +149,8 @@ def _bwd(x, w, b, dy, dx, dwp, dbp, T, D, sxb, sxt, sgb, sgt, sdb, sdt,
     for i in tl.static_range(L):  # unrolled: the compiler can issue later rows' loads early
         t = t0 + i
         xp3, g3 = _row(xb, t + 3, sxt, md, T), _row(gb, t + 3, sgt, md, T)
-        if SILU:
-            g3 = _dsilu(g3, bias + w0 * x0 + w1 * xp1 + w2 * xp2 + w3 * xp3)
+        if SILU or HD > 0:
+            g3 = _grad_pre(g3, bias + w0 * x0 + w1 * xp1 + w2 * xp2 + w3 * xp3, SILU, HD, BD)
         # y[t + 3 - j] reads x[t] through tap j
         gx = w3 * g0 + w2 * g1 + w1 * g2 + w0 * g3
         tl.store(ob + t.to(tl.int64) * sdt, gx.to(dx.dtype.element_ty), mask=md & (t < T))
@@ -142,20 +178,23 @@ def _padded_weight(weight: torch.Tensor) -> torch.Tensor:
 
 
 def _grid(B, T, D):
-    return lambda meta: (-(-D // meta["BD"]), -(-T // _ROWS), B)
+    return lambda meta: (-(-D // meta["BD"]), -(-T // meta["L"]), B)
 
 
 class _CausalConv1dTriton(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, silu: bool):
+    def forward(ctx, x, weight, bias, silu: bool, head_dim: int = 0):
         B, T, D = x.shape
+        if head_dim and (D % head_dim or not fuses_l2norm(head_dim)):
+            raise ValueError(f"l2norm_head_dim={head_dim} must divide D={D} and every program's channel block "
+                             f"({', '.join(str(c.kwargs['BD']) for c in _CONFIGS)})")
         wp = _padded_weight(weight)
         bp = bias.detach().float().contiguous() if bias is not None else wp  # dummy pointer when absent
         y = torch.empty(B, T, D, device=x.device, dtype=x.dtype)
         _fwd[_grid(B, T, D)](x, wp, bp, y, T, D, x.stride(0), x.stride(1), y.stride(0), y.stride(1),
-                             L=_ROWS, HAS_BIAS=bias is not None, SILU=silu)
+                             HAS_BIAS=bias is not None, SILU=silu, HD=head_dim)
         ctx.save_for_backward(x, wp, bp if bias is not None else None)  # the kernels' fp32 taps and bias
-        ctx.silu, ctx.w_shape, ctx.w_dtype = silu, weight.shape, weight.dtype
+        ctx.silu, ctx.head_dim, ctx.w_shape, ctx.w_dtype = silu, head_dim, weight.shape, weight.dtype
         ctx.b_dtype = bias.dtype if bias is not None else None
         return y
 
@@ -168,18 +207,26 @@ class _CausalConv1dTriton(torch.autograd.Function):
             dy = dy.contiguous()
         B, T, D = x.shape
         W = ctx.w_shape[1]
-        rows = B * (-(-T // _ROWS))
+        rows = B * (-(-T // _MIN_ROWS))  # partial-sum rows for the config with the fewest steps per program
         dx = torch.empty_like(x)  # x's layout (a [b, s] view of [s, b] memory stays one, so no copy follows)
         dwp = torch.empty(rows, W_MAX, D, device=x.device, dtype=torch.float32)
         dbp = torch.empty(rows, D, device=x.device, dtype=torch.float32) if has_bias else dwp
         _bwd[_grid(B, T, D)](x, wp, bp, dy, dx, dwp, dbp, T, D, x.stride(0), x.stride(1), dy.stride(0), dy.stride(1),
-                             dx.stride(0), dx.stride(1), L=_ROWS, HAS_BIAS=has_bias, SILU=ctx.silu)
+                             dx.stride(0), dx.stride(1), HAS_BIAS=has_bias, SILU=ctx.silu, HD=ctx.head_dim)
+        rows = B * (-(-T // _bwd.best_config.kwargs["L"]))  # the rows the chosen config wrote
+        dwp, dbp = dwp[:rows], dbp[:rows]
         dw = dwp.sum(0).t()[:, W_MAX - W:].to(ctx.w_dtype) if ctx.needs_input_grad[1] else None
         db = dbp.sum(0).to(ctx.b_dtype) if has_bias and ctx.needs_input_grad[2] else None
-        return dx, dw, db, None
+        return dx, dw, db, None, None
+
+
+def fuses_l2norm(head_dim: int) -> bool:
+    """Whether the kernels can L2-normalise groups of ``head_dim`` channels (each group inside one program)."""
+    return head_dim > 0 and all(c.kwargs["BD"] % head_dim == 0 for c in _CONFIGS)
 
 
 def causal_conv1d_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
-                         activation: Optional[str] = "silu") -> torch.Tensor:
-    """``y [B, T, D]`` (x's dtype, fp32 math) of the causal depthwise conv; see the module docstring."""
-    return _CausalConv1dTriton.apply(x, weight, bias, activation in ("silu", "swish"))
+                         activation: Optional[str] = "silu", l2norm_head_dim: Optional[int] = None) -> torch.Tensor:
+    """``y [B, T, D]`` (x's dtype, fp32 math) of the causal depthwise conv; see the module docstring.
+    ``l2norm_head_dim``: L2-normalise each group of that many channels after the activation (`fuses_l2norm`)."""
+    return _CausalConv1dTriton.apply(x, weight, bias, activation in ("silu", "swish"), l2norm_head_dim or 0)
