@@ -54,13 +54,17 @@ def main():
                 grid = (triton.cdiv(D, bd), triton.cdiv(T, L), B)
                 nrows = B * triton.cdiv(T, L)
                 dwp = torch.empty(nrows, 4, D, device="cuda", dtype=torch.float32)
+                nh = D // hd if hd else 0
+                rs = torch.empty(B, T, max(nh, 1), device="cuda", dtype=torch.float32)
+                if hd and bd % hd:
+                    continue
 
                 def fwd():
-                    ct._fwd.fn[grid](x, w, w, y, T, D, x.stride(0), x.stride(1), y.stride(0), y.stride(1),
+                    ct._fwd.fn[grid](x, w, w, y, rs, T, D, nh, x.stride(0), x.stride(1), y.stride(0), y.stride(1),
                                      L=L, BD=bd, HAS_BIAS=False, SILU=True, HD=hd, num_warps=nw)
 
                 def bwd():
-                    ct._bwd.fn[grid](x, w, w, dy, dx, dwp, dwp, T, D, x.stride(0), x.stride(1), dy.stride(0),
+                    ct._bwd.fn[grid](x, w, w, rs, dy, dx, dwp, dwp, T, D, nh, x.stride(0), x.stride(1), dy.stride(0),
                                      dy.stride(1), dx.stride(0), dx.stride(1), L=L, BD=bd, HAS_BIAS=False, SILU=True,
                                      HD=hd, num_warps=nw)
                     dwp.sum(0)

@@ -75,39 +75,75 @@ def _row(p, t, stride, md, T):
 
 
 @triton.jit
-def _act(p, SILU: tl.constexpr, HD: tl.constexpr, BD: tl.constexpr):
-    """The output row from the pre-activation p: SiLU, then (HD > 0) each group of HD channels L2-normalised."""
-    y = p
-    if SILU:
-        y = p * tl.sigmoid(p)
-    if HD > 0:
-        y2 = tl.reshape(y, [BD // HD, HD])
-        y = tl.reshape(y2 * tl.rsqrt(tl.sum(y2 * y2, axis=1) + L2_EPS)[:, None], [BD])
-    return y
+def _norm_rows(rs, pid_b, t, T, NH, HD: tl.constexpr, BD: tl.constexpr):
+    """Pointers and mask of this program's heads in row t of the saved ``rstd [B, T, NH]`` (one head per
+    program when HD == BD: a scalar)."""
+    base = rs + (pid_b.to(tl.int64) * T + t) * NH
+    if HD == BD:
+        return base + tl.program_id(0), t < T
+    h = tl.program_id(0) * (BD // HD) + tl.arange(0, BD // HD)
+    return base + h, (h < NH) & (t < T)
 
 
 @triton.jit
-def _grad_pre(g, p, SILU: tl.constexpr, HD: tl.constexpr, BD: tl.constexpr):
-    """dL/dp from g = dL/d(output row) and the pre-activation p (the inverse of `_act`, in fp32)."""
+def _act(p, SILU: tl.constexpr, HD: tl.constexpr, BD: tl.constexpr):
+    """The output row from the pre-activation p and its per-head rstd: SiLU, then (HD > 0) each group of HD
+    channels L2-normalised (rstd is 1 without the norm). HD == BD sums the whole row, no reshape."""
+    y = p
+    if SILU:
+        y = p * tl.sigmoid(p)
+    r = 1.0
+    if HD == BD:
+        r = tl.rsqrt(tl.sum(y * y, axis=0) + L2_EPS)
+        y = y * r
+    elif HD > 0:
+        y2 = tl.reshape(y, [BD // HD, HD])
+        r = tl.rsqrt(tl.sum(y2 * y2, axis=1) + L2_EPS)
+        y = tl.reshape(y2 * r[:, None], [BD])
+    return y, r
+
+
+@triton.jit
+def _grad_pre(g, p, r, SILU: tl.constexpr, HD: tl.constexpr, BD: tl.constexpr):
+    """dL/dp from g = dL/d(output row), the pre-activation p and the forward's rstd r (the inverse of `_act`,
+    in fp32): the L2-norm's backward is ``(g - yn (g . yn)) r`` per head, one reduction."""
     s = p
     y = p
     if SILU:
         s = tl.sigmoid(p)
         y = p * s
-    if HD > 0:  # y/|y|: dy = (g - yn * (g . yn)) / |y| per group
+    if HD == BD:
+        yn = y * r
+        g = (g - yn * tl.sum(g * yn, axis=0)) * r
+    elif HD > 0:
         y2 = tl.reshape(y, [BD // HD, HD])
         g2 = tl.reshape(g, [BD // HD, HD])
-        rstd = tl.rsqrt(tl.sum(y2 * y2, axis=1) + L2_EPS)[:, None]
-        yn = y2 * rstd
-        g = tl.reshape((g2 - yn * tl.sum(g2 * yn, axis=1)[:, None]) * rstd, [BD])
+        yn = y2 * r[:, None]
+        g = tl.reshape((g2 - yn * tl.sum(g2 * yn, axis=1)[:, None]) * r[:, None], [BD])
     if SILU:
         g = g * s * (1 + p * (1 - s))
     return g
 
 
-@triton.autotune(configs=_CONFIGS, key=["D", "T"])
 @triton.jit
-def _fwd(x, w, b, y, T, D, sxb, sxt, syb, syt,
+def _rstd(rs, pid_b, t, T, NH, HD: tl.constexpr, BD: tl.constexpr):
+    """The forward's rstd of row t (this program's heads; 1.0 without the norm)."""
+    if HD > 0:
+        ptr, m = _norm_rows(rs, pid_b, t, T, NH, HD, BD)
+        return tl.load(ptr, mask=m, other=0.0)
+    return 1.0
+
+
+def _prune(configs, named_args, **kwargs):
+    """With the L2-norm, keep the configs whose channel block is one head (the reduction needs no reshape)."""
+    hd = kwargs.get("HD", 0)
+    one_head = [c for c in configs if c.kwargs["BD"] == hd]
+    return one_head if hd and one_head else configs
+
+
+@triton.autotune(configs=_CONFIGS, key=["D", "T"], prune_configs_by={"early_config_prune": _prune})
+@triton.jit
+def _fwd(x, w, b, y, rs, T, D, NH, sxb, sxt, syb, syt,
          L: tl.constexpr, BD: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, HD: tl.constexpr):
     pid_t, pid_b = tl.program_id(1), tl.program_id(2)
     d, md, w0, w1, w2, w3, bias = _channels(w, b, D, HAS_BIAS, BD)
@@ -118,14 +154,17 @@ def _fwd(x, w, b, y, T, D, sxb, sxt, syb, syt,
     for i in tl.static_range(L):  # unrolled: the compiler can issue later rows' loads early
         t = t0 + i
         x0 = _row(xb, t, sxt, md, T)
-        acc = _act(bias + w0 * xm3 + w1 * xm2 + w2 * xm1 + w3 * x0, SILU, HD, BD)
+        acc, r = _act(bias + w0 * xm3 + w1 * xm2 + w2 * xm1 + w3 * x0, SILU, HD, BD)
         tl.store(yb + t.to(tl.int64) * syt, acc.to(y.dtype.element_ty), mask=md & (t < T))
+        if HD > 0:  # the backward reuses it: one reduction per row there instead of two
+            ptr, m = _norm_rows(rs, pid_b, t, T, NH, HD, BD)
+            tl.store(ptr, r, mask=m)
         xm3, xm2, xm1 = xm2, xm1, x0
 
 
-@triton.autotune(configs=_CONFIGS, key=["D", "T"])
+@triton.autotune(configs=_CONFIGS, key=["D", "T"], prune_configs_by={"early_config_prune": _prune})
 @triton.jit
-def _bwd(x, w, b, dy, dx, dwp, dbp, T, D, sxb, sxt, sgb, sgt, sdb, sdt,
+def _bwd(x, w, b, rs, dy, dx, dwp, dbp, T, D, NH, sxb, sxt, sgb, sgt, sdb, sdt,
          L: tl.constexpr, BD: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, HD: tl.constexpr):
     pid_t, pid_b = tl.program_id(1), tl.program_id(2)
     d, md, w0, w1, w2, w3, bias = _channels(w, b, D, HAS_BIAS, BD)
@@ -138,9 +177,12 @@ def _bwd(x, w, b, dy, dx, dwp, dbp, T, D, sxb, sxt, sgb, sgt, sdb, sdt,
     x0, xp1, xp2 = _row(xb, t0, sxt, md, T), _row(xb, t0 + 1, sxt, md, T), _row(xb, t0 + 2, sxt, md, T)
     g0, g1, g2 = _row(gb, t0, sgt, md, T), _row(gb, t0 + 1, sgt, md, T), _row(gb, t0 + 2, sgt, md, T)
     if SILU or HD > 0:
-        g0 = _grad_pre(g0, bias + w0 * xm3 + w1 * xm2 + w2 * xm1 + w3 * x0, SILU, HD, BD)
-        g1 = _grad_pre(g1, bias + w0 * xm2 + w1 * xm1 + w2 * x0 + w3 * xp1, SILU, HD, BD)
-        g2 = _grad_pre(g2, bias + w0 * xm1 + w1 * x0 + w2 * xp1 + w3 * xp2, SILU, HD, BD)
+        g0 = _grad_pre(g0, bias + w0 * xm3 + w1 * xm2 + w2 * xm1 + w3 * x0, _rstd(rs, pid_b, t0, T, NH, HD, BD),
+                       SILU, HD, BD)
+        g1 = _grad_pre(g1, bias + w0 * xm2 + w1 * xm1 + w2 * x0 + w3 * xp1, _rstd(rs, pid_b, t0 + 1, T, NH, HD, BD),
+                       SILU, HD, BD)
+        g2 = _grad_pre(g2, bias + w0 * xm1 + w1 * x0 + w2 * xp1 + w3 * xp2, _rstd(rs, pid_b, t0 + 2, T, NH, HD, BD),
+                       SILU, HD, BD)
     dw0 = tl.zeros([BD], tl.float32)
     dw1 = tl.zeros([BD], tl.float32)
     dw2 = tl.zeros([BD], tl.float32)
@@ -150,7 +192,8 @@ def _bwd(x, w, b, dy, dx, dwp, dbp, T, D, sxb, sxt, sgb, sgt, sdb, sdt,
         t = t0 + i
         xp3, g3 = _row(xb, t + 3, sxt, md, T), _row(gb, t + 3, sgt, md, T)
         if SILU or HD > 0:
-            g3 = _grad_pre(g3, bias + w0 * x0 + w1 * xp1 + w2 * xp2 + w3 * xp3, SILU, HD, BD)
+            g3 = _grad_pre(g3, bias + w0 * x0 + w1 * xp1 + w2 * xp2 + w3 * xp3, _rstd(rs, pid_b, t + 3, T, NH, HD, BD),
+                           SILU, HD, BD)
         # y[t + 3 - j] reads x[t] through tap j
         gx = w3 * g0 + w2 * g1 + w1 * g2 + w0 * g3
         tl.store(ob + t.to(tl.int64) * sdt, gx.to(dx.dtype.element_ty), mask=md & (t < T))
@@ -191,16 +234,19 @@ class _CausalConv1dTriton(torch.autograd.Function):
         wp = _padded_weight(weight)
         bp = bias.detach().float().contiguous() if bias is not None else wp  # dummy pointer when absent
         y = torch.empty(B, T, D, device=x.device, dtype=x.dtype)
-        _fwd[_grid(B, T, D)](x, wp, bp, y, T, D, x.stride(0), x.stride(1), y.stride(0), y.stride(1),
+        nh = D // head_dim if head_dim else 0
+        rs = torch.empty(B, T, nh, device=x.device, dtype=torch.float32) if head_dim else wp  # per-head rstd
+        _fwd[_grid(B, T, D)](x, wp, bp, y, rs, T, D, nh, x.stride(0), x.stride(1), y.stride(0), y.stride(1),
                              HAS_BIAS=bias is not None, SILU=silu, HD=head_dim)
-        ctx.save_for_backward(x, wp, bp if bias is not None else None)  # the kernels' fp32 taps and bias
+        # the kernels' fp32 taps and bias, and the norm's rstd (B*T*D/HD floats)
+        ctx.save_for_backward(x, wp, bp if bias is not None else None, rs if head_dim else None)
         ctx.silu, ctx.head_dim, ctx.w_shape, ctx.w_dtype = silu, head_dim, weight.shape, weight.dtype
         ctx.b_dtype = bias.dtype if bias is not None else None
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, wp, bp = ctx.saved_tensors
+        x, wp, bp, rs = ctx.saved_tensors
         has_bias = bp is not None
         bp = bp if has_bias else wp  # dummy pointer when absent
         if dy.stride(-1) != 1:
@@ -211,7 +257,9 @@ class _CausalConv1dTriton(torch.autograd.Function):
         dx = torch.empty_like(x)  # x's layout (a [b, s] view of [s, b] memory stays one, so no copy follows)
         dwp = torch.empty(rows, W_MAX, D, device=x.device, dtype=torch.float32)
         dbp = torch.empty(rows, D, device=x.device, dtype=torch.float32) if has_bias else dwp
-        _bwd[_grid(B, T, D)](x, wp, bp, dy, dx, dwp, dbp, T, D, x.stride(0), x.stride(1), dy.stride(0), dy.stride(1),
+        nh = D // ctx.head_dim if ctx.head_dim else 0
+        _bwd[_grid(B, T, D)](x, wp, bp, rs if rs is not None else wp, dy, dx, dwp, dbp, T, D, nh,
+                             x.stride(0), x.stride(1), dy.stride(0), dy.stride(1),
                              dx.stride(0), dx.stride(1), HAS_BIAS=has_bias, SILU=ctx.silu, HD=ctx.head_dim)
         rows = B * (-(-T // _bwd.best_config.kwargs["L"]))  # the rows the chosen config wrote
         dwp, dbp = dwp[:rows], dbp[:rows]
