@@ -79,10 +79,14 @@ def _norm_rows(rs, pid_b, t, T, NH, HD: tl.constexpr, BD: tl.constexpr):
     """Pointers and mask of this program's heads in row t of the saved ``rstd [B, T, NH]`` (one head per
     program when HD == BD: a scalar)."""
     base = rs + (pid_b.to(tl.int64) * T + t) * NH
-    if HD == BD:
-        return base + tl.program_id(0), t < T
-    h = tl.program_id(0) * (BD // HD) + tl.arange(0, BD // HD)
-    return base + h, (h < NH) & (t < T)
+    if HD == BD:  # one return per function: Triton needs one return type
+        ptr = base + tl.program_id(0)
+        m = t < T
+    else:
+        h = tl.program_id(0) * (BD // HD) + tl.arange(0, BD // HD)
+        ptr = base + h
+        m = (h < NH) & (t < T)
+    return ptr, m
 
 
 @triton.jit
@@ -128,10 +132,11 @@ def _grad_pre(g, p, r, SILU: tl.constexpr, HD: tl.constexpr, BD: tl.constexpr):
 @triton.jit
 def _rstd(rs, pid_b, t, T, NH, HD: tl.constexpr, BD: tl.constexpr):
     """The forward's rstd of row t (this program's heads; 1.0 without the norm)."""
+    r = 1.0
     if HD > 0:
         ptr, m = _norm_rows(rs, pid_b, t, T, NH, HD, BD)
-        return tl.load(ptr, mask=m, other=0.0)
-    return 1.0
+        r = tl.load(ptr, mask=m, other=0.0)
+    return r
 
 
 def _prune(configs, named_args, **kwargs):
