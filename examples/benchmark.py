@@ -4,7 +4,7 @@ Times forward, backward and forward+backward of
 
 * ``gdn``:   the Gated DeltaNet layer, side by side: ``ours`` (fused CUDA path; FlashQLA's chunk kernel
   when installed), ``ours-graphs`` (the same with ``config.mixer_cuda_graphs``: forward+backward replayed
-  from CUDA graphs; also for ``attn``/``layer``), ``ours-fla`` (the same with fla's chunk kernel), ``ours-triton`` / ``ours-graphs-triton`` (forcing our Triton conv and gated norm, the default), ``ours-vendor`` / ``ours-graphs-vendor`` (fla's conv and norm instead, ``QWEN3_NEXT_OWN_KERNELS=0``), ``hf`` (transformers'
+  from CUDA graphs; also for ``attn``/``layer``), ``ours-fla`` (the same with fla's chunk kernel), ``ours-triton`` / ``ours-graphs-triton`` (forcing our Triton conv and gated norm, the default), ``ours-vendor`` / ``ours-graphs-vendor`` (fla's conv and norm instead, ``QWEN3_NEXT_OWN_KERNELS=0``), ``ours-qknorm`` / ``ours-graphs-qknorm`` (the q/k L2-norm inside our conv, ``QWEN3_NEXT_FUSED_QK_NORM=1``), ``hf`` (transformers'
   ``Qwen3NextGatedDeltaNet``), ``mcore`` (megatron-core 0.16.1's ``GatedDeltaNet`` with local linears,
   run in a child process with that version first on ``PYTHONPATH``: ``--anchor-path``) and ``ref``
   (our plain-torch reference path, only up to ``--ref-max-tokens``);
@@ -203,7 +203,7 @@ def with_chunk_kernel(kernel, fwd):
 
 
 GDN_IMPLS = ("ours", "ours-graphs", "ours-fla", "ours-triton", "ours-graphs-triton", "ours-vendor",
-             "ours-graphs-vendor", "hf", "ref", "mcore")
+             "ours-graphs-vendor", "ours-qknorm", "ours-graphs-qknorm", "hf", "ref", "mcore")
 
 
 def with_own_kernels(fwd, on: bool = True):
@@ -217,6 +217,20 @@ def with_own_kernels(fwd, on: bool = True):
             return fwd(x)
         finally:
             own.ENABLED = old
+
+    return run
+
+
+def with_fused_qk_norm(fwd):
+    """fwd with `own_kernels.FUSED_QK_NORM` on (the q/k L2-norm inside our conv) while it runs."""
+    own = importlib.import_module("nemo_qwen3_next.ops.own_kernels")
+
+    def run(x):
+        old, own.FUSED_QK_NORM = own.FUSED_QK_NORM, "1"
+        try:
+            return fwd(x)
+        finally:
+            own.FUSED_QK_NORM = old
 
     return run
 
@@ -530,6 +544,12 @@ def main():
                         fwd, params = our_forward(module, B, T)
                         fwd = with_own_kernels(fwd, on=False)
                         if impl == "ours-graphs-vendor":
+                            fwd = with_mixer_graphs(module, fwd)
+                    elif impl in ("ours-qknorm", "ours-graphs-qknorm"):  # the q/k L2-norm in our conv (opt-in)
+                        _LAYERS.pop("attn" if module == "attn" else "gdn", None)
+                        fwd, params = our_forward(module, B, T)
+                        fwd = with_fused_qk_norm(fwd)
+                        if impl == "ours-graphs-qknorm":
                             fwd = with_mixer_graphs(module, fwd)
                     elif impl == "hf":
                         fwd, params = hf_forward()

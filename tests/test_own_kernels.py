@@ -129,6 +129,9 @@ def test_own_kernels_setting_is_checked(monkeypatch):
         own_kernels.enabled()
     monkeypatch.setattr(own_kernels, "ENABLED", "0")
     assert not own_kernels.enabled()
+    monkeypatch.setattr(own_kernels, "FUSED_QK_NORM", "on")
+    with pytest.raises(ValueError, match="QWEN3_NEXT_FUSED_QK_NORM must be 0 or 1, got 'on'"):
+        own_kernels.fused_qk_norm()
 
 
 def test_triton_norm_backend_refuses_cpu():
@@ -182,6 +185,7 @@ LAYER_CHILD = textwrap.dedent(
     reset()
     got = run(m._forward_fused, x)
     assert {"causal_conv1d:triton", "gated_rms_norm:triton"} <= set(kernels_used()), kernels_used()
+    assert own_kernels.fused_qk_norm() == (own_kernels.FUSED_QK_NORM == "1")
     want = run(m._forward_reference, x)
     print("WORST", max(((g - w).norm() / w.norm()).item() for g, w in zip(got, want)))
     """
@@ -189,12 +193,31 @@ LAYER_CHILD = textwrap.dedent(
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton (its CPU interpreter)")
-def test_gdn_sequence_first_path_with_our_kernels_equals_reference():
+@pytest.mark.parametrize("fused_qk_norm", ["0", "1"])
+def test_gdn_sequence_first_path_with_our_kernels_equals_reference(fused_qk_norm):
     """The GDN layer's fused path as it runs on the GPU with QWEN3_NEXT_OWN_KERNELS=1 (sequence-first planar
-    GEMMs, our conv reading their strided views, our norm writing the output sequence-first), our kernels
-    interpreted on CPU, against `_forward_reference`: output, input gradient and every parameter gradient."""
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    GEMMs, our conv reading their strided views, our norm writing the output sequence-first; with
+    QWEN3_NEXT_FUSED_QK_NORM=1 the q/k L2-norm inside the conv), our kernels interpreted on CPU, against
+    `_forward_reference`: output, input gradient and every parameter gradient."""
+    env = dict(os.environ, TRITON_INTERPRET="1", QWEN3_NEXT_FUSED_QK_NORM=fused_qk_norm,
+               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     out = subprocess.run([sys.executable, "-c", LAYER_CHILD], env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     worst = float(out.stdout.split("WORST")[-1])
     assert worst < 1e-5, worst
+
+
+def test_conv_l2norm_head_dim_on_the_reference_path():
+    """`causal_conv1d(..., l2norm_head_dim=)` on CPU: the conv, then each head L2-normalised in fp32 (HF's
+    `l2norm` on the conv output, computed here independently); a head size that does not divide D is named."""
+    from nemo_qwen3_next.ops import causal_conv1d_ref
+
+    torch.manual_seed(0)
+    x, w = torch.randn(2, 9, 12, dtype=torch.float64), torch.randn(12, 4, dtype=torch.float64)
+    y, _ = causal_conv1d(x, w, activation="silu", l2norm_head_dim=4)
+    plain, _ = causal_conv1d_ref(x, w, activation="silu")
+    heads = plain.view(2, 9, 3, 4)
+    want = (heads / torch.sqrt((heads * heads).sum(-1, keepdim=True) + 1e-6)).view(2, 9, 12)
+    torch.testing.assert_close(y, want, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="l2norm_head_dim must be a positive divisor of the channel count D=12; got 5"):
+        causal_conv1d(x, w, l2norm_head_dim=5)

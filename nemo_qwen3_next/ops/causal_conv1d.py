@@ -17,9 +17,8 @@ Backends ("auto" on CUDA, tried in order; imports are lazy since all need a GPU 
 
 0. ``triton``: ours (`causal_conv1d_triton`), for calls without ``cu_seqlens`` or states and width
    <= 4 (every training step without packing): one pass each way, the pre-activation recomputed in
-   registers. "auto" takes it only with ``QWEN3_NEXT_OWN_KERNELS=1`` (`own_kernels`): it matches the
-   reference under Triton's interpreter and compiles for sm_90a without spills, but has not run on a
-   GPU yet, so the vendors' kernels stay the default until the H200 test and timing say otherwise.
+   registers, the optional per-head L2-norm fused. "auto" takes it where `own_kernels.enabled()` (the
+   default where triton imports; ``QWEN3_NEXT_OWN_KERNELS=0`` for the vendors' kernels).
 1. ``causal_conv1d`` (Dao-AILab): ``causal_conv1d_fn(x [B, D, T], weight [D, W], bias,
    seq_idx [B, T] int32, initial_states [B, D, W-1], return_final_states, activation)``.
    It cannot combine ``seq_idx`` with initial/final states, so packed input that needs

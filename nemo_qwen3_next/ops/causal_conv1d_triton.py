@@ -12,13 +12,18 @@ Layout: ``x [B, T, D]`` channels last (any row strides, unit channel stride), ``
 ``y[t] = act(bias + sum_j weight[:, j] * x[t - (W-1) + j])`` with zeros before ``t = 0``, the same as
 `causal_conv1d_ref`. Widths below 4 run as width 4 with leading zero taps (same result).
 
+With ``l2norm_head_dim`` (the GDN's q and k) each group of that many channels is L2-normalised after
+the SiLU (fp32, eps 1e-6, as HF's ``l2norm``): the forward writes the normalised rows and saves one rstd
+per head and row (``[B, T, D/HD]`` fp32), and the backward applies the norm's backward
+``(g - yn (g . yn)) rstd`` with one reduction per row. Configs whose channel block is one head are
+preferred then (a plain row sum, no reshape).
+
 Imports triton at load: `causal_conv1d` imports this module only where triton is installed.
-``causal_conv1d(..., backend="triton")``, or "auto" with ``QWEN3_NEXT_OWN_KERNELS=1``, runs it on
+``causal_conv1d(..., backend="triton")``, or "auto" with our kernels on (`own_kernels`), runs it on
 CUDA when there is no ``cu_seqlens``, initial or final state (packed input and generation go to fla /
 Dao's kernel / the reference). Tests compare it with the reference under Triton's interpreter on CPU
-(`tests/test_conv_triton.py`, fp32: 1e-6) and in bf16 on GPU against the reference and fla
-(`tests/test_gpu_speed_paths.py`); it has not run on a GPU yet (the Dec 04 device machine was lost),
-hence opt-in for now.
+(`tests/test_own_kernels.py`, fp32 vs float64: 1e-5) and in bf16 on GPU against the reference and fla
+(`tests/test_gpu_speed_paths.py`; the L2-norm cases have not run on a GPU yet).
 """
 
 from __future__ import annotations

@@ -14,6 +14,11 @@ import functools
 import os
 
 ENABLED = os.environ.get("QWEN3_NEXT_OWN_KERNELS", "1")
+#: the GDN's q/k L2-norm inside our conv (`causal_conv1d(..., l2norm_head_dim=)`) instead of the chunk kernel's
+#: separate passes. Off by default until its bf16 GPU test has passed (`tests/test_gpu_speed_paths.py`,
+#: the ``l2norm`` conv cases): it matches the float64 reference under Triton's interpreter and compiles for
+#: sm_90 with no spills, but the Dec 06 device time ran out before the GPU run. ``QWEN3_NEXT_FUSED_QK_NORM=1``.
+FUSED_QK_NORM = os.environ.get("QWEN3_NEXT_FUSED_QK_NORM", "0")
 
 
 def enabled() -> bool:
@@ -21,6 +26,13 @@ def enabled() -> bool:
     if ENABLED not in ("0", "1"):
         raise ValueError(f"QWEN3_NEXT_OWN_KERNELS must be 0 or 1, got {ENABLED!r}")
     return ENABLED == "1" and triton_ok()
+
+
+def fused_qk_norm() -> bool:
+    """Whether the GDN's planar path L2-normalises q and k in our conv (needs our kernels on)."""
+    if FUSED_QK_NORM not in ("0", "1"):
+        raise ValueError(f"QWEN3_NEXT_FUSED_QK_NORM must be 0 or 1, got {FUSED_QK_NORM!r}")
+    return FUSED_QK_NORM == "1" and enabled()
 
 
 @functools.lru_cache(maxsize=None)
