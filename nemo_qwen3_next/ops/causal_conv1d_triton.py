@@ -151,7 +151,7 @@ def _prune(configs, named_args, **kwargs):
     return one_head if hd and one_head else configs
 
 
-@triton.autotune(configs=_CONFIGS, key=["D", "T"], prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(configs=_CONFIGS, key=["D", "T", "HD"], prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _fwd(x, w, b, y, rs, T, D, NH, sxb, sxt, syb, syt,
          L: tl.constexpr, BD: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, HD: tl.constexpr):
@@ -172,7 +172,7 @@ def _fwd(x, w, b, y, rs, T, D, NH, sxb, sxt, syb, syt,
         xm3, xm2, xm1 = xm2, xm1, x0
 
 
-@triton.autotune(configs=_CONFIGS, key=["D", "T"], prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(configs=_CONFIGS, key=["D", "T", "HD"], prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _bwd(x, w, b, rs, dy, dx, dwp, dbp, T, D, NH, sxb, sxt, sgb, sgt, sdb, sdt,
          L: tl.constexpr, BD: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, HD: tl.constexpr):
