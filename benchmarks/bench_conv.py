@@ -50,14 +50,14 @@ def main():
             y = torch.empty(B, T, D, device="cuda", dtype=torch.bfloat16)
             dx = torch.empty_like(x)
             act = B * T * D * 2  # bytes of one activation
+            nh = D // hd if hd else 0
+            rs = torch.empty(B, T, max(nh, 1), device="cuda", dtype=torch.float32)  # the norm's saved rstd
             for bd, nw, L in configs:
+                if hd and bd % hd:  # a head must fit in one program's channel block
+                    continue
                 grid = (triton.cdiv(D, bd), triton.cdiv(T, L), B)
                 nrows = B * triton.cdiv(T, L)
                 dwp = torch.empty(nrows, 4, D, device="cuda", dtype=torch.float32)
-                nh = D // hd if hd else 0
-                rs = torch.empty(B, T, max(nh, 1), device="cuda", dtype=torch.float32)
-                if hd and bd % hd:
-                    continue
 
                 def fwd():
                     ct._fwd.fn[grid](x, w, w, y, rs, T, D, nh, x.stride(0), x.stride(1), y.stride(0), y.stride(1),

@@ -187,19 +187,25 @@ def with_mixer_graphs(module, fwd):
     return run
 
 
-def with_chunk_kernel(kernel, fwd):
-    """fwd with `nemo_qwen3_next.ops.gated_delta_rule.CHUNK_KERNEL` set to `kernel` while it runs (and in its
-    backward, which reads no setting)."""
-    gdr = importlib.import_module("nemo_qwen3_next.ops.gated_delta_rule")  # the module, not the function
+def with_setting(module: str, name: str, value: str, fwd):
+    """fwd with the module-level setting ``module.name`` set to ``value`` while it runs (the backward reads
+    no setting, so it follows the forward)."""
+    mod = importlib.import_module(module)  # the module itself (a package may export a same-named function)
 
     def run(x):
-        old, gdr.CHUNK_KERNEL = gdr.CHUNK_KERNEL, kernel
+        old = getattr(mod, name)
+        setattr(mod, name, value)
         try:
             return fwd(x)
         finally:
-            gdr.CHUNK_KERNEL = old
+            setattr(mod, name, old)
 
     return run
+
+
+def with_chunk_kernel(kernel, fwd):
+    """fwd with `nemo_qwen3_next.ops.gated_delta_rule.CHUNK_KERNEL` set to `kernel` while it runs."""
+    return with_setting("nemo_qwen3_next.ops.gated_delta_rule", "CHUNK_KERNEL", kernel, fwd)
 
 
 GDN_IMPLS = ("ours", "ours-graphs", "ours-fla", "ours-triton", "ours-graphs-triton", "ours-vendor",
@@ -208,31 +214,13 @@ GDN_IMPLS = ("ours", "ours-graphs", "ours-fla", "ours-triton", "ours-graphs-trit
 
 def with_own_kernels(fwd, on: bool = True):
     """fwd with `nemo_qwen3_next.ops.own_kernels` on (our Triton conv and gated norm, the sequence-first GDN
-    path; the default) or off (fla's conv and norm) while it runs; the backward follows the forward."""
-    own = importlib.import_module("nemo_qwen3_next.ops.own_kernels")
-
-    def run(x):
-        old, own.ENABLED = own.ENABLED, "1" if on else "0"
-        try:
-            return fwd(x)
-        finally:
-            own.ENABLED = old
-
-    return run
+    path; the default) or off (fla's conv and norm) while it runs."""
+    return with_setting("nemo_qwen3_next.ops.own_kernels", "ENABLED", "1" if on else "0", fwd)
 
 
 def with_fused_qk_norm(fwd):
     """fwd with `own_kernels.FUSED_QK_NORM` on (the q/k L2-norm inside our conv) while it runs."""
-    own = importlib.import_module("nemo_qwen3_next.ops.own_kernels")
-
-    def run(x):
-        old, own.FUSED_QK_NORM = own.FUSED_QK_NORM, "1"
-        try:
-            return fwd(x)
-        finally:
-            own.FUSED_QK_NORM = old
-
-    return run
+    return with_setting("nemo_qwen3_next.ops.own_kernels", "FUSED_QK_NORM", "1", fwd)
 
 
 def ref_forward(B, T):
@@ -539,17 +527,11 @@ def main():
                         _LAYERS.pop("attn" if module == "attn" else "gdn", None)  # graphs it captured (fla's kernels)
                         fwd, params = our_forward(module, B, T)
                         fwd = with_mixer_graphs(module, with_own_kernels(fwd))
-                    elif impl in ("ours-vendor", "ours-graphs-vendor"):  # fla's conv and norm (OWN_KERNELS=0)
-                        _LAYERS.pop("attn" if module == "attn" else "gdn", None)
-                        fwd, params = our_forward(module, B, T)
-                        fwd = with_own_kernels(fwd, on=False)
-                        if impl == "ours-graphs-vendor":
-                            fwd = with_mixer_graphs(module, fwd)
-                    elif impl in ("ours-qknorm", "ours-graphs-qknorm"):  # the q/k L2-norm in our conv (opt-in)
-                        _LAYERS.pop("attn" if module == "attn" else "gdn", None)
-                        fwd, params = our_forward(module, B, T)
-                        fwd = with_fused_qk_norm(fwd)
-                        if impl == "ours-graphs-qknorm":
+                    elif impl.endswith(("-vendor", "-qknorm")):  # fla's conv and norm (OWN_KERNELS=0), or
+                        _LAYERS.pop("attn" if module == "attn" else "gdn", None)  # the q/k L2-norm in our conv
+                        fwd, params = our_forward(module, B, T)  # (opt-in); a fresh layer: graphs are kept per layer
+                        fwd = with_own_kernels(fwd, on=False) if impl.endswith("-vendor") else with_fused_qk_norm(fwd)
+                        if impl.startswith("ours-graphs-"):
                             fwd = with_mixer_graphs(module, fwd)
                     elif impl == "hf":
                         fwd, params = hf_forward()

@@ -213,7 +213,7 @@ def causal_conv1d(
         activation: ``"silu"`` (= ``"swish"``) or ``None``.
         l2norm_head_dim: after the activation, L2-normalise each group of that many channels (in fp32,
             eps 1e-6: the GDN's q/k norm, which then need not run in the chunk kernel). Fused into our
-            Triton kernel (the output is written once, the backward recomputes the norm in registers);
+            Triton kernel (the output is written once, the backward reuses the forward's per-head rstd);
             the other backends run `l2norm` after the conv.
         cu_seqlens: 1-D document offsets for packed input (``B == 1``); no leakage across documents.
         initial_state: ``[N, D, W-1]`` left context per sequence (``N = B`` or number of documents).
@@ -256,10 +256,12 @@ def _run_kernel(backend: str, args, l2norm_head_dim=None):
     """Ours, Dao's kernel or fla's Triton conv for `backend` (the L2-norm fused into ours where it can be,
     else after the vendor's conv); None when `auto` finds none usable."""
     out = _run_conv_kernel(backend, args, l2norm_head_dim)
-    if out is None or out[2] or l2norm_head_dim is None:
-        return None if out is None else out[:2]
-    y, final, _ = out
-    return _l2norm_heads(y, l2norm_head_dim).to(y.dtype), final
+    if out is None:
+        return None
+    y, final, normed = out
+    if l2norm_head_dim is not None and not normed:
+        y = _l2norm_heads(y, l2norm_head_dim).to(y.dtype)
+    return y, final
 
 
 def _run_conv_kernel(backend: str, args, l2norm_head_dim):
