@@ -436,6 +436,9 @@ def main():
     unknown = sorted({i for i in args.impls.split(",") if i} - set(GDN_IMPLS))
     if unknown:
         raise SystemExit(f"--impls: unknown {', '.join(unknown)}; choose from {', '.join(GDN_IMPLS)}")
+    if not torch.cuda.is_available():  # every module here times CUDA kernels
+        raise SystemExit("examples/benchmark.py needs a CUDA GPU and torch sees none here "
+                         "(torch.cuda.is_available() is False); run it on the GPU machine (docs/gpu.md)")
     args.passes = [p for p in args.passes.split(",") if p]
     if not args.baseline_flash_qla:  # before fla is imported; inherited by the megatron-core child
         os.environ["FLA_FLASH_QLA"] = "0"
