@@ -37,19 +37,27 @@ import triton.language as tl
 
 W_MAX = 4  # taps the kernels are written for (Qwen3-Next uses 4)
 L2_EPS: tl.constexpr = tl.constexpr(1e-6)  # the q/k L2-norm's eps (HF's and fla's `l2norm`)
-# (channels BD, warps, time steps L) per program. 4 channels a thread (the backward then needs 128 registers,
-# no spills on sm_90a); L = 32 leaves enough programs at B=1 T=4096 and little warm-up re-reading.
-# QWEN3_NEXT_CONV_CONFIGS="BD:warps:L,..." replaces the list (benchmarks/bench_conv.py compares them).
-_DEFAULT_CONFIGS = "128:1:32,256:2:32,512:4:32"
+# (channels BD, warps, time steps L, prefetch PF) per program. 4 channels a thread (the backward then needs
+# ~128 registers, no spills on sm_90a); L = 32 leaves enough programs at B=1 T=4096 and little warm-up
+# re-reading. PF = 4 issues the loads of the row 4 steps ahead before this step's math and store: without it
+# every step waited a full memory latency (a load cannot move above the previous step's store, which the
+# compiler must assume may alias it), which held the backward to ~0.7 TB/s on H100. It costs registers (the
+# backward 128 -> ~190, fewer warps per SM), so the autotuner times both depths per (D, T, HD).
+# QWEN3_NEXT_CONV_CONFIGS="BD:warps:L[:PF],..." replaces the list (benchmarks/bench_conv.py compares them).
+_DEFAULT_CONFIGS = "128:1:32:0,256:2:32:0,512:4:32:0,128:1:32:4,256:2:32:4,512:4:32:4"
+_PREFETCH = (0, 4)  # the prefetch depths the kernels are written for
 
 
 def _configs(spec: str):
     try:
-        triples = [tuple(int(v) for v in item.split(":")) for item in spec.split(",")]
-        assert triples and all(len(t) == 3 and t[0] % 128 == 0 and t[1] > 0 and t[2] > 0 for t in triples)
+        cfgs = [tuple(int(v) for v in item.split(":")) for item in spec.split(",")]
+        cfgs = [c if len(c) == 4 else c + (0,) for c in cfgs]
+        assert cfgs and all(len(c) == 4 and c[0] % 128 == 0 and c[1] > 0 and c[2] > 0 and c[3] in _PREFETCH
+                            for c in cfgs)
     except (ValueError, AssertionError):
-        raise ValueError(f"QWEN3_NEXT_CONV_CONFIGS must be 'BD:warps:L,...' with BD a multiple of 128; got {spec!r}")
-    return [triton.Config({"BD": bd, "L": rows}, num_warps=nw) for bd, nw, rows in triples]
+        raise ValueError("QWEN3_NEXT_CONV_CONFIGS must be 'BD:warps:L[:PF],...' with BD a multiple of 128 and "
+                         f"PF one of {_PREFETCH}; got {spec!r}")
+    return [triton.Config({"BD": bd, "L": rows, "PF": pf}, num_warps=nw) for bd, nw, rows, pf in cfgs]
 
 
 _CONFIGS = _configs(os.environ.get("QWEN3_NEXT_CONV_CONFIGS", _DEFAULT_CONFIGS))
@@ -77,6 +85,12 @@ def _channels(w, b, D, HAS_BIAS: tl.constexpr, BD: tl.constexpr):
 def _row(p, t, stride, md, T):
     """Row t of a [T, channels] plane in fp32; zeros outside 0 <= t < T (the causal padding, the tail)."""
     return tl.load(p + t.to(tl.int64) * stride, mask=md & (t >= 0) & (t < T), other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _raw(p, t, stride, md, T):
+    """Row t as stored (converted where used, so a prefetched row holds half the registers)."""
+    return tl.load(p + t.to(tl.int64) * stride, mask=md & (t >= 0) & (t < T), other=0.0)
 
 
 @triton.jit
@@ -154,16 +168,24 @@ def _prune(configs, named_args, **kwargs):
 @triton.autotune(configs=_CONFIGS, key=["D", "T", "HD"], prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _fwd(x, w, b, y, rs, T, D, NH, sxb, sxt, syb, syt,
-         L: tl.constexpr, BD: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, HD: tl.constexpr):
+         L: tl.constexpr, BD: tl.constexpr, PF: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
+         HD: tl.constexpr):
     pid_t, pid_b = tl.program_id(1), tl.program_id(2)
     d, md, w0, w1, w2, w3, bias = _channels(w, b, D, HAS_BIAS, BD)
     xb = x + pid_b.to(tl.int64) * sxb + d
     yb = y + pid_b.to(tl.int64) * syb + d
     t0 = pid_t * L
     xm3, xm2, xm1 = _row(xb, t0 - 3, sxt, md, T), _row(xb, t0 - 2, sxt, md, T), _row(xb, t0 - 1, sxt, md, T)
+    if PF:  # rows t0 .. t0+3 in flight (see _DEFAULT_CONFIGS)
+        n0, n1 = _raw(xb, t0, sxt, md, T), _raw(xb, t0 + 1, sxt, md, T)
+        n2, n3 = _raw(xb, t0 + 2, sxt, md, T), _raw(xb, t0 + 3, sxt, md, T)
     for i in tl.static_range(L):  # unrolled: the compiler can issue later rows' loads early
         t = t0 + i
-        x0 = _row(xb, t, sxt, md, T)
+        if PF:
+            x0 = n0.to(tl.float32)
+            n0, n1, n2, n3 = n1, n2, n3, _raw(xb, t + 4, sxt, md, T)
+        else:
+            x0 = _row(xb, t, sxt, md, T)
         acc, r = _act(bias + w0 * xm3 + w1 * xm2 + w2 * xm1 + w3 * x0, SILU, HD, BD)
         tl.store(yb + t.to(tl.int64) * syt, acc.to(y.dtype.element_ty), mask=md & (t < T))
         if HD > 0:  # the backward reuses it: one reduction per row there instead of two
@@ -175,7 +197,8 @@ def _fwd(x, w, b, y, rs, T, D, NH, sxb, sxt, syb, syt,
 @triton.autotune(configs=_CONFIGS, key=["D", "T", "HD"], prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _bwd(x, w, b, rs, dy, dx, dwp, dbp, T, D, NH, sxb, sxt, sgb, sgt, sdb, sdt,
-         L: tl.constexpr, BD: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, HD: tl.constexpr):
+         L: tl.constexpr, BD: tl.constexpr, PF: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
+         HD: tl.constexpr):
     pid_t, pid_b = tl.program_id(1), tl.program_id(2)
     d, md, w0, w1, w2, w3, bias = _channels(w, b, D, HAS_BIAS, BD)
     xb = x + pid_b.to(tl.int64) * sxb + d
@@ -198,12 +221,24 @@ def _bwd(x, w, b, rs, dy, dx, dwp, dbp, T, D, NH, sxb, sxt, sgb, sgt, sdb, sdt,
     dw2 = tl.zeros([BD], tl.float32)
     dw3 = tl.zeros([BD], tl.float32)
     db = tl.zeros([BD], tl.float32)
+    if PF:  # x, dy and rstd of rows t0+3 .. t0+6 in flight (see _DEFAULT_CONFIGS)
+        nx0, nx1 = _raw(xb, t0 + 3, sxt, md, T), _raw(xb, t0 + 4, sxt, md, T)
+        nx2, nx3 = _raw(xb, t0 + 5, sxt, md, T), _raw(xb, t0 + 6, sxt, md, T)
+        ng0, ng1 = _raw(gb, t0 + 3, sgt, md, T), _raw(gb, t0 + 4, sgt, md, T)
+        ng2, ng3 = _raw(gb, t0 + 5, sgt, md, T), _raw(gb, t0 + 6, sgt, md, T)
+        nr0, nr1 = _rstd(rs, pid_b, t0 + 3, T, NH, HD, BD), _rstd(rs, pid_b, t0 + 4, T, NH, HD, BD)
+        nr2, nr3 = _rstd(rs, pid_b, t0 + 5, T, NH, HD, BD), _rstd(rs, pid_b, t0 + 6, T, NH, HD, BD)
     for i in tl.static_range(L):  # unrolled: the compiler can issue later rows' loads early
         t = t0 + i
-        xp3, g3 = _row(xb, t + 3, sxt, md, T), _row(gb, t + 3, sgt, md, T)
+        if PF:
+            xp3, g3, r3 = nx0.to(tl.float32), ng0.to(tl.float32), nr0
+            nx0, nx1, nx2, nx3 = nx1, nx2, nx3, _raw(xb, t + 7, sxt, md, T)
+            ng0, ng1, ng2, ng3 = ng1, ng2, ng3, _raw(gb, t + 7, sgt, md, T)
+            nr0, nr1, nr2, nr3 = nr1, nr2, nr3, _rstd(rs, pid_b, t + 7, T, NH, HD, BD)
+        else:
+            xp3, g3, r3 = _row(xb, t + 3, sxt, md, T), _row(gb, t + 3, sgt, md, T), _rstd(rs, pid_b, t + 3, T, NH, HD, BD)
         if SILU or HD > 0:
-            g3 = _grad_pre(g3, bias + w0 * x0 + w1 * xp1 + w2 * xp2 + w3 * xp3, _rstd(rs, pid_b, t + 3, T, NH, HD, BD),
-                           SILU, HD, BD)
+            g3 = _grad_pre(g3, bias + w0 * x0 + w1 * xp1 + w2 * xp2 + w3 * xp3, r3, SILU, HD, BD)
         # y[t + 3 - j] reads x[t] through tap j
         gx = w3 * g0 + w2 * g1 + w1 * g2 + w0 * g3
         tl.store(ob + t.to(tl.int64) * sdt, gx.to(dx.dtype.element_ty), mask=md & (t < T))
