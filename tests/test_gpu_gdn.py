@@ -79,14 +79,16 @@ def _probe(y):
     return torch.randn(y.shape, generator=g, device=y.device, dtype=torch.float32)
 
 
-@pytest.mark.parametrize("own", [False, True], ids=["vendor", "own_kernels"])
+@pytest.mark.parametrize("own", [False, True, "qknorm"], ids=["vendor", "own_kernels", "own_kernels_fused_qk_norm"])
 @pytest.mark.parametrize("B,T", [(2, 300), (1, 1024)])
 def test_gdn_fused_bf16_vs_fp32_reference(dist, B, T, own, monkeypatch):
-    """own_kernels: QWEN3_NEXT_OWN_KERNELS=1 (our conv and gated norm; at B=2 the sequence-first path)."""
+    """own_kernels: QWEN3_NEXT_OWN_KERNELS=1 (our conv and gated norm; at B=2 the sequence-first path);
+    qknorm: also QWEN3_NEXT_FUSED_QK_NORM=1 (q/k L2-norm inside our conv on the sequence-first path)."""
     from nemo_qwen3_next.ops import own_kernels
     from nemo_qwen3_next.ops.usage import kernels_used, reset
 
     monkeypatch.setattr(own_kernels, "ENABLED", "1" if own else "0")
+    monkeypatch.setattr(own_kernels, "FUSED_QK_NORM", "1" if own == "qknorm" else "0")
     reset()
     cfg = gdn_config()
     ref = build_gdn(cfg)
@@ -100,7 +102,7 @@ def test_gdn_fused_bf16_vs_fp32_reference(dist, B, T, own, monkeypatch):
     y_ref, g_ref = run(ref, x)
     y, g = run(fused, x.bfloat16())
     assert torch.isfinite(y).all()
-    assert own == ("causal_conv1d:triton" in kernels_used()) == ("gated_rms_norm:triton" in kernels_used())
+    assert bool(own) == ("causal_conv1d:triton" in kernels_used()) == ("gated_rms_norm:triton" in kernels_used())
     e = rel(y, y_ref)
     print(f"\nB={B} T={T} fwd rel err {e:.2e}")
     assert e <= 1e-2, f"forward relative error {e}"
