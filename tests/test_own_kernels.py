@@ -98,7 +98,7 @@ NORM_CHILD = textwrap.dedent(
 def test_triton_kernel_interpreted_matches_reference(kernel):
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     # the interpreter runs the first config only: the conv without and with its 4-row prefetch
-    env["QWEN3_NEXT_CONV_CONFIGS"] = "128:1:32:4" if kernel == "conv-prefetch" else "128:1:32:0"
+    env["QWEN3_NEXT_CONV_CONFIGS"] = "128:1:16:4" if kernel == "conv-prefetch" else "128:1:32:0"
     code = NORM_CHILD if kernel == "norm" else CHILD
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]

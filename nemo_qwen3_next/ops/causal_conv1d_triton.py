@@ -44,7 +44,7 @@ L2_EPS: tl.constexpr = tl.constexpr(1e-6)  # the q/k L2-norm's eps (HF's and fla
 # compiler must assume may alias it), which held the backward to ~0.7 TB/s on H100. It costs registers (the
 # backward 128 -> ~190, fewer warps per SM), so the autotuner times both depths per (D, T, HD).
 # QWEN3_NEXT_CONV_CONFIGS="BD:warps:L[:PF],..." replaces the list (benchmarks/bench_conv.py compares them).
-_DEFAULT_CONFIGS = "128:1:32:0,256:2:32:0,512:4:32:0,128:1:32:4,256:2:32:4,512:4:32:4"
+_DEFAULT_CONFIGS = "128:1:16:4,256:2:16:4,512:4:16:4,128:1:32:0"
 _PREFETCH = (0, 4)  # the prefetch depths the kernels are written for
 
 
