@@ -420,7 +420,7 @@ class GatedDeltaNet(MegatronModule):
         if cu_seqlens is not None:  # one int64 tensor for every kernel: fla caches its chunk indices by tensor identity
             cu_seqlens = cu_seqlens.to(device=z.device, dtype=torch.long)
         conv = partial(causal_conv1d, activation="silu", cu_seqlens=cu_seqlens, backend=self.backend)
-        # Planar q and k with our conv (`own_kernels.fused_qk_norm`, opt-in): their L2-norm runs in the conv
+        # Planar q and k with our conv (`own_kernels.fused_qk_norm`, the default): their L2-norm runs in the conv
         # kernel (written once; the backward reuses the forward's rstd), not as separate passes around the chunk
         # kernel (FlashQLA's norm reads and writes q and k each way and casts fp32 gradients: ~0.4 ms of kernels
         # at B=4 T=4096 on H100, Dec 06 profiles).
