@@ -23,7 +23,7 @@ Imports triton at load: `causal_conv1d` imports this module only where triton is
 CUDA when there is no ``cu_seqlens``, initial or final state (packed input and generation go to fla /
 Dao's kernel / the reference). Tests compare it with the reference under Triton's interpreter on CPU
 (`tests/test_own_kernels.py`, fp32 vs float64: 1e-5) and in bf16 on GPU against the reference and fla
-(`tests/test_gpu_speed_paths.py`; the L2-norm cases have not run on a GPU yet).
+(`tests/test_gpu_speed_paths.py`, the L2-norm cases included: they passed on an H100, Dec 06).
 """
 
 from __future__ import annotations
