@@ -115,6 +115,17 @@ def test_triton_backend_refuses_what_it_does_not_cover():
         causal_conv1d(x, torch.randn(4, 5), backend="triton")
 
 
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
+def test_conv_configs_setting_is_parsed_and_checked():
+    from nemo_qwen3_next.ops.causal_conv1d_triton import _configs
+
+    a, b = _configs("256:2:16:4,128:1:32")  # the prefetch depth is optional (0)
+    assert (a.kwargs, a.num_warps, b.kwargs, b.num_warps) == (dict(BD=256, L=16, PF=4), 2, dict(BD=128, L=32, PF=0), 1)
+    for bad in ("128:1:16:3", "100:1:16", "128:1", "fast"):
+        with pytest.raises(ValueError, match="QWEN3_NEXT_CONV_CONFIGS must be 'BD:warps:L\\[:PF\\],...'"):
+            _configs(bad)
+
+
 def test_auto_on_cpu_stays_on_the_reference():
     from nemo_qwen3_next.ops.usage import kernels_used, reset
 
