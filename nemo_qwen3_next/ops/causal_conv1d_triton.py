@@ -81,15 +81,16 @@ def _channels(w, b, D, HAS_BIAS: tl.constexpr, BD: tl.constexpr):
 
 
 @triton.jit
-def _row(p, t, stride, md, T):
-    """Row t of a [T, channels] plane in fp32; zeros outside 0 <= t < T (the causal padding, the tail)."""
-    return tl.load(p + t.to(tl.int64) * stride, mask=md & (t >= 0) & (t < T), other=0.0).to(tl.float32)
+def _raw(p, t, stride, md, T):
+    """Row t of a [T, channels] plane as stored; zeros outside 0 <= t < T (the causal padding, the tail).
+    A prefetched row stays in this form until used: half the registers of fp32."""
+    return tl.load(p + t.to(tl.int64) * stride, mask=md & (t >= 0) & (t < T), other=0.0)
 
 
 @triton.jit
-def _raw(p, t, stride, md, T):
-    """Row t as stored (converted where used, so a prefetched row holds half the registers)."""
-    return tl.load(p + t.to(tl.int64) * stride, mask=md & (t >= 0) & (t < T), other=0.0)
+def _row(p, t, stride, md, T):
+    """Row t in fp32 (`_raw`, converted)."""
+    return _raw(p, t, stride, md, T).to(tl.float32)
 
 
 @triton.jit
