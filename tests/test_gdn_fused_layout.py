@@ -100,24 +100,32 @@ def _run(layer, path, x, cu_seqlens):
     return y.detach(), {"x": x.grad, **{n: p.grad.clone() for n, p in layer.named_parameters()}}
 
 
-@pytest.mark.parametrize("case", ["b1", "b2", "packed", "b2-recompute", "b2-one-gemm", "b2-seq-first",
-                                  "b2-seq-first-recompute"])
+@pytest.mark.parametrize("case", ["b1", "b2", "packed", "b2-recompute", "b2-module-gemm", "b2-seq-first",
+                                  "b2-seq-first-recompute", "b2-seq-first-five-gemms", "b1-own", "b1-own-recompute"])
 def test_fused_path_equals_reference(layer, case, monkeypatch):
-    """b2-seq-first: the planar path as it runs with our kernels (QWEN3_NEXT_OWN_KERNELS=1): sequence-first
-    GEMM outputs, the convs reading strided rows, z and the norm's output [b, s] views of [s, b] memory."""
+    """b2-seq-first: the planar path as it runs with our kernels (QWEN3_NEXT_OWN_KERNELS=1): one in_proj GEMM
+    whose sequence-first output q, k, v, z, b, a are column views (`grad_sink`), the convs reading strided rows,
+    z and the norm's output [b, s] views of [s, b] memory; five-gemms: QWEN3_NEXT_ONE_IN_PROJ_GEMM=0 (one GEMM
+    per weight piece); b1-own: our kernels' path at b = 1 (one GEMM, batch-first rows)."""
     from nemo_qwen3_next.ops import own_kernels
 
-    monkeypatch.setattr(own_kernels, "enabled", lambda: "seq-first" in case)
+    monkeypatch.setattr(own_kernels, "enabled", lambda: "seq-first" in case or "own" in case)
+    monkeypatch.setattr(own_kernels, "ONE_IN_PROJ_GEMM", "0" if "five-gemms" in case else "1")
     torch.manual_seed(1)
-    b, T, cu = (1, 40, None) if case in ("b1", "packed") else (2, 24, None)
+    b, T, cu = (1, 40, None) if case.startswith("b1") or case == "packed" else (2, 24, None)
     if case == "packed":  # three documents; the conv history and the state restart at each boundary
         cu = torch.tensor([0, 11, 12, 40], dtype=torch.int32)
     x = torch.randn(T, b, layer.config.hidden_size)
     layer.train()
-    layer.split_in_proj = case != "b2-one-gemm"  # False: the in_proj-module GEMM, split and cat, one conv
+    layer.split_in_proj = case != "b2-module-gemm"  # False: the in_proj-module GEMM, split and cat, one conv
     layer.config.linear_attention_recompute = case.endswith("recompute")
+    from nemo_qwen3_next.ops.usage import kernels_used, reset
+
+    reset()
     try:
         y, g = _run(layer, layer._forward_fused, x, cu)
+        one_gemm = any(k.startswith("column_views_grad:") for k in kernels_used())
+        assert one_gemm == (("seq-first" in case and "five-gemms" not in case) or "own" in case), kernels_used()
     finally:
         layer.split_in_proj, layer.config.linear_attention_recompute = True, False
     y_ref, g_ref = _run(layer, layer._forward_reference, x, cu)

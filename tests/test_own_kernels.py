@@ -157,6 +157,7 @@ def test_triton_norm_backend_refuses_cpu():
 
 LAYER_CHILD = textwrap.dedent(
     """
+    import os
     import torch
     import nemo_qwen3_next.modules.gated_delta_net as gdn
     from nemo_qwen3_next.config import qwen3_next_tiny_5m
@@ -198,6 +199,8 @@ LAYER_CHILD = textwrap.dedent(
     reset()
     got = run(m._forward_fused, x)
     assert {"causal_conv1d:triton", "gated_rms_norm:triton"} <= set(kernels_used()), kernels_used()
+    if os.environ["QWEN3_NEXT_ONE_IN_PROJ_GEMM"] == "1":  # q, k, v, z written in place by our kernels, b and a copied
+        assert "column_views_grad:4/6 in place" in kernels_used(), kernels_used()
     assert own_kernels.fused_qk_norm() == (own_kernels.FUSED_QK_NORM == "1")
     want = run(m._forward_reference, x)
     print("WORST", max(((g - w).norm() / w.norm()).item() for g, w in zip(got, want)))
@@ -206,13 +209,13 @@ LAYER_CHILD = textwrap.dedent(
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton (its CPU interpreter)")
-@pytest.mark.parametrize("fused_qk_norm", ["0", "1"])
-def test_gdn_sequence_first_path_with_our_kernels_equals_reference(fused_qk_norm):
+@pytest.mark.parametrize("fused_qk_norm,one_gemm", [("0", "1"), ("1", "1"), ("1", "0")])
+def test_gdn_sequence_first_path_with_our_kernels_equals_reference(fused_qk_norm, one_gemm):
     """The GDN layer's fused path as it runs on the GPU with QWEN3_NEXT_OWN_KERNELS=1 (sequence-first planar
     GEMMs, our conv reading their strided views, our norm writing the output sequence-first; with
     QWEN3_NEXT_FUSED_QK_NORM=1 the q/k L2-norm inside the conv), our kernels interpreted on CPU, against
     `_forward_reference`: output, input gradient and every parameter gradient."""
-    env = dict(os.environ, TRITON_INTERPRET="1", QWEN3_NEXT_FUSED_QK_NORM=fused_qk_norm,
+    env = dict(os.environ, TRITON_INTERPRET="1", QWEN3_NEXT_FUSED_QK_NORM=fused_qk_norm, QWEN3_NEXT_ONE_IN_PROJ_GEMM=one_gemm,
                PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     out = subprocess.run([sys.executable, "-c", LAYER_CHILD], env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]

@@ -65,6 +65,7 @@ from megatron.core.utils import divide
 
 from ..ops import causal_conv1d, gated_delta_rule, own_kernels
 from ..ops.gated_delta_rule import gdn_gate
+from ..ops.grad_sink import column_views
 from ..parallel.context import causal_conv1d_cp, cp_group_or_none, gated_delta_rule_cp
 from .cuda_graphs import graphed_or_none
 from .norms import GatedRMSNorm
@@ -191,6 +192,10 @@ class GatedDeltaNet(MegatronModule):
         # the norm a 4096-wide copy per token each way) and no gradient cat joins z with b, a
         self._proj_layout = _planar_layout(self.group_split, ((0,), (1,), (2,), (3,), (4, 5)))
         self._conv_layout = _planar_layout(self.group_split[:3], ((0,), (1,), (2,)))
+        # one-GEMM planar in_proj (`own_kernels.one_in_proj_gemm`): the whole weight as one planar piece
+        # [q_all | k_all | v_all | z_all | b_all | a_all], its output split into column views of these sizes
+        self._proj_layout_one = _planar_layout(self.group_split, (tuple(range(len(self.group_split))),))
+        self._proj_sizes = tuple(self.num_key_heads * n for n in self.group_split)
         self.chunk_size = c.linear_attention_chunk_size
         self.use_recurrent = c.linear_attention_use_recurrent
         self.backend = c.linear_attention_backend
@@ -369,25 +374,36 @@ class GatedDeltaNet(MegatronModule):
         seq_first = planar and batch_first and own_kernels.enabled()
         if seq_first:
             batch_first = False
+        # our conv and norm take the gradient sink; packed input goes to fla's conv (which would not)
+        one_gemm = planar and cu_seqlens is None and own_kernels.one_in_proj_gemm()
         x = hidden_states.transpose(0, 1).contiguous() if batch_first else hidden_states
         Hk, G, r = self.num_key_heads, sum(self.group_split), self.heads_per_key
         dk, dv, Hv = self.key_head_dim, self.value_head_dim, self.num_value_heads
 
         if planar:
-            # Planar: q, k, v, z and [b | a] from five GEMMs, each contiguous, so the three convs and the
-            # chunk kernel copy nothing and nothing is concatenated (forward or backward). Here x is
-            # batch-first or b == 1, so its rows are (b, s)-ordered, or (seq_first) (s, b)-ordered and the
-            # pieces are [b, s, *] views of [s, b, *] memory.
+            # Planar: q, k, v, z and the gates contiguous or strided rows (never a per-key-head interleave), so
+            # the three convs and the chunk kernel copy nothing and nothing is concatenated (forward or backward).
+            # Here x is batch-first or b == 1, so its rows are (b, s)-ordered, or (seq_first) (s, b)-ordered and
+            # the pieces are [b, s, *] views of [s, b, *] memory.
             w = self.in_proj.weight
-            pieces = _PlanarPieces.apply(w.view(Hk, G, w.shape[-1]), self._proj_layout)
-            outs = _SharedInputLinears.apply(x.reshape(b * s, -1), *pieces)
-            if seq_first:  # the gates are 2 x [b, s, Hv]: small, copied batch-first for the chunk kernels
-                q, k, v, z, ba = (t.view(s, b, -1).transpose(0, 1) for t in outs)
-                beta, a = (t.contiguous() for t in torch.split(ba, [Hv, Hv], dim=-1))
+            rows = (lambda t: t.view(s, b, -1).transpose(0, 1)) if seq_first else (lambda t: t.view(b, s, -1))
+            if one_gemm:
+                # One GEMM on the whole planar weight; q, k, v, z, b, a are column views of its output. Our convs
+                # and norm write their input gradients into their places in one buffer (`grad_sink`), which is
+                # the GEMM's output gradient: one GEMM each for the input and the weight gradient, no cat.
+                (wp,) = _PlanarPieces.apply(w.view(Hk, G, w.shape[-1]), self._proj_layout_one)
+                sink, outs = column_views(torch.matmul(x.reshape(b * s, -1), wp.t()), self._proj_sizes)
+                q, k, v, z, beta, a = (rows(t) for t in outs)
+                beta, a = beta.contiguous(), a.contiguous()  # 2 x [b, s, Hv]: small, for the gate kernels
             else:
-                q, k, v, z, ba = (t.view(b, s, -1) for t in outs)
+                # five GEMMs on weight pieces q, k, v, z, [b | a]; the input gradient accumulates in them (addmm_)
+                sink = None
+                pieces = _PlanarPieces.apply(w.view(Hk, G, w.shape[-1]), self._proj_layout)
+                q, k, v, z, ba = (rows(t) for t in _SharedInputLinears.apply(x.reshape(b * s, -1), *pieces))
                 beta, a = torch.split(ba, [Hv, Hv], dim=-1)
-            z = z.view(b, s, Hv, dv)  # contiguous (seq_first: a [b, s] view of [s, b] memory)
+                if seq_first:  # the gates: small, copied batch-first for the chunk kernels
+                    beta, a = beta.contiguous(), a.contiguous()
+            z = z.view(b, s, Hv, dv)  # contiguous (seq_first: a [b, s] view of [s, b] memory; one_gemm: strided rows)
             conv_in = (q, k, v)
         else:
             proj, _ = self.in_proj(x)
@@ -403,17 +419,19 @@ class GatedDeltaNet(MegatronModule):
             beta = beta.reshape(b, s, Hv)  # logits
             a = a.reshape(b, s, Hv)  # raw gate input
             conv_in = (qkv,)
-        o = self._recompute_or_run(self._mix_fused, z, beta, a, cu_seqlens, *conv_in).view(b, s, Hv * dv)
+            sink = None
+        o = self._recompute_or_run(self._mix_fused, z, beta, a, cu_seqlens, sink, *conv_in).view(b, s, Hv * dv)
         if batch_first:
             out, bias = self.out_proj(o)
             return out.transpose(0, 1).contiguous(), bias
         return self.out_proj(o.transpose(0, 1).contiguous())  # free when b == 1 or seq_first (already [s, b])
 
-    def _mix_fused(self, z, beta, a, cu_seqlens, *conv_in):
+    def _mix_fused(self, z, beta, a, cu_seqlens, sink, *conv_in):
         """conv -> gated delta rule -> gated norm on the fused path: what `linear_attention_recompute` recomputes.
 
         ``conv_in`` is one per-key-head ``[q k v]`` tensor (one conv), or planar q, k, v (three convs on
-        their conv-weight pieces, whose outputs are the chunk kernel's contiguous inputs)."""
+        their conv-weight pieces, whose outputs are the chunk kernel's contiguous inputs). ``sink``: the
+        `grad_sink.GradSink` of in_proj's output where q, k, v and z are its column views (one-GEMM path)."""
         b, s = z.shape[:2]
         Hk, r, dk, dv, Hv = self.num_key_heads, self.heads_per_key, self.key_head_dim, self.value_head_dim, self.num_value_heads
         w = self.conv1d.weight.squeeze(1)  # [Hk * conv_group, W]
@@ -431,7 +449,8 @@ class GatedDeltaNet(MegatronModule):
         else:
             ws = _PlanarPieces.apply(w.view(Hk, self.conv_group, w.shape[-1]), self._conv_layout)
             norm = dk if qk_norm_in_conv else None
-            q, k, v = (conv(t, wt, l2norm_head_dim=hd)[0] for t, wt, hd in zip(conv_in, ws, (norm, norm, None)))
+            q, k, v = (conv(t, wt, l2norm_head_dim=hd, grad_sink=sink)[0]
+                       for t, wt, hd in zip(conv_in, ws, (norm, norm, None)))
             q, k = q.view(b, s, Hk, dk), k.view(b, s, Hk, dk)
         v = v.reshape(b, s, Hv, dv)  # a view
         o, _ = gated_delta_rule(
@@ -449,7 +468,7 @@ class GatedDeltaNet(MegatronModule):
             chunk_size=self.chunk_size,
             backend=self.backend,
         )
-        return self.out_norm(o, z)
+        return self.out_norm(o, z, gate_grad_sink=sink)
 
     def _recompute_or_run(self, fn, *args):
         """``fn(*args)``, or under ``config.linear_attention_recompute`` (training) checkpointed: only its

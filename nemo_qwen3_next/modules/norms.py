@@ -56,10 +56,11 @@ class GatedRMSNorm(nn.Module):
         self.tp_group = tp_group
         self.weight = nn.Parameter(torch.ones(hidden_size, dtype=params_dtype))
 
-    def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, gate: torch.Tensor, gate_grad_sink=None) -> torch.Tensor:
+        """``gate_grad_sink``: see `ops.gated_rms_norm` (the GDN's one-GEMM in_proj)."""
         w = self.weight
         if self.tp_group is not None and self.tp_group.size() > 1:
             from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
 
             w = copy_to_tensor_model_parallel_region(w, group=self.tp_group)
-        return gated_rms_norm(x, gate, w, self.eps, backend=self.backend)
+        return gated_rms_norm(x, gate, w, self.eps, backend=self.backend, gate_grad_sink=gate_grad_sink)

@@ -205,6 +205,7 @@ def causal_conv1d(
     initial_state: Optional[torch.Tensor] = None,
     output_final_state: bool = False,
     l2norm_head_dim: Optional[int] = None,
+    grad_sink=None,
     backend: str = "auto",
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Causal depthwise conv on ``x [B, T, D]`` with ``weight [D, W]``.
@@ -218,6 +219,8 @@ def causal_conv1d(
         cu_seqlens: 1-D document offsets for packed input (``B == 1``); no leakage across documents.
         initial_state: ``[N, D, W-1]`` left context per sequence (``N = B`` or number of documents).
         output_final_state: also return the last ``W-1`` inputs per sequence, ``[N, D, W-1]``.
+        grad_sink: where x is a view of a GEMM output split by `grad_sink.column_views`, its sink: our kernel
+            writes dx into x's place in the shared gradient (the other backends' dx is copied there).
         backend: ``"auto"`` | ``"torch"`` | ``"triton"`` | ``"causal_conv1d"`` | ``"fla"``; forcing a
             missing package (or ``"triton"`` on a call it does not cover) raises.
 
@@ -229,7 +232,7 @@ def causal_conv1d(
            l2norm_head_dim=l2norm_head_dim)
     args = (x, weight, bias, activation, cu_seqlens, initial_state, output_final_state)
     if not (backend == "torch" or (backend == "auto" and not x.is_cuda)):
-        out = _run_kernel(backend, args, l2norm_head_dim)
+        out = _run_kernel(backend, args, l2norm_head_dim, grad_sink)
         if out is not None:
             return out
     record("causal_conv1d", "torch")
@@ -252,10 +255,10 @@ def _ours_cover(x, weight, cu_seqlens, initial_state, output_final_state) -> boo
     )
 
 
-def _run_kernel(backend: str, args, l2norm_head_dim=None):
+def _run_kernel(backend: str, args, l2norm_head_dim=None, grad_sink=None):
     """Ours, Dao's kernel or fla's Triton conv for `backend` (the L2-norm fused into ours where it can be,
     else after the vendor's conv); None when `auto` finds none usable."""
-    out = _run_conv_kernel(backend, args, l2norm_head_dim)
+    out = _run_conv_kernel(backend, args, l2norm_head_dim, grad_sink)
     if out is None:
         return None
     y, final, normed = out
@@ -264,7 +267,7 @@ def _run_kernel(backend: str, args, l2norm_head_dim=None):
     return y, final
 
 
-def _run_conv_kernel(backend: str, args, l2norm_head_dim):
+def _run_conv_kernel(backend: str, args, l2norm_head_dim, grad_sink=None):
     """``(y, final_state, l2norm_done)`` from the kernel `_run_kernel` picks, or None."""
     x, weight, bias, activation, cu_seqlens, initial_state, output_final_state = args
     if backend == "triton" or (backend == "auto" and own_kernels.enabled()):
@@ -273,7 +276,7 @@ def _run_conv_kernel(backend: str, args, l2norm_head_dim):
 
             record("causal_conv1d", "triton")
             fuse = l2norm_head_dim is not None and fuses_l2norm(l2norm_head_dim)
-            y = causal_conv1d_triton(x, weight, bias, activation, l2norm_head_dim if fuse else None)
+            y = causal_conv1d_triton(x, weight, bias, activation, l2norm_head_dim if fuse else None, grad_sink)
             return y, None, fuse
         if backend == "triton":
             raise ValueError(

@@ -35,6 +35,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .grad_sink import sink_slot_or_empty
+
 W_MAX = 4  # taps the kernels are written for (Qwen3-Next uses 4)
 L2_EPS: tl.constexpr = tl.constexpr(1e-6)  # the q/k L2-norm's eps (HF's and fla's `l2norm`)
 # (channels BD, warps, time steps L, prefetch PF) per program, 4 channels a thread. PF = 4 issues the loads of
@@ -271,7 +273,7 @@ def _grid(B, T, D):
 
 class _CausalConv1dTriton(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, silu: bool, head_dim: int = 0):
+    def forward(ctx, x, weight, bias, silu: bool, head_dim: int = 0, grad_sink=None):
         B, T, D = x.shape
         if head_dim and (D % head_dim or not fuses_l2norm(head_dim)):
             raise ValueError(f"l2norm_head_dim={head_dim} must divide D={D} and every program's channel block "
@@ -287,6 +289,7 @@ class _CausalConv1dTriton(torch.autograd.Function):
         ctx.save_for_backward(x, wp, bp if bias is not None else None, rs if head_dim else None)
         ctx.silu, ctx.head_dim, ctx.w_shape, ctx.w_dtype = silu, head_dim, weight.shape, weight.dtype
         ctx.b_dtype = bias.dtype if bias is not None else None
+        ctx.grad_sink = grad_sink
         return y
 
     @staticmethod
@@ -299,7 +302,9 @@ class _CausalConv1dTriton(torch.autograd.Function):
         B, T, D = x.shape
         W = ctx.w_shape[1]
         rows = B * (-(-T // _MIN_ROWS))  # partial-sum rows for the config with the fewest steps per program
-        dx = torch.empty_like(x)  # x's layout (a [b, s] view of [s, b] memory stays one, so no copy follows)
+        # x's layout (a [b, s] view of [s, b] memory stays one, so no copy follows), or x's place in the sink
+        # of the GEMM output x is a view of (`grad_sink`: no gradient cat after us)
+        dx = sink_slot_or_empty(ctx.grad_sink, x)
         dwp = torch.empty(rows, W_MAX, D, device=x.device, dtype=torch.float32)
         dbp = torch.empty(rows, D, device=x.device, dtype=torch.float32) if has_bias else dwp
         nh = D // ctx.head_dim if ctx.head_dim else 0
@@ -310,7 +315,7 @@ class _CausalConv1dTriton(torch.autograd.Function):
         dwp, dbp = dwp[:rows], dbp[:rows]
         dw = dwp.sum(0).t()[:, W_MAX - W:].to(ctx.w_dtype) if ctx.needs_input_grad[1] else None
         db = dbp.sum(0).to(ctx.b_dtype) if has_bias and ctx.needs_input_grad[2] else None
-        return dx, dw, db, None, None
+        return dx, dw, db, None, None, None
 
 
 def fuses_l2norm(head_dim: int) -> bool:
@@ -319,7 +324,10 @@ def fuses_l2norm(head_dim: int) -> bool:
 
 
 def causal_conv1d_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
-                         activation: Optional[str] = "silu", l2norm_head_dim: Optional[int] = None) -> torch.Tensor:
+                         activation: Optional[str] = "silu", l2norm_head_dim: Optional[int] = None,
+                         grad_sink=None) -> torch.Tensor:
     """``y [B, T, D]`` (x's dtype, fp32 math) of the causal depthwise conv; see the module docstring.
-    ``l2norm_head_dim``: L2-normalise each group of that many channels after the activation (`fuses_l2norm`)."""
-    return _CausalConv1dTriton.apply(x, weight, bias, activation in ("silu", "swish"), l2norm_head_dim or 0)
+    ``l2norm_head_dim``: L2-normalise each group of that many channels after the activation (`fuses_l2norm`).
+    ``grad_sink``: a `grad_sink.GradSink` whose base x is a view of; dx is written into x's place there."""
+    return _CausalConv1dTriton.apply(x, weight, bias, activation in ("silu", "swish"), l2norm_head_dim or 0,
+                                     grad_sink)

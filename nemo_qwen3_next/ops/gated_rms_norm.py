@@ -51,9 +51,12 @@ def _ours_cover(x: torch.Tensor, gate: torch.Tensor) -> bool:
 
 
 def gated_rms_norm(
-    x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float, backend: str = "auto"
+    x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float, backend: str = "auto", gate_grad_sink=None
 ) -> torch.Tensor:
     """``x``, ``gate``: ``[..., D]`` (any strides), ``weight``: ``[D]``. Returns ``[..., D]`` in ``x.dtype``.
+
+    gate_grad_sink: where gate is a view of a GEMM output split by `grad_sink.column_views`, its sink: our
+    kernel writes the gate's gradient into its place there (the other backends' is copied there).
 
     backend: ``"auto"`` (fla's kernel for CUDA tensors when importable; ours first with
     ``QWEN3_NEXT_OWN_KERNELS=1``), ``"torch"``, ``"triton"``, ``"fla"``.
@@ -65,7 +68,7 @@ def gated_rms_norm(
             from .gated_rms_norm_triton import gated_rms_norm_triton  # imports triton
 
             record("gated_rms_norm", "triton")
-            return gated_rms_norm_triton(x, gate, weight, eps)
+            return gated_rms_norm_triton(x, gate, weight, eps, gate_grad_sink)
         if backend == "triton":
             raise ValueError(
                 "backend='triton' for the gated RMSNorm covers CUDA [B, S, H, D] x and gate of one shape with unit "

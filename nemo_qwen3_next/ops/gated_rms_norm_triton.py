@@ -7,8 +7,9 @@ sequence-first: this kernel reads and writes each in its own layout, which saves
 transposes of the layer's input and output, forward and backward (4 x 64 MB at B=4 T=4096, 80B-A3B).
 
 Tensors are ``[B, S, H, D]`` with unit stride in D (any strides over B, S, H; each tensor's own);
-``y`` and ``dz`` take z's layout, ``dx`` takes x's (`torch.empty_like`: a dense permuted layout is
-kept, anything else becomes contiguous). Math in fp32 (x̂ is not rounded to the input dtype,
+``y`` and ``dz`` take z's dim order (also where z is a strided column view: ``y`` then is dense in that
+order, ``dz`` goes into z's place in a `grad_sink.GradSink` when one is given), ``dx`` takes x's
+(`torch.empty_like`: a dense permuted layout is kept, anything else becomes contiguous). Math in fp32 (x̂ is not rounded to the input dtype,
 as fla's kernel; the reference `gated_rms_norm_ref` rounds it, HF's casts). ``rstd`` per row is
 saved for the backward; the gain's gradient is a per-program partial sum, reduced in torch.
 Imports triton at load: `gated_rms_norm` imports this module only where triton is installed.
@@ -19,6 +20,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from .grad_sink import sink_slot_or_empty
 
 _ROWS = 16  # rows per program
 
@@ -77,17 +80,26 @@ def _strides(t):
     return t.stride(0), t.stride(1), t.stride(2)
 
 
+def _empty_in_order(t, dtype):
+    """A new dense tensor of ``t``'s shape whose dims are laid out in ``t``'s stride order: z's layout also where z
+    is a strided view (a column slice of in_proj's output), which ``torch.empty_like`` would make contiguous."""
+    order = sorted(range(t.dim()), key=lambda i: (-t.stride(i), i))
+    phys = torch.empty([t.shape[i] for i in order], device=t.device, dtype=dtype)
+    return phys.permute([order.index(i) for i in range(t.dim())])
+
+
 class _GatedRMSNormTriton(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, z, w, eps):
+    def forward(ctx, x, z, w, eps, z_grad_sink=None):
         B, S, H, D = x.shape
         N = B * S * H
-        y = torch.empty_like(z, dtype=x.dtype)  # z's layout when z is dense (a permutation is kept), else contiguous
+        y = _empty_in_order(z, x.dtype)  # z's layout (for the sequence-first path: [s, b] memory, as out_proj takes it)
         rstd = torch.empty(N, device=x.device, dtype=torch.float32)
         grid = (triton.cdiv(N, _ROWS),)
         _fwd[grid](x, z, w, y, rstd, N, S, H, D, eps, *_strides(x), *_strides(z), *_strides(y),
                   BR=_ROWS, BD=triton.next_power_of_2(D), num_warps=4)
         ctx.save_for_backward(x, z, w, rstd)
+        ctx.z_grad_sink = z_grad_sink
         return y
 
     @staticmethod
@@ -97,14 +109,17 @@ class _GatedRMSNormTriton(torch.autograd.Function):
         N = B * S * H
         if dy.stride(-1) != 1:
             dy = dy.contiguous()
-        dx, dz = torch.empty_like(x), torch.empty_like(z)  # each in its input's layout (when dense)
+        # each in its input's layout (when dense); dz in z's place in the sink of the GEMM output z is a view of
+        dx, dz = torch.empty_like(x), sink_slot_or_empty(ctx.z_grad_sink, z)
         grid = (triton.cdiv(N, _ROWS),)
         dwp = torch.empty(grid[0], D, device=x.device, dtype=torch.float32)
         _bwd[grid](x, z, w, dy, rstd, dx, dz, dwp, N, S, H, D, *_strides(x), *_strides(z), *_strides(dy),
                   *_strides(dx), *_strides(dz), BR=_ROWS, BD=triton.next_power_of_2(D), num_warps=4)
-        return dx, dz, dwp.sum(0).to(w.dtype), None
+        return dx, dz, dwp.sum(0).to(w.dtype), None, None
 
 
-def gated_rms_norm_triton(x: torch.Tensor, z: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-    """``[B, S, H, D]`` gated RMSNorm; the result in x's dtype, laid out like z (see the module docstring)."""
-    return _GatedRMSNormTriton.apply(x, z, w, eps)
+def gated_rms_norm_triton(x: torch.Tensor, z: torch.Tensor, w: torch.Tensor, eps: float,
+                          z_grad_sink=None) -> torch.Tensor:
+    """``[B, S, H, D]`` gated RMSNorm; the result in x's dtype, laid out like z (see the module docstring).
+    ``z_grad_sink``: a `grad_sink.GradSink` whose base z is a view of; dz is written into z's place there."""
+    return _GatedRMSNormTriton.apply(x, z, w, eps, z_grad_sink)

@@ -19,6 +19,10 @@ ENABLED = os.environ.get("QWEN3_NEXT_OWN_KERNELS", "1")
 #: passed (H100, Dec 06: conv cases and the GDN layer against fp32, errors at or below the unfused path's) and
 #: it was faster in the same call (graphed GDN fwd+bwd 7.75 vs 7.91 ms at B=4 T=4096, 14.99 vs 15.59 at T=32K).
 FUSED_QK_NORM = os.environ.get("QWEN3_NEXT_FUSED_QK_NORM", "1")
+#: the GDN's planar in_proj as one GEMM whose output q, k, v, z, b, a are column views, our conv and norm writing
+#: their input gradients into one buffer (`grad_sink`), instead of five GEMMs on the weight pieces (whose input
+#: gradient is four ``addmm_`` accumulations); ``QWEN3_NEXT_ONE_IN_PROJ_GEMM=0`` goes back to those.
+ONE_IN_PROJ_GEMM = os.environ.get("QWEN3_NEXT_ONE_IN_PROJ_GEMM", "1")
 
 
 def enabled() -> bool:
@@ -33,6 +37,13 @@ def fused_qk_norm() -> bool:
     if FUSED_QK_NORM not in ("0", "1"):
         raise ValueError(f"QWEN3_NEXT_FUSED_QK_NORM must be 0 or 1, got {FUSED_QK_NORM!r}")
     return FUSED_QK_NORM == "1" and enabled()
+
+
+def one_in_proj_gemm() -> bool:
+    """Whether the GDN's planar path runs in_proj as one GEMM with column views (needs our kernels on)."""
+    if ONE_IN_PROJ_GEMM not in ("0", "1"):
+        raise ValueError(f"QWEN3_NEXT_ONE_IN_PROJ_GEMM must be 0 or 1, got {ONE_IN_PROJ_GEMM!r}")
+    return ONE_IN_PROJ_GEMM == "1" and enabled()
 
 
 @functools.lru_cache(maxsize=None)
