@@ -4,7 +4,7 @@ Times forward, backward and forward+backward of
 
 * ``gdn``:   the Gated DeltaNet layer, side by side: ``ours`` (fused CUDA path; FlashQLA's chunk kernel
   when installed), ``ours-graphs`` (the same with ``config.mixer_cuda_graphs``: forward+backward replayed
-  from CUDA graphs; also for ``attn``/``layer``), ``ours-fla`` (the same with fla's chunk kernel), ``ours-triton`` / ``ours-graphs-triton`` (forcing our Triton conv and gated norm, the default), ``ours-vendor`` / ``ours-graphs-vendor`` (fla's conv and norm instead, ``QWEN3_NEXT_OWN_KERNELS=0``), ``ours-qknorm`` / ``ours-graphs-qknorm`` (forcing the q/k L2-norm inside our conv, ``QWEN3_NEXT_FUSED_QK_NORM=1``, the default), ``ours-noqknorm`` / ``ours-graphs-noqknorm`` (the chunk kernel's own q/k L2-norm instead, ``=0``), ``hf`` (transformers'
+  from CUDA graphs; also for ``attn``/``layer``), ``ours-fla`` (the same with fla's chunk kernel), ``ours-triton`` / ``ours-graphs-triton`` (forcing our Triton conv and gated norm, the default), ``ours-vendor`` / ``ours-graphs-vendor`` (fla's conv and norm instead, ``QWEN3_NEXT_OWN_KERNELS=0``), ``ours-qknorm`` / ``ours-graphs-qknorm`` (forcing the q/k L2-norm inside our conv, ``QWEN3_NEXT_FUSED_QK_NORM=1``, the default), ``ours-noqknorm`` / ``ours-graphs-noqknorm`` (the chunk kernel's own q/k L2-norm instead, ``=0``), ``ours-fivegemm`` / ``ours-graphs-fivegemm`` (in_proj as five GEMMs on the weight pieces, ``QWEN3_NEXT_ONE_IN_PROJ_GEMM=0``), ``hf`` (transformers'
   ``Qwen3NextGatedDeltaNet``), ``mcore`` (megatron-core 0.16.1's ``GatedDeltaNet`` with local linears,
   run in a child process with that version first on ``PYTHONPATH``: ``--anchor-path``) and ``ref``
   (our plain-torch reference path, only up to ``--ref-max-tokens``);
@@ -209,8 +209,8 @@ def with_chunk_kernel(kernel, fwd):
 
 
 GDN_IMPLS = ("ours", "ours-graphs", "ours-fla", "ours-triton", "ours-graphs-triton", "ours-vendor",
-             "ours-graphs-vendor", "ours-qknorm", "ours-graphs-qknorm", "ours-noqknorm", "ours-graphs-noqknorm", "hf",
-             "ref", "mcore")
+             "ours-graphs-vendor", "ours-qknorm", "ours-graphs-qknorm", "ours-noqknorm", "ours-graphs-noqknorm",
+             "ours-fivegemm", "ours-graphs-fivegemm", "hf", "ref", "mcore")
 
 
 def with_own_kernels(fwd, on: bool = True):
@@ -223,6 +223,12 @@ def with_fused_qk_norm(fwd, on: bool = True):
     """fwd with `own_kernels.FUSED_QK_NORM` on (the q/k L2-norm inside our conv; the default) or off (in the
     chunk kernel) while it runs."""
     return with_setting("nemo_qwen3_next.ops.own_kernels", "FUSED_QK_NORM", "1" if on else "0", fwd)
+
+
+def with_one_in_proj_gemm(fwd, on: bool = True):
+    """fwd with `own_kernels.ONE_IN_PROJ_GEMM` on (in_proj as one GEMM with column views; the default) or off
+    (five GEMMs on the planar weight pieces) while it runs."""
+    return with_setting("nemo_qwen3_next.ops.own_kernels", "ONE_IN_PROJ_GEMM", "1" if on else "0", fwd)
 
 
 def ref_forward(B, T):
@@ -532,11 +538,15 @@ def main():
                         _LAYERS.pop("attn" if module == "attn" else "gdn", None)  # graphs it captured (fla's kernels)
                         fwd, params = our_forward(module, B, T)
                         fwd = with_mixer_graphs(module, with_own_kernels(fwd))
-                    elif impl.endswith(("-vendor", "-qknorm")):  # fla's conv and norm (OWN_KERNELS=0), or the
-                        _LAYERS.pop("attn" if module == "attn" else "gdn", None)  # q/k L2-norm in our conv or not
-                        fwd, params = our_forward(module, B, T)  # a fresh layer: graphs are kept per layer
-                        fwd = (with_own_kernels(fwd, on=False) if impl.endswith("-vendor")
-                               else with_fused_qk_norm(fwd, on=not impl.endswith("-noqknorm")))
+                    elif impl.endswith(("-vendor", "-qknorm", "-fivegemm")):  # fla's conv and norm (OWN_KERNELS=0),
+                        _LAYERS.pop("attn" if module == "attn" else "gdn", None)  # the q/k L2-norm in our conv or
+                        fwd, params = our_forward(module, B, T)  # not, five in_proj GEMMs; a fresh layer: graphs
+                        if impl.endswith("-vendor"):  # are kept per layer
+                            fwd = with_own_kernels(fwd, on=False)
+                        elif impl.endswith("-fivegemm"):
+                            fwd = with_one_in_proj_gemm(fwd, on=False)
+                        else:
+                            fwd = with_fused_qk_norm(fwd, on=not impl.endswith("-noqknorm"))
                         if impl.startswith("ours-graphs-"):
                             fwd = with_mixer_graphs(module, fwd)
                     elif impl == "hf":

@@ -36,10 +36,13 @@ Two forward paths, one set of parameters:
 * `_forward_fused` (CUDA): works in the layouts the kernels want. The projections run batch-first
   (transposing the narrow `[s, b, H]` activations, not the 6x wider projection; kept sequence-first
   under sequence parallelism, whose gather/scatter is along dim 0). Where in_proj is a bare GEMM
-  (TP=1, no SP/FP8/fused grad accumulation) it runs *planar*: five GEMMs on weight pieces copied out
-  of the per-key-head layout (`_PlanarPieces`) give q, k, v, z and `[b | a]` each contiguous, and
-  three causal convs (one per q/k/v, on their conv-weight pieces) give the chunk kernel contiguous
-  q, k, v, so its input guard copies nothing and no gradient cat feeds the conv backward. Otherwise
+  (TP=1, no SP/FP8/fused grad accumulation) it runs *planar* on a weight copied out of the
+  per-key-head layout into ``[q_all | k_all | v_all | z_all | b_all | a_all]`` (`_PlanarPieces`):
+  with our kernels one GEMM whose output q, k, v, z, b, a are column views, our convs and norm
+  writing their input gradients into one buffer (`ops.grad_sink`), so the input and weight gradients
+  are one GEMM each; otherwise five GEMMs on the weight's pieces. Three causal convs (one per q/k/v,
+  on their conv-weight pieces) give the chunk kernel contiguous q, k, v, so its input guard copies
+  nothing and no gradient cat feeds the conv backward. Otherwise
   one strided `cat` of `[q k v]` feeds one conv. The conv is fla's Triton causal conv (or Dao's
   `causal-conv1d`). The chunked rule is FlashQLA when
   installed (see `ops.gated_delta_rule`), else fla's kernel with q/k at `Hk` heads (grouped value
