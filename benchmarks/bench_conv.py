@@ -60,11 +60,11 @@ def main():
                 dwp = torch.empty(nrows, 4, D, device="cuda", dtype=torch.float32)
 
                 def fwd():
-                    ct._fwd.fn[grid](x, w, w, y, rs, T, D, nh, x.stride(0), x.stride(1), y.stride(0), y.stride(1),
+                    ct._conv_fwd.fn[grid](x, w, w, y, rs, T, D, nh, x.stride(0), x.stride(1), y.stride(0), y.stride(1),
                                      L=L, BD=bd, PF=pf, HAS_BIAS=False, SILU=True, HD=hd, num_warps=nw)
 
                 def bwd():
-                    ct._bwd.fn[grid](x, w, w, rs, dy, dx, dwp, dwp, T, D, nh, x.stride(0), x.stride(1), dy.stride(0),
+                    ct._conv_bwd.fn[grid](x, w, w, rs, dy, dx, dwp, dwp, T, D, nh, x.stride(0), x.stride(1), dy.stride(0),
                                      dy.stride(1), dx.stride(0), dx.stride(1), L=L, BD=bd, PF=pf, HAS_BIAS=False, SILU=True,
                                      HD=hd, num_warps=nw)
                     dwp.sum(0)

@@ -169,7 +169,7 @@ def _prune(configs, named_args, **kwargs):
 
 @triton.autotune(configs=_CONFIGS, key=["D", "T", "HD"], prune_configs_by={"early_config_prune": _prune})
 @triton.jit
-def _fwd(x, w, b, y, rs, T, D, NH, sxb, sxt, syb, syt,
+def _conv_fwd(x, w, b, y, rs, T, D, NH, sxb, sxt, syb, syt,
          L: tl.constexpr, BD: tl.constexpr, PF: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
          HD: tl.constexpr):
     pid_t, pid_b = tl.program_id(1), tl.program_id(2)
@@ -198,7 +198,7 @@ def _fwd(x, w, b, y, rs, T, D, NH, sxb, sxt, syb, syt,
 
 @triton.autotune(configs=_CONFIGS, key=["D", "T", "HD"], prune_configs_by={"early_config_prune": _prune})
 @triton.jit
-def _bwd(x, w, b, rs, dy, dx, dwp, dbp, T, D, NH, sxb, sxt, sgb, sgt, sdb, sdt,
+def _conv_bwd(x, w, b, rs, dy, dx, dwp, dbp, T, D, NH, sxb, sxt, sgb, sgt, sdb, sdt,
          L: tl.constexpr, BD: tl.constexpr, PF: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
          HD: tl.constexpr):
     pid_t, pid_b = tl.program_id(1), tl.program_id(2)
@@ -283,7 +283,7 @@ class _CausalConv1dTriton(torch.autograd.Function):
         y = torch.empty(B, T, D, device=x.device, dtype=x.dtype)
         nh = D // head_dim if head_dim else 0
         rs = torch.empty(B, T, nh, device=x.device, dtype=torch.float32) if head_dim else wp  # per-head rstd
-        _fwd[_grid(B, T, D)](x, wp, bp, y, rs, T, D, nh, x.stride(0), x.stride(1), y.stride(0), y.stride(1),
+        _conv_fwd[_grid(B, T, D)](x, wp, bp, y, rs, T, D, nh, x.stride(0), x.stride(1), y.stride(0), y.stride(1),
                              HAS_BIAS=bias is not None, SILU=silu, HD=head_dim)
         # the kernels' fp32 taps and bias, and the norm's rstd (B*T*D/HD floats)
         ctx.save_for_backward(x, wp, bp if bias is not None else None, rs if head_dim else None)
@@ -308,10 +308,10 @@ class _CausalConv1dTriton(torch.autograd.Function):
         dwp = torch.empty(rows, W_MAX, D, device=x.device, dtype=torch.float32)
         dbp = torch.empty(rows, D, device=x.device, dtype=torch.float32) if has_bias else dwp
         nh = D // ctx.head_dim if ctx.head_dim else 0
-        _bwd[_grid(B, T, D)](x, wp, bp, rs if rs is not None else wp, dy, dx, dwp, dbp, T, D, nh,
+        _conv_bwd[_grid(B, T, D)](x, wp, bp, rs if rs is not None else wp, dy, dx, dwp, dbp, T, D, nh,
                              x.stride(0), x.stride(1), dy.stride(0), dy.stride(1),
                              dx.stride(0), dx.stride(1), HAS_BIAS=has_bias, SILU=ctx.silu, HD=ctx.head_dim)
-        rows = B * (-(-T // _bwd.best_config.kwargs["L"]))  # the rows the chosen config wrote
+        rows = B * (-(-T // _conv_bwd.best_config.kwargs["L"]))  # the rows the chosen config wrote
         dwp, dbp = dwp[:rows], dbp[:rows]
         dw = dwp.sum(0).t()[:, W_MAX - W:].to(ctx.w_dtype) if ctx.needs_input_grad[1] else None
         db = dbp.sum(0).to(ctx.b_dtype) if has_bias and ctx.needs_input_grad[2] else None

@@ -43,7 +43,7 @@ def _rows(N, S, H, D, BR: tl.constexpr, BD: tl.constexpr):
 
 
 @triton.jit
-def _fwd(x, z, w, y, rstd, N, S, H, D, eps, sxb, sxs, sxh, szb, szs, szh, syb, sys, syh,
+def _gnorm_fwd(x, z, w, y, rstd, N, S, H, D, eps, sxb, sxs, sxh, szb, szs, szh, syb, sys, syh,
          BR: tl.constexpr, BD: tl.constexpr):
     r, rb, rs_, rh, d, mr, m = _rows(N, S, H, D, BR, BD)
     bx = tl.load(_tile(x, rb, rs_, rh, sxb, sxs, sxh, d), mask=m, other=0.0).to(tl.float32)
@@ -56,7 +56,7 @@ def _fwd(x, z, w, y, rstd, N, S, H, D, eps, sxb, sxs, sxh, szb, szs, szh, syb, s
 
 
 @triton.jit
-def _bwd(x, z, w, dy, rstd, dx, dz, dwp, N, S, H, D, sxb, sxs, sxh, szb, szs, szh, sgb, sgs, sgh,
+def _gnorm_bwd(x, z, w, dy, rstd, dx, dz, dwp, N, S, H, D, sxb, sxs, sxh, szb, szs, szh, sgb, sgs, sgh,
          sdxb, sdxs, sdxh, sdzb, sdzs, sdzh, BR: tl.constexpr, BD: tl.constexpr):
     r, rb, rs_, rh, d, mr, m = _rows(N, S, H, D, BR, BD)
     bx = tl.load(_tile(x, rb, rs_, rh, sxb, sxs, sxh, d), mask=m, other=0.0).to(tl.float32)
@@ -96,7 +96,7 @@ class _GatedRMSNormTriton(torch.autograd.Function):
         y = _empty_in_order(z, x.dtype)  # z's layout (for the sequence-first path: [s, b] memory, as out_proj takes it)
         rstd = torch.empty(N, device=x.device, dtype=torch.float32)
         grid = (triton.cdiv(N, _ROWS),)
-        _fwd[grid](x, z, w, y, rstd, N, S, H, D, eps, *_strides(x), *_strides(z), *_strides(y),
+        _gnorm_fwd[grid](x, z, w, y, rstd, N, S, H, D, eps, *_strides(x), *_strides(z), *_strides(y),
                   BR=_ROWS, BD=triton.next_power_of_2(D), num_warps=4)
         ctx.save_for_backward(x, z, w, rstd)
         ctx.z_grad_sink = z_grad_sink
@@ -113,7 +113,7 @@ class _GatedRMSNormTriton(torch.autograd.Function):
         dx, dz = torch.empty_like(x), sink_slot_or_empty(ctx.z_grad_sink, z)
         grid = (triton.cdiv(N, _ROWS),)
         dwp = torch.empty(grid[0], D, device=x.device, dtype=torch.float32)
-        _bwd[grid](x, z, w, dy, rstd, dx, dz, dwp, N, S, H, D, *_strides(x), *_strides(z), *_strides(dy),
+        _gnorm_bwd[grid](x, z, w, dy, rstd, dx, dz, dwp, N, S, H, D, *_strides(x), *_strides(z), *_strides(dy),
                   *_strides(dx), *_strides(dz), BR=_ROWS, BD=triton.next_power_of_2(D), num_warps=4)
         return dx, dz, dwp.sum(0).to(w.dtype), None, None
 
