@@ -105,7 +105,7 @@ for item in "$@"; do
           du -sh .kcache/*; tar -cf - .kcache | xz -T0 -6 | split -b 15M -d - "$FINAL/kcache.tar.xz.part" && ls -la "$FINAL"/kcache* ;;
     profile) # where the GDN layer's fwd+bwd time goes, per CUDA kernel (PROFILE_SHAPES, PROFILE_VARIANTS)
           for shp in $(echo "${PROFILE_SHAPES:-4x4096,1x32768}" | tr , ' '); do
-            timeout -k 5 "$lim" python3 benchmarks/profile_gdn.py --shape "$shp" --variants "${PROFILE_VARIANTS:-flash_qla}" --top 40 \
+            timeout -k 5 "$lim" python3 benchmarks/profile_gdn.py --shape "$shp" --variants "${PROFILE_VARIANTS:-flash_qla-triton}" --top 40 \
               2>&1 | grep -v "TileLang begins\|TileLang completes" | tee -a "$OUT/gdn_profile.log"; done ;;
   esac
   echo "===== $step rc=${PIPESTATUS[0]} took $(( $(date +%s) - s )) s"

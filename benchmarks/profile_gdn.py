@@ -2,9 +2,9 @@
 
 Variants (our layer at 80B-A3B widths, bf16, ``[T, B, 2048]`` input):
 
-* ``flash_qla``: the default fused path (FlashQLA chunk kernel, planar q/k/v/z: five in_proj GEMMs on weight pieces,
-  three fla convs);
-* ``flash_qla-triton``: the same with our Triton conv and gated norm, sequence-first (``QWEN3_NEXT_OWN_KERNELS=1``);
+* ``flash_qla-triton``: the default fused path (FlashQLA chunk kernel, our Triton convs and gated norm, sequence-first,
+  in_proj as one GEMM with column views);
+* ``flash_qla``: the same with fla's conv and norm (``QWEN3_NEXT_OWN_KERNELS=0``: five in_proj GEMMs on weight pieces);
 * ``fla``:       fla's chunk kernel, the same planar projections;
 * ``fla-cat``:   fla's chunk kernel, one in_proj GEMM + a ``cat`` of q/k/v (the path before FlashQLA).
 
