@@ -94,11 +94,12 @@ NORM_CHILD = textwrap.dedent(
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton (its CPU interpreter)")
-@pytest.mark.parametrize("kernel", ["conv", "conv-prefetch", "norm"])
+@pytest.mark.parametrize("kernel", ["conv", "conv-prefetch", "conv-blocks", "norm"])
 def test_triton_kernel_interpreted_matches_reference(kernel):
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    # the interpreter runs the first config only: the conv without and with its 4-row prefetch
-    env["QWEN3_NEXT_CONV_CONFIGS"] = "128:1:16:4" if kernel == "conv-prefetch" else "128:1:32:0"
+    # the interpreter runs the first config only: the conv without and with its 4-row prefetch, and with the
+    # prefetch over 3 blocks of 4 rows per program (the window and the partial sums carried between blocks)
+    env["QWEN3_NEXT_CONV_CONFIGS"] = {"conv-prefetch": "128:1:16:4", "conv-blocks": "128:1:4:4:3"}.get(kernel, "128:1:32:0")
     code = NORM_CHILD if kernel == "norm" else CHILD
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -119,10 +120,12 @@ def test_triton_backend_refuses_what_it_does_not_cover():
 def test_conv_configs_setting_is_parsed_and_checked():
     from nemo_qwen3_next.ops.causal_conv1d_triton import _configs
 
-    a, b = _configs("256:2:16:4,128:1:32")  # the prefetch depth is optional (0)
-    assert (a.kwargs, a.num_warps, b.kwargs, b.num_warps) == (dict(BD=256, L=16, PF=4), 2, dict(BD=128, L=32, PF=0), 1)
-    for bad in ("128:1:16:3", "100:1:16", "128:1", "fast"):
-        with pytest.raises(ValueError, match="QWEN3_NEXT_CONV_CONFIGS must be 'BD:warps:L\\[:PF\\],...'"):
+    a, b, c = _configs("256:2:16:4,128:1:32,128:1:16:4:4")  # the prefetch depth (0) and blocks (1) are optional
+    assert (a.kwargs, a.num_warps, b.kwargs, b.num_warps) == (dict(BD=256, L=16, PF=4, NB=1), 2,
+                                                              dict(BD=128, L=32, PF=0, NB=1), 1)
+    assert c.kwargs == dict(BD=128, L=16, PF=4, NB=4)
+    for bad in ("128:1:16:3", "100:1:16", "128:1", "fast", "128:1:16:4:0", "128:1:16:4:2:1"):
+        with pytest.raises(ValueError, match="QWEN3_NEXT_CONV_CONFIGS must be 'BD:warps:L\\[:PF\\[:NB\\]\\],...'"):
             _configs(bad)
 
 

@@ -45,26 +45,26 @@ L2_EPS: tl.constexpr = tl.constexpr(1e-6)  # the q/k L2-norm's eps (HF's and fla
 # registers (backward 128 -> 193 at L = 32, fewer warps per SM), so it pays with L = 16: on H100 at D=2048 with
 # the norm, B=4 T=4096, bwd 0.153 ms vs 0.163 (L=32, no prefetch), fwd 0.061 vs 0.073 (bench_conv.py, Dec 06).
 # The autotuner picks per (D, T, HD). QWEN3_NEXT_CONV_CONFIGS="BD:warps:L[:PF],..." replaces the list.
-_DEFAULT_CONFIGS = "128:1:16:4,256:2:16:4,512:4:16:4,128:1:32:0"
+_DEFAULT_CONFIGS = "128:1:16:4,256:2:16:4,512:4:16:4,128:1:32:0,128:1:16:4:4,256:2:16:4:4"
 _PREFETCH = (0, 4)  # the prefetch depths the kernels are written for
 
 
 def _configs(spec: str):
     try:
         cfgs = [tuple(int(v) for v in item.split(":")) for item in spec.split(",")]
-        cfgs = [c if len(c) == 4 else c + (0,) for c in cfgs]
-        assert cfgs and all(len(c) == 4 and c[0] % 128 == 0 and c[1] > 0 and c[2] > 0 and c[3] in _PREFETCH
-                            for c in cfgs)
+        cfgs = [c + (0, 1)[len(c) - 3:] if 3 <= len(c) < 5 else c for c in cfgs]
+        assert cfgs and all(len(c) == 5 and c[0] % 128 == 0 and c[1] > 0 and c[2] > 0 and c[3] in _PREFETCH
+                            and c[4] > 0 for c in cfgs)
     except (ValueError, AssertionError):
-        raise ValueError("QWEN3_NEXT_CONV_CONFIGS must be 'BD:warps:L[:PF],...' with BD a multiple of 128 and "
-                         f"PF one of {_PREFETCH}; got {spec!r}")
-    return [triton.Config({"BD": bd, "L": rows, "PF": pf}, num_warps=nw) for bd, nw, rows, pf in cfgs]
+        raise ValueError("QWEN3_NEXT_CONV_CONFIGS must be 'BD:warps:L[:PF[:NB]],...' with BD a multiple of 128, "
+                         f"PF one of {_PREFETCH} and NB >= 1; got {spec!r}")
+    return [triton.Config({"BD": bd, "L": rows, "PF": pf, "NB": nb}, num_warps=nw) for bd, nw, rows, pf, nb in cfgs]
 
 
 _CONFIGS = _configs(os.environ.get("QWEN3_NEXT_CONV_CONFIGS", _DEFAULT_CONFIGS))
 if os.environ.get("TRITON_INTERPRET") == "1":  # Triton's CPU interpreter (tests) cannot benchmark configs
     _CONFIGS = _CONFIGS[:1]
-_MIN_ROWS = min(c.kwargs["L"] for c in _CONFIGS)
+_MIN_ROWS = min(c.kwargs["L"] * c.kwargs["NB"] for c in _CONFIGS)  # rows per program, at the fewest
 
 
 @triton.jit
@@ -170,43 +170,44 @@ def _prune(configs, named_args, **kwargs):
 @triton.autotune(configs=_CONFIGS, key=["D", "T", "HD"], prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _conv_fwd(x, w, b, y, rs, T, D, NH, sxb, sxt, syb, syt,
-         L: tl.constexpr, BD: tl.constexpr, PF: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
-         HD: tl.constexpr):
+         L: tl.constexpr, BD: tl.constexpr, PF: tl.constexpr, NB: tl.constexpr, HAS_BIAS: tl.constexpr,
+         SILU: tl.constexpr, HD: tl.constexpr):
     pid_t, pid_b = tl.program_id(1), tl.program_id(2)
     d, md, w0, w1, w2, w3, bias = _channels(w, b, D, HAS_BIAS, BD)
     xb = x + pid_b.to(tl.int64) * sxb + d
     yb = y + pid_b.to(tl.int64) * syb + d
-    t0 = pid_t * L
+    t0 = pid_t * (L * NB)
     xm3, xm2, xm1 = _row(xb, t0 - 3, sxt, md, T), _row(xb, t0 - 2, sxt, md, T), _row(xb, t0 - 1, sxt, md, T)
     if PF:  # rows t0 .. t0+3 in flight (see _DEFAULT_CONFIGS)
         n0, n1 = _raw(xb, t0, sxt, md, T), _raw(xb, t0 + 1, sxt, md, T)
         n2, n3 = _raw(xb, t0 + 2, sxt, md, T), _raw(xb, t0 + 3, sxt, md, T)
-    for i in tl.static_range(L):  # unrolled: the compiler can issue later rows' loads early
-        t = t0 + i
-        if PF:
-            x0 = n0.to(tl.float32)
-            n0, n1, n2, n3 = n1, n2, n3, _raw(xb, t + 4, sxt, md, T)
-        else:
-            x0 = _row(xb, t, sxt, md, T)
-        acc, r = _act(bias + w0 * xm3 + w1 * xm2 + w2 * xm1 + w3 * x0, SILU, HD, BD)
-        tl.store(yb + t.to(tl.int64) * syt, acc.to(y.dtype.element_ty), mask=md & (t < T))
-        if HD > 0:  # the backward reuses it: one reduction per row there instead of two
-            ptr, m = _norm_rows(rs, pid_b, t, T, NH, HD, BD)
-            tl.store(ptr, r, mask=m)
-        xm3, xm2, xm1 = xm2, xm1, x0
+    for blk in range(NB):  # NB blocks of L rows: the window carries over (no halo rows re-read)
+        for i in tl.static_range(L):  # unrolled: the compiler can issue later rows' loads early
+            t = t0 + blk * L + i
+            if PF:
+                x0 = n0.to(tl.float32)
+                n0, n1, n2, n3 = n1, n2, n3, _raw(xb, t + 4, sxt, md, T)
+            else:
+                x0 = _row(xb, t, sxt, md, T)
+            acc, r = _act(bias + w0 * xm3 + w1 * xm2 + w2 * xm1 + w3 * x0, SILU, HD, BD)
+            tl.store(yb + t.to(tl.int64) * syt, acc.to(y.dtype.element_ty), mask=md & (t < T))
+            if HD > 0:  # the backward reuses it: one reduction per row there instead of two
+                ptr, m = _norm_rows(rs, pid_b, t, T, NH, HD, BD)
+                tl.store(ptr, r, mask=m)
+            xm3, xm2, xm1 = xm2, xm1, x0
 
 
 @triton.autotune(configs=_CONFIGS, key=["D", "T", "HD"], prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _conv_bwd(x, w, b, rs, dy, dx, dwp, dbp, T, D, NH, sxb, sxt, sgb, sgt, sdb, sdt,
-         L: tl.constexpr, BD: tl.constexpr, PF: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
-         HD: tl.constexpr):
+         L: tl.constexpr, BD: tl.constexpr, PF: tl.constexpr, NB: tl.constexpr, HAS_BIAS: tl.constexpr,
+         SILU: tl.constexpr, HD: tl.constexpr):
     pid_t, pid_b = tl.program_id(1), tl.program_id(2)
     d, md, w0, w1, w2, w3, bias = _channels(w, b, D, HAS_BIAS, BD)
     xb = x + pid_b.to(tl.int64) * sxb + d
     gb = dy + pid_b.to(tl.int64) * sgb + d
     ob = dx + pid_b.to(tl.int64) * sdb + d
-    t0 = pid_t * L
+    t0 = pid_t * (L * NB)
     # the window: x at t-3 .. t+2 and g = dL/d(pre-activation) at t .. t+2 (zero past T: dy masked)
     xm3, xm2, xm1 = _row(xb, t0 - 3, sxt, md, T), _row(xb, t0 - 2, sxt, md, T), _row(xb, t0 - 1, sxt, md, T)
     x0, xp1, xp2 = _row(xb, t0, sxt, md, T), _row(xb, t0 + 1, sxt, md, T), _row(xb, t0 + 2, sxt, md, T)
@@ -230,27 +231,28 @@ def _conv_bwd(x, w, b, rs, dy, dx, dwp, dbp, T, D, NH, sxb, sxt, sgb, sgt, sdb, 
         ng2, ng3 = _raw(gb, t0 + 5, sgt, md, T), _raw(gb, t0 + 6, sgt, md, T)
         nr0, nr1 = _rstd(rs, pid_b, t0 + 3, T, NH, HD, BD), _rstd(rs, pid_b, t0 + 4, T, NH, HD, BD)
         nr2, nr3 = _rstd(rs, pid_b, t0 + 5, T, NH, HD, BD), _rstd(rs, pid_b, t0 + 6, T, NH, HD, BD)
-    for i in tl.static_range(L):  # unrolled: the compiler can issue later rows' loads early
-        t = t0 + i
-        if PF:
-            xp3, g3, r3 = nx0.to(tl.float32), ng0.to(tl.float32), nr0
-            nx0, nx1, nx2, nx3 = nx1, nx2, nx3, _raw(xb, t + 7, sxt, md, T)
-            ng0, ng1, ng2, ng3 = ng1, ng2, ng3, _raw(gb, t + 7, sgt, md, T)
-            nr0, nr1, nr2, nr3 = nr1, nr2, nr3, _rstd(rs, pid_b, t + 7, T, NH, HD, BD)
-        else:
-            xp3, g3, r3 = _row(xb, t + 3, sxt, md, T), _row(gb, t + 3, sgt, md, T), _rstd(rs, pid_b, t + 3, T, NH, HD, BD)
-        if SILU or HD > 0:
-            g3 = _grad_pre(g3, bias + w0 * x0 + w1 * xp1 + w2 * xp2 + w3 * xp3, r3, SILU, HD, BD)
-        # y[t + 3 - j] reads x[t] through tap j
-        gx = w3 * g0 + w2 * g1 + w1 * g2 + w0 * g3
-        tl.store(ob + t.to(tl.int64) * sdt, gx.to(dx.dtype.element_ty), mask=md & (t < T))
-        dw0 += g0 * xm3
-        dw1 += g0 * xm2
-        dw2 += g0 * xm1
-        dw3 += g0 * x0
-        db += g0
-        xm3, xm2, xm1, x0, xp1, xp2 = xm2, xm1, x0, xp1, xp2, xp3
-        g0, g1, g2 = g1, g2, g3
+    for blk in range(NB):  # NB blocks of L rows: the window and the partial sums carry over
+        for i in tl.static_range(L):  # unrolled: the compiler can issue later rows' loads early
+            t = t0 + blk * L + i
+            if PF:
+                xp3, g3, r3 = nx0.to(tl.float32), ng0.to(tl.float32), nr0
+                nx0, nx1, nx2, nx3 = nx1, nx2, nx3, _raw(xb, t + 7, sxt, md, T)
+                ng0, ng1, ng2, ng3 = ng1, ng2, ng3, _raw(gb, t + 7, sgt, md, T)
+                nr0, nr1, nr2, nr3 = nr1, nr2, nr3, _rstd(rs, pid_b, t + 7, T, NH, HD, BD)
+            else:
+                xp3, g3, r3 = _row(xb, t + 3, sxt, md, T), _row(gb, t + 3, sgt, md, T), _rstd(rs, pid_b, t + 3, T, NH, HD, BD)
+            if SILU or HD > 0:
+                g3 = _grad_pre(g3, bias + w0 * x0 + w1 * xp1 + w2 * xp2 + w3 * xp3, r3, SILU, HD, BD)
+            # y[t + 3 - j] reads x[t] through tap j
+            gx = w3 * g0 + w2 * g1 + w1 * g2 + w0 * g3
+            tl.store(ob + t.to(tl.int64) * sdt, gx.to(dx.dtype.element_ty), mask=md & (t < T))
+            dw0 += g0 * xm3
+            dw1 += g0 * xm2
+            dw2 += g0 * xm1
+            dw3 += g0 * x0
+            db += g0
+            xm3, xm2, xm1, x0, xp1, xp2 = xm2, xm1, x0, xp1, xp2, xp3
+            g0, g1, g2 = g1, g2, g3
     row = (pid_b * tl.num_programs(1) + pid_t).to(tl.int64)
     tl.store(dwp + row * 4 * D + 0 * D + d, dw0, mask=md)
     tl.store(dwp + row * 4 * D + 1 * D + d, dw1, mask=md)
@@ -268,7 +270,7 @@ def _padded_weight(weight: torch.Tensor) -> torch.Tensor:
 
 
 def _grid(B, T, D):
-    return lambda meta: (-(-D // meta["BD"]), -(-T // meta["L"]), B)
+    return lambda meta: (-(-D // meta["BD"]), -(-T // (meta["L"] * meta["NB"])), B)
 
 
 class _CausalConv1dTriton(torch.autograd.Function):
@@ -311,7 +313,8 @@ class _CausalConv1dTriton(torch.autograd.Function):
         _conv_bwd[_grid(B, T, D)](x, wp, bp, rs if rs is not None else wp, dy, dx, dwp, dbp, T, D, nh,
                              x.stride(0), x.stride(1), dy.stride(0), dy.stride(1),
                              dx.stride(0), dx.stride(1), HAS_BIAS=has_bias, SILU=ctx.silu, HD=ctx.head_dim)
-        rows = B * (-(-T // _conv_bwd.best_config.kwargs["L"]))  # the rows the chosen config wrote
+        best = _conv_bwd.best_config.kwargs
+        rows = B * (-(-T // (best["L"] * best["NB"])))  # the rows the chosen config wrote
         dwp, dbp = dwp[:rows], dbp[:rows]
         dw = dwp.sum(0).t()[:, W_MAX - W:].to(ctx.w_dtype) if ctx.needs_input_grad[1] else None
         db = dbp.sum(0).to(ctx.b_dtype) if has_bias and ctx.needs_input_grad[2] else None
