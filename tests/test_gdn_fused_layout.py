@@ -1,6 +1,7 @@
 """The fused GDN path's planar layout (`GatedDeltaNet._forward_fused`), checked on CPU in fp32.
 
-In the fused path, in_proj runs as five GEMMs on weight pieces that `_PlanarPieces` copies out of the
+In the fused path, in_proj runs as one GEMM on a planar weight whose output pieces are column views (with our
+kernels, `ops.grad_sink`), or as five GEMMs on weight pieces, both copied by `_PlanarPieces` out of the
 per-key-head layout, and the conv runs once each on q, k and v. These tests check that this is the
 reference math, by running the fused path with the torch ops (`backend="torch"`) against
 `_forward_reference` on the same weights: output, input gradient and every parameter gradient. They
