@@ -23,7 +23,7 @@ if [ "${1:-}" = install ]; then
 fi
 # z3 (tilelang's solver, 29 MB) may live in .devwheels/z3, carried in a call of its own: b + anchor + the kernel
 # cache + z3 pass the 64 MiB carry limit
-ls .devwheels/z3/*.whl >/dev/null 2>&1 && python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .devwheels/z3/*.whl
+[ -d /tmp/site/z3 ] || ! ls .devwheels/z3/*.whl >/dev/null 2>&1 || python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .devwheels/z3/*.whl
 if [ "${1:-}" = install_anchor ]; then  # carry .devwheels/anchor: megatron-core 0.19.2 for --impls mcore
   shift
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site-anchor .devwheels/anchor/*.whl || exit 1
