@@ -94,8 +94,10 @@ def test_stale_temp_dirs_of_dead_runs_only(tmp_path):
 
 
 CHILD = r"""
-import os, sys, time
+import os, signal, sys, time
 from nemo_qwen3_next.checkpoint import atomic_output_dir
+# Ctrl-C as in a terminal: a test runner started in the background (`cmd &`) passes SIGINT ignored to its children
+signal.signal(signal.SIGINT, signal.default_int_handler)
 with atomic_output_dir(sys.argv[1], overwrite=True) as tmp:
     open(os.path.join(tmp, "partial"), "w").write("x")
     print("ready", flush=True)
