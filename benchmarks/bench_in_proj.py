@@ -11,25 +11,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 
 import torch
-
-
-def _time(fn, rep=20, warmup=5):
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(rep):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
 
 
 def main():
@@ -41,6 +25,13 @@ def main():
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_in_proj.py needs a CUDA GPU")
+    from profile_gdn import load_benchmark  # this folder is on sys.path when run as a script
+
+    time_ms = load_benchmark().time_ms  # median of CUDA-event times, as examples/benchmark.py times
+
+    def _t(fn):
+        return time_ms(fn, warmup=5, rep=20)
+
     H, sizes = args.hidden, [int(v) for v in args.pieces.split(",")]
     C = sum(sizes)
     rows = []
@@ -59,13 +50,13 @@ def main():
 
         res = {
             "N": N, "H": H, "pieces": sizes,
-            "fwd_pieces_ms": _time(lambda: [x @ wi.t() for wi in ws]),
-            "fwd_one_ms": _time(lambda: x @ w.t()),
-            "dgrad_pieces_ms": _time(dgrad_pieces),
-            "dgrad_one_ms": _time(lambda: g @ w),
-            "wgrad_pieces_ms": _time(lambda: [gi.t() @ x for gi in gs]),
-            "wgrad_one_ms": _time(lambda: g.t() @ x),
-            "cat_grads_ms": _time(lambda: torch.cat(gs, 1)),
+            "fwd_pieces_ms": _t(lambda: [x @ wi.t() for wi in ws]),
+            "fwd_one_ms": _t(lambda: x @ w.t()),
+            "dgrad_pieces_ms": _t(dgrad_pieces),
+            "dgrad_one_ms": _t(lambda: g @ w),
+            "wgrad_pieces_ms": _t(lambda: [gi.t() @ x for gi in gs]),
+            "wgrad_one_ms": _t(lambda: g.t() @ x),
+            "cat_grads_ms": _t(lambda: torch.cat(gs, 1)),
         }
         flop = 2.0 * N * H * C
         for k in list(res):

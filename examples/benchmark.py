@@ -538,10 +538,12 @@ def main():
                         _LAYERS.pop("attn" if module == "attn" else "gdn", None)  # graphs it captured (fla's kernels)
                         fwd, params = our_forward(module, B, T)
                         fwd = with_mixer_graphs(module, with_own_kernels(fwd))
-                    elif impl.endswith(("-vendor", "-qknorm", "-fivegemm")):  # fla's conv and norm (OWN_KERNELS=0),
-                        _LAYERS.pop("attn" if module == "attn" else "gdn", None)  # the q/k L2-norm in our conv or
-                        fwd, params = our_forward(module, B, T)  # not, five in_proj GEMMs; a fresh layer: graphs
-                        if impl.endswith("-vendor"):  # are kept per layer
+                    elif impl.endswith(("-vendor", "-qknorm", "-fivegemm")):
+                        # fla's conv and norm (OWN_KERNELS=0), the q/k L2-norm in our conv or not, or five in_proj
+                        # GEMMs; on a fresh layer, since graphs are kept per layer
+                        _LAYERS.pop("attn" if module == "attn" else "gdn", None)
+                        fwd, params = our_forward(module, B, T)
+                        if impl.endswith("-vendor"):
                             fwd = with_own_kernels(fwd, on=False)
                         elif impl.endswith("-fivegemm"):
                             fwd = with_one_in_proj_gemm(fwd, on=False)

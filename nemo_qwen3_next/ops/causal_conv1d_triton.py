@@ -39,12 +39,14 @@ from .grad_sink import sink_slot_or_empty
 
 W_MAX = 4  # taps the kernels are written for (Qwen3-Next uses 4)
 L2_EPS: tl.constexpr = tl.constexpr(1e-6)  # the q/k L2-norm's eps (HF's and fla's `l2norm`)
-# (channels BD, warps, time steps L, prefetch PF) per program, 4 channels a thread. PF = 4 issues the loads of
+# (channels BD, warps, time steps L, prefetch PF, blocks NB) per program, 4 channels a thread; a program walks NB
+# blocks of L steps (the window and partial sums carried: fewer halo rows re-read). PF = 4 issues the loads of
 # the row 4 steps ahead before this step's math and store: without it every step waits a full memory latency
 # (a load is not moved above the previous step's store, which the compiler must assume may alias it). It costs
 # registers (backward 128 -> 193 at L = 32, fewer warps per SM), so it pays with L = 16: on H100 at D=2048 with
 # the norm, B=4 T=4096, bwd 0.153 ms vs 0.163 (L=32, no prefetch), fwd 0.061 vs 0.073 (bench_conv.py, Dec 06).
-# The autotuner picks per (D, T, HD). QWEN3_NEXT_CONV_CONFIGS="BD:warps:L[:PF],..." replaces the list.
+# The NB = 4 configs are not yet timed on a GPU (Dec 06); the autotuner picks per (D, T, HD).
+# QWEN3_NEXT_CONV_CONFIGS="BD:warps:L[:PF[:NB]],..." replaces the list.
 _DEFAULT_CONFIGS = "128:1:16:4,256:2:16:4,512:4:16:4,128:1:32:0,128:1:16:4:4,256:2:16:4:4"
 _PREFETCH = (0, 4)  # the prefetch depths the kernels are written for
 
