@@ -59,13 +59,16 @@ for item in "$@"; do
           wait; tail -n 2 "$OUT"/warm_*.log "$OUT/${GPU_TESTS_LOG:-gpu_tests.log}" ;;
     gdnwarm) # compile everything the timed gdn step needs, one process per shape plus the mcore child and
           # bgtests' GPU tests, all at once (compiles are CPU work); nothing here is timed
+          # (the mcore child only where GDN_IMPLS names mcore)
+          impls=$(echo ",${GDN_IMPLS:-ours,ours-graphs}," | sed 's/,mcore,/,/; s/^,//; s/,$//')
           for shp in $(echo "${GDN_SHAPES:-1x4096,4x4096,1x32768}" | tr , ' '); do
-            ( timeout -k 5 "$lim" python3 examples/benchmark.py --modules gdn --impls "${GDN_IMPLS:-ours,ours-graphs}" \
+            ( timeout -k 5 "$lim" python3 examples/benchmark.py --modules gdn --impls "$impls" \
                 --shapes "$shp" --rep 1 --warmup 1 --out "/tmp/warm_gdn_$shp.json" > "$OUT/warm_gdn_$shp.log" 2>&1 ) &
           done
+          case ",${GDN_IMPLS:-}," in *,mcore,*)
           ( timeout -k 5 "$lim" python3 examples/benchmark.py --modules gdn --impls mcore --shapes "${GDN_SHAPES:-1x4096,4x4096,1x32768}" \
               --anchor-path /tmp/site-anchor --mcore-timeout "$lim" --rep 1 --warmup 1 --out /tmp/warm_mcore.json \
-              > "$OUT/warm_mcore.log" 2>&1 ) &
+              > "$OUT/warm_mcore.log" 2>&1 ) & ;; esac
           wait; tail -n 3 "$OUT"/warm_*.log "$OUT/${GPU_TESTS_LOG:-gpu_tests.log}" ;;
     wait) wait; tail -3 "$OUT/${GPU_TESTS_LOG:-gpu_tests.log}" ;;
     model) timeout -k 5 "$lim" python3 examples/benchmark.py --modules model --model-impls "${MODEL_IMPLS:-hf,ours}" --shapes "${MODEL_SHAPES:-2x4096,1x4096}" \

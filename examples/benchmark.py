@@ -4,7 +4,7 @@ Times forward, backward and forward+backward of
 
 * ``gdn``:   the Gated DeltaNet layer, side by side: ``ours`` (fused CUDA path; FlashQLA's chunk kernel
   when installed), ``ours-graphs`` (the same with ``config.mixer_cuda_graphs``: forward+backward replayed
-  from CUDA graphs; also for ``attn``/``layer``), ``ours-fla`` (the same with fla's chunk kernel), ``ours-triton`` / ``ours-graphs-triton`` (forcing our Triton conv and gated norm, the default), ``ours-vendor`` / ``ours-graphs-vendor`` (fla's conv and norm instead, ``QWEN3_NEXT_OWN_KERNELS=0``), ``ours-qknorm`` / ``ours-graphs-qknorm`` (forcing the q/k L2-norm inside our conv, ``QWEN3_NEXT_FUSED_QK_NORM=1``, the default), ``ours-noqknorm`` / ``ours-graphs-noqknorm`` (the chunk kernel's own q/k L2-norm instead, ``=0``), ``ours-fivegemm`` / ``ours-graphs-fivegemm`` (in_proj as five GEMMs on the weight pieces, ``QWEN3_NEXT_ONE_IN_PROJ_GEMM=0``), ``hf`` (transformers'
+  from CUDA graphs; also for ``attn``/``layer``), ``ours-fla`` (the same with fla's chunk kernel), ``ours-triton`` / ``ours-graphs-triton`` (forcing our Triton conv and gated norm, the default), ``ours-vendor`` / ``ours-graphs-vendor`` (fla's conv and norm instead, ``QWEN3_NEXT_OWN_KERNELS=0``), ``ours-qknorm`` / ``ours-graphs-qknorm`` (forcing the q/k L2-norm inside our conv, ``QWEN3_NEXT_FUSED_QK_NORM=1``, the default), ``ours-noqknorm`` / ``ours-graphs-noqknorm`` (the chunk kernel's own q/k L2-norm instead, ``=0``), ``ours-fivegemm`` / ``ours-graphs-fivegemm`` (in_proj as five GEMMs on the weight pieces, ``QWEN3_NEXT_ONE_IN_PROJ_GEMM=0``), ``ours-recomputeh`` / ``ours-graphs-recomputeh`` (FlashQLA's chunk states recomputed in backward, ``QWEN3_NEXT_GDN_KEEP_STATES=0``), ``hf`` (transformers'
   ``Qwen3NextGatedDeltaNet``), ``mcore`` (megatron-core 0.16.1's ``GatedDeltaNet`` with local linears,
   run in a child process with that version first on ``PYTHONPATH``: ``--anchor-path``) and ``ref``
   (our plain-torch reference path, only up to ``--ref-max-tokens``);
@@ -210,7 +210,7 @@ def with_chunk_kernel(kernel, fwd):
 
 GDN_IMPLS = ("ours", "ours-graphs", "ours-fla", "ours-triton", "ours-graphs-triton", "ours-vendor",
              "ours-graphs-vendor", "ours-qknorm", "ours-graphs-qknorm", "ours-noqknorm", "ours-graphs-noqknorm",
-             "ours-fivegemm", "ours-graphs-fivegemm", "hf", "ref", "mcore")
+             "ours-fivegemm", "ours-graphs-fivegemm", "ours-recomputeh", "ours-graphs-recomputeh", "hf", "ref", "mcore")
 
 
 def with_own_kernels(fwd, on: bool = True):
@@ -538,7 +538,7 @@ def main():
                         _LAYERS.pop("attn" if module == "attn" else "gdn", None)  # graphs it captured (fla's kernels)
                         fwd, params = our_forward(module, B, T)
                         fwd = with_mixer_graphs(module, with_own_kernels(fwd))
-                    elif impl.endswith(("-vendor", "-qknorm", "-fivegemm")):
+                    elif impl.endswith(("-vendor", "-qknorm", "-fivegemm", "-recomputeh")):
                         # fla's conv and norm (OWN_KERNELS=0), the q/k L2-norm in our conv or not, or five in_proj
                         # GEMMs; on a fresh layer, since graphs are kept per layer
                         _LAYERS.pop("attn" if module == "attn" else "gdn", None)
@@ -547,6 +547,8 @@ def main():
                             fwd = with_own_kernels(fwd, on=False)
                         elif impl.endswith("-fivegemm"):
                             fwd = with_one_in_proj_gemm(fwd, on=False)
+                        elif impl.endswith("-recomputeh"):
+                            fwd = with_setting("nemo_qwen3_next.ops.gated_delta_rule", "KEEP_CHUNK_STATES", "0", fwd)
                         else:
                             fwd = with_fused_qk_norm(fwd, on=not impl.endswith("-noqknorm"))
                         if impl.startswith("ours-graphs-"):

@@ -103,6 +103,10 @@ def test_gdn_fused_bf16_vs_fp32_reference(dist, B, T, own, monkeypatch):
     y, g = run(fused, x.bfloat16())
     assert torch.isfinite(y).all()
     assert bool(own) == ("causal_conv1d:triton" in kernels_used()) == ("gated_rms_norm:triton" in kernels_used())
+    from nemo_qwen3_next.ops import flash_qla_states
+
+    if "gated_delta_rule:flash_qla" in kernels_used() and flash_qla_states.available():  # the default path
+        assert "gdn_chunk_states:kept" in kernels_used(), kernels_used()
     e = rel(y, y_ref)
     print(f"\nB={B} T={T} fwd rel err {e:.2e}")
     assert e <= 1e-2, f"forward relative error {e}"
@@ -114,6 +118,51 @@ def test_gdn_fused_bf16_vs_fp32_reference(dist, B, T, own, monkeypatch):
         # on an H100, ours 1.4e-2), so the per-head scalars get twice the bound of the weight tensors
         bound = 4e-2 if name in ("A_log", "dt_bias") else 2e-2
         assert e <= bound, f"grad {name}: relative error {e} > {bound}"
+
+
+@pytest.mark.parametrize("B,T,docs", [(2, 1000, None), (1, 16384, None), (1, 8192, [0, 3000, 3001, 8192])],
+                         ids=["b2", "b1-long", "packed"])
+@pytest.mark.parametrize("l2norm", [False, True], ids=["normed", "qk_l2norm"])
+def test_flash_qla_kept_states_match_recompute(B, T, docs, l2norm):
+    """`flash_qla_states` (chunk states kept from forward) against FlashQLA's own function (states recomputed
+    in backward), same inputs: the long B=1 and packed cases take FlashQLA's intra-card CP path."""
+    pytest.importorskip("flash_qla")
+    from flash_qla import chunk_gated_delta_rule
+
+    from nemo_qwen3_next.ops import flash_qla_states
+
+    if torch.cuda.get_device_capability()[0] not in (9, 10) or not flash_qla_states.available():
+        pytest.skip(f"kept-states path unavailable (FlashQLA versions {flash_qla_states.CHECKED_VERSIONS}, SM90/100)")
+    torch.manual_seed(0)
+    Hk, Hv, D = 16, 32, 128
+    q = torch.randn(B, T, Hk, D, device="cuda")
+    k = torch.randn(B, T, Hk, D, device="cuda")
+    if not l2norm:
+        q, k = torch.nn.functional.normalize(q, dim=-1), torch.nn.functional.normalize(k, dim=-1)
+    v = torch.randn(B, T, Hv, D, device="cuda")
+    g = torch.nn.functional.logsigmoid(torch.randn(B, T, Hv, device="cuda") + 3)
+    beta = torch.rand(B, T, Hv, device="cuda")
+    cu = None if docs is None else torch.tensor(docs, device="cuda", dtype=torch.long)
+    inputs = [t.bfloat16() if t is not g else t for t in (q, k, v, g, beta)]
+    do = torch.randn(B, T, Hv, D, device="cuda", dtype=torch.bfloat16)
+
+    def run(fn):
+        xs = [t.detach().clone().requires_grad_(True) for t in inputs]
+        o = fn(*xs)
+        o.backward(do)
+        return o, [t.grad for t in xs]
+
+    o_kept, g_kept = run(lambda *xs: flash_qla_states.chunk_gated_delta_rule_kept_states(
+        *xs, scale=D ** -0.5, cu_seqlens=cu, use_qk_l2norm=l2norm))
+    o_ref, g_ref = run(lambda *xs: chunk_gated_delta_rule(*xs, scale=D ** -0.5, cu_seqlens=cu,
+                                                          use_qk_l2norm_in_kernel=l2norm)[0])
+    e = rel(o_kept, o_ref)
+    print(f"\nB={B} T={T} docs={docs} l2norm={l2norm}: fwd {e:.2e}")
+    assert e <= 1e-6, f"forward differs from FlashQLA's: {e}"  # the same forward kernel, states stored too
+    for name, a, b in zip("q k v g beta".split(), g_kept, g_ref):
+        e = rel(a, b)
+        print(f"  grad {name}: {e:.2e}")
+        assert torch.isfinite(a).all() and e <= 5e-3, f"grad {name}: relative error {e} vs FlashQLA's recompute"
 
 
 def test_gdn_packed_equals_per_document(dist):

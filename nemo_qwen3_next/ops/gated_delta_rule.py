@@ -42,6 +42,8 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from . import flash_qla_states
+from .flash_qla_states import chunk_gated_delta_rule_kept_states
 from .gated_delta_rule_ref import chunk_gated_delta_rule_ref, recurrent_gated_delta_rule_ref
 from .usage import record
 
@@ -57,6 +59,9 @@ _BACKENDS = ("auto", "torch", "fla")
 _CHUNK_KERNELS = ("auto", "fla", "flash_qla")
 #: which chunked kernel the fla backend uses for training-shaped calls (see the module docstring)
 CHUNK_KERNEL = os.environ.get("QWEN3_NEXT_GDN_KERNEL", "auto")
+#: FlashQLA's training calls keep the per-chunk states from forward for backward instead of recomputing them
+#: (`flash_qla_states`: one kernel less, T/64 * Hv * 128^2 bf16 more per layer); "0" recomputes as FlashQLA does
+KEEP_CHUNK_STATES = os.environ.get("QWEN3_NEXT_GDN_KEEP_STATES", "1")
 
 
 @functools.lru_cache(maxsize=None)
@@ -270,6 +275,15 @@ def gated_delta_rule(
     return o.to(v.dtype), (final_state if output_final_state else None)
 
 
+def _keep_chunk_states(*inputs) -> bool:
+    """Whether this FlashQLA call keeps its chunk states for backward (`flash_qla_states`): a backward will run,
+    the switch is on and the installed FlashQLA is one that path was checked against."""
+    if KEEP_CHUNK_STATES not in ("0", "1"):
+        raise ValueError(f"QWEN3_NEXT_GDN_KEEP_STATES must be 0 or 1, got {KEEP_CHUNK_STATES!r}")
+    return (KEEP_CHUNK_STATES == "1" and torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
+            and flash_qla_states.available())
+
+
 def _flash_qla_call(q, k, v, g, beta, *, scale, cu_seqlens, use_qk_l2norm, A_log, dt_bias, beta_is_logits):
     """FlashQLA's chunked forward/backward; the gate (fp32) and sigmoid(beta) in torch, as it wants them."""
     fn = _load_flash_qla()
@@ -280,13 +294,20 @@ def _flash_qla_call(q, k, v, g, beta, *, scale, cu_seqlens, use_qk_l2norm, A_log
     if beta_is_logits:
         beta = beta.sigmoid()
     q, k = q.to(v.dtype), k.to(v.dtype)
+    scale = k.shape[-1] ** -0.5 if scale is None else scale
+    g, beta = g.float(), beta.to(v.dtype)
+    if _keep_chunk_states(q, k, v, g, beta):
+        record("gdn_chunk_states", "kept")
+        o = chunk_gated_delta_rule_kept_states(q, k, v, g, beta, scale=scale, cu_seqlens=cu_seqlens,
+                                               use_qk_l2norm=use_qk_l2norm)
+        return o.to(v.dtype), None
     o, _ = fn(
         q=q,
         k=k,
         v=v,
-        g=g.float(),
-        beta=beta.to(v.dtype),
-        scale=k.shape[-1] ** -0.5 if scale is None else scale,
+        g=g,
+        beta=beta,
+        scale=scale,
         use_qk_l2norm_in_kernel=use_qk_l2norm,
         cu_seqlens=cu_seqlens,
     )
