@@ -57,6 +57,10 @@ VARIANTS = {
     # base + what Megatron's own loop adds: DDP grad buffers, the mixed-precision Adam step (the NeMo
     # loop's baseline; see `megatron_step`)
     "megatron_step": {},
+    # activation memory options (docs/performance.md): the GDN core recomputed, then also Megatron's selective list
+    "recompute_gdn": dict(linear_attention_recompute=True),
+    "recompute_all": dict(linear_attention_recompute=True, recompute_granularity="selective",
+                          recompute_modules=["core_attn", "moe", "layernorm"]),
 }
 VARIANTS["megatron_fast"] = VARIANTS["fast"]  # the same on the NeMo conf's levers
 
