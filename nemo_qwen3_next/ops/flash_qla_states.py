@@ -96,6 +96,7 @@ class _KeptStates(torch.autograd.Function):
         return dq.to(q), dk.to(k), dv.to(v), dg.to(g), db.to(beta), None, None, None
 
 
+@torch.compiler.disable  # TileLang kernels and host-side CP decisions, as FlashQLA's own entry point
 def chunk_gated_delta_rule_kept_states(q, k, v, g, beta, *, scale: float, cu_seqlens=None, use_qk_l2norm=False):
     """``flash_qla.chunk_gated_delta_rule(q, k, v, g, beta, scale=, cu_seqlens=, use_qk_l2norm_in_kernel=)``
     (bf16 q/k/v/beta, fp32 log-decay g, no initial/final state) with the chunk states kept for backward."""
