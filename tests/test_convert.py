@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -85,6 +86,23 @@ def ckpts(tmp_path_factory):
     return dict(root=root, hf=hf_dir, nemo=nemo_dir, ids=ids, logits=logits)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def cli_runs(ckpts, tmp_path_factory):
+    """The TP=2 load (torchrun) and the export CLI, started with this module's first test so that they run
+    beside each other and the in-process tests (the machine has two cores): name -> (future, directory)."""
+    tp2, export = tmp_path_factory.mktemp("tp2"), tmp_path_factory.mktemp("export")
+    ids_path = tp2 / "ids.pt"
+    torch.save(ckpts["ids"], ids_path)
+    # an explicit free port: with --master-port 0 the NeMo-importing workers hang in rendezvous
+    tp2_cmd = ["-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
+               "tests/convert_tp2_worker.py", ckpts["nemo"], str(ids_path), str(tp2 / "logits.pt"),
+               str(tp2 / "tp2_weights")]
+    export_cmd = ["examples/convert_nemo_to_hf.py", "--input", ckpts["nemo"], "--output", str(export / "hf_out"),
+                  "--max-shard-size", "200KB"]
+    with ThreadPoolExecutor(2) as pool:
+        yield {"tp2": (pool.submit(_run, tp2_cmd), tp2), "export": (pool.submit(_run, export_cmd), export)}
+
+
 def test_nemo_checkpoint_layout(ckpts):
     d = ckpts["nemo"]
     assert os.path.exists(os.path.join(d, "weights", "metadata.json"))
@@ -145,13 +163,10 @@ def test_streamed_checkpoint_equals_megatron_save(ckpts, tmp_path):
         torch.load(os.path.join(ckpts["nemo"], "weights", "common.pt"), weights_only=False).keys()
 
 
-def test_tp2_loads_same_checkpoint_and_export_reads_tp_split(ckpts, tmp_path):
-    ids_path, out_path, tp2_weights = tmp_path / "ids.pt", tmp_path / "logits.pt", tmp_path / "tp2_weights"
-    torch.save(ckpts["ids"], ids_path)
-    # an explicit free port: with --master-port 0 the NeMo-importing workers hang in rendezvous
-    cmd = ["-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
-           "tests/convert_tp2_worker.py", ckpts["nemo"], str(ids_path), str(out_path), str(tp2_weights)]
-    rc, out = _run(cmd)
+def test_tp2_loads_same_checkpoint_and_export_reads_tp_split(ckpts, cli_runs, tmp_path):
+    run, d = cli_runs["tp2"]
+    out_path, tp2_weights = d / "logits.pt", d / "tp2_weights"
+    rc, out = run.result()
     assert rc == 0, out[-4000:]
     got = torch.load(out_path)
     assert (got - ckpts["logits"]).abs().max().item() <= 1e-4
@@ -170,10 +185,10 @@ def test_tp2_loads_same_checkpoint_and_export_reads_tp_split(ckpts, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_export_cli_bitwise_round_trip(ckpts, tmp_path):
-    out = str(tmp_path / "hf_out")
-    rc, log = _run(["examples/convert_nemo_to_hf.py", "--input", ckpts["nemo"], "--output", out,
-                    "--max-shard-size", "200KB"])
+def test_export_cli_bitwise_round_trip(ckpts, cli_runs):
+    run, d = cli_runs["export"]
+    out = str(d / "hf_out")
+    rc, log = run.result()
     assert rc == 0, log[-3000:]
     a, b = _tensors(ckpts["hf"]), _tensors(out)
     assert sorted(a) == sorted(b)

@@ -28,6 +28,25 @@ VARIANTS = {
 WORKER = os.path.join(os.path.dirname(__file__), "generate_tp_worker.py")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def pretrain_run(tmp_path_factory):
+    """`test_cli_on_a_pretrain_run`'s training run, started with this module's first test so that its ~15 s
+    on one core overlap the in-process tests on the other: (process, directory with run/, out, err)."""
+    d = tmp_path_factory.mktemp("pretrain_run")
+    cmd = [sys.executable, "examples/pretrain.py", f"run_dir={d / 'run'}", f"data.cache_dir={d / 'data'}",
+           "trainer.max_steps=1", "checkpoint.every_n_steps=1", "trainer.val_check_interval=1000",
+           "optim.warmup_steps=0", "data.micro_batch_size=2", "data.global_batch_size=2", "data.seq_length=64",
+           "data.embedded_max_bytes=200000"]
+    env = dict(os.environ, TORCHDYNAMO_DISABLE="1", OMP_NUM_THREADS="1")
+    with open(d / "out", "w") as out, open(d / "err", "w") as err:
+        proc = subprocess.Popen(cmd, cwd=os.path.join(os.path.dirname(__file__), ".."), stdout=out, stderr=err,
+                                env=env)
+    yield proc, d
+    if proc.poll() is None:  # its test did not run
+        proc.kill()
+    proc.wait()
+
+
 def _pair(variant="hybrid"):
     hf = random_hf_model(tiny_hf_config(**VARIANTS[variant]), seed=1)
     return hf, load_hf(hf, linear_attention_chunk_size=16)
@@ -256,20 +275,15 @@ def test_cli_streams_greedy_text_from_a_hf_directory(tmp_path, capsys):
     assert "unknown checkpoint layout" in err and "\n" not in err
 
 
-def test_cli_on_a_pretrain_run(tmp_path, capsys):
+def test_cli_on_a_pretrain_run(pretrain_run, capsys):
     """`examples/pretrain.py` writes weights only (no NeMo context): the CLI rebuilds the model and the byte
     tokenizer from the run's own overrides and loads the newest checkpoint of the run directory."""
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
     import generate as cli
 
-    run_dir, root = tmp_path / "run", os.path.join(os.path.dirname(__file__), "..")
-    cmd = [sys.executable, "examples/pretrain.py", f"run_dir={run_dir}", f"data.cache_dir={tmp_path / 'data'}",
-           "trainer.max_steps=1", "checkpoint.every_n_steps=1", "trainer.val_check_interval=1000",
-           "optim.warmup_steps=0", "data.micro_batch_size=2", "data.global_batch_size=2", "data.seq_length=64",
-           "data.embedded_max_bytes=200000"]
-    env = dict(os.environ, TORCHDYNAMO_DISABLE="1", OMP_NUM_THREADS="1")
-    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    proc, d = pretrain_run
+    assert proc.wait(timeout=300) == 0, (d / "out").read_text()[-2000:] + (d / "err").read_text()[-2000:]
+    run_dir = d / "run"
     assert cli.main(["--checkpoint", str(run_dir), "--prompt", "def f(", "--max-new-tokens", "5"]) == 0
     out = capsys.readouterr()
     assert out.out.startswith("def f(") and "prefill: 6 tokens" in out.err, (out.out, out.err)

@@ -153,7 +153,7 @@ def _pretrain_mtp_helpers():
     return tp
 
 
-def test_pretraining_with_mtp_both_losses_fall_and_resume_is_exact(tmp_path):
+def test_pretraining_with_mtp_both_losses_fall_and_resume_is_exact(tmp_path, corpus_cache):
     """The tiny model with ``model.mtp_num_layers=1``: the LM loss and the logged MTP loss both fall;
     a run stopped at its step-6 checkpoint and rerun gives the same steps 7-12 (both losses)."""
     import sys
@@ -162,7 +162,7 @@ def test_pretraining_with_mtp_both_losses_fall_and_resume_is_exact(tmp_path):
     steps, every = 12, 6
 
     def args(run_dir):
-        return [f"run_dir={run_dir}", f"data.cache_dir={tmp_path / 'data'}", f"trainer.max_steps={steps}",
+        return [f"run_dir={run_dir}", f"data.cache_dir={corpus_cache}", f"trainer.max_steps={steps}",
                 f"checkpoint.every_n_steps={every}", "trainer.val_check_interval=1000", "optim.warmup_steps=2",
                 "data.micro_batch_size=8", "model.mtp_num_layers=1", "model.mtp_loss_scaling_factor=0.3"]
 

@@ -12,8 +12,12 @@
   curve (tolerance below);
 * CP=2 (`parallelism=cp2`, MoE aux loss on) reproduces it too, with the same expert-load metrics, and
   its checkpoint resumes at CP=1, a CP=1 checkpoint at CP=2.
+
+Every run is a process per core (OMP_NUM_THREADS=1) and the machine has two, so the module's runs start
+together and each runs as soon as its inputs exist and cores are free (`Job`); each test checks its own.
 """
 
+import itertools
 import json
 import math
 import os
@@ -23,6 +27,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -41,12 +46,16 @@ TP2_ATOL = 1e-3
 # gradient weight (fixed in training/fixes.py) moved it by 1.3e-4 at step 3 and 5.2e-3 by step 14.
 CP2_ATOL = 1e-4
 RESUME_ATOL = 1e-5  # same process layout and op order: identical up to rounding noise
+_ORDER = itertools.count()
 
 
 def _args(run_dir, cache_dir, *extra):
-    return [f"run_dir={run_dir}", f"data.cache_dir={cache_dir}", f"trainer.max_steps={STEPS}",
-            f"checkpoint.every_n_steps={EVERY}", "trainer.val_check_interval=1000", "optim.warmup_steps=4",
-            "data.micro_batch_size=8", *extra]  # one micro-batch per step: the fastest CPU path
+    # the corpus in cache_dir is written atomically, Megatron's index files are not: each run dir has its
+    # own, so runs at the same time never read one half-written
+    index = os.path.join(os.path.dirname(run_dir), "index", os.path.basename(run_dir))
+    return [f"run_dir={run_dir}", f"data.cache_dir={cache_dir}", f"data.index_mapping_dir={index}",
+            f"trainer.max_steps={STEPS}", f"checkpoint.every_n_steps={EVERY}", "trainer.val_check_interval=1000",
+            "optim.warmup_steps=4", "data.micro_batch_size=8", *extra]  # one micro-batch per step: the fastest CPU path
 
 
 def _env():
@@ -71,19 +80,93 @@ def _losses(run_dir):
     return records
 
 
+class Job:
+    """`fn()` in a thread once the jobs `after` have finished, holding `cores` of the two cores meanwhile
+    (a 2-process torchrun takes both); jobs ready at once start in the order they were made, so a
+    torchrun is not kept waiting behind later one-core jobs. `result()` waits, then returns what `fn`
+    returned or raises what it raised (in the test that asks: a failed run fails its own tests only)."""
+
+    free, ready, changed = 2, [], threading.Condition()
+
+    def __init__(self, fn, after=(), cores=1):
+        self.fn, self.after, self.cores, self.value, self.error = fn, after, cores, None, None
+        self.order = next(_ORDER)
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _first_ready(self):
+        return min(Job.ready, key=lambda job: job.order) is self and Job.free >= self.cores
+
+    def _run(self):
+        try:
+            for job in self.after:
+                job.result()
+            with Job.changed:
+                Job.ready.append(self)
+                Job.changed.wait_for(self._first_ready)
+                Job.ready.remove(self)
+                Job.free -= self.cores
+                Job.changed.notify_all()  # the next in line may fit in what is left
+            try:
+                self.value = self.fn()
+            finally:
+                with Job.changed:
+                    Job.free += self.cores
+                    Job.changed.notify_all()
+        except BaseException as e:
+            self.error = e
+
+    def result(self):
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     return tmp_path_factory.mktemp("pretrain")
 
 
 @pytest.fixture(scope="module")
-def reference(workdir):
-    """One uninterrupted single-process run; also saves its initial weights for the TP=2 run."""
+def jobs(workdir, corpus_cache):
+    """Every run of this module by name, made in the order of the tests that check them."""
+    data, one = corpus_cache, [sys.executable, PRETRAIN]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+    cp2 = [*torchrun, "--standalone", PRETRAIN]
+    init = f"checkpoint.init_from={workdir / 'ref' / 'init_checkpoint'}"
+    j = {"reference": Job(lambda: _reference(workdir, data)), "killed": Job(lambda: _killed_run(workdir, data))}
+    j["killed_rerun"] = Job(lambda: _run(j["killed"].result()[0], cwd=workdir), after=[j["killed"]])
+    j["nothing_to_do"] = Job(lambda: _nothing_to_do(workdir, data), after=[j["reference"]])
+    after_ref = [j["reference"], j["nothing_to_do"]]  # ref/ is read or copied once no run writes there
+    j["tp2"] = Job(lambda: _run([*torchrun, PRETRAIN, *_args(workdir / "tp2", data, "parallelism=tp2_sp", init)],
+                                cwd=workdir, timeout=900), after=after_ref, cores=2)
+    j["cp2"] = Job(lambda: _run([*cp2, *_args(workdir / "cp2", data, "parallelism=cp2", init)], cwd=workdir),
+                   after=after_ref, cores=2)
+    j["cp1_to_cp2"] = Job(lambda: _resume(workdir, data, "ref", "cp1_to_cp2", cp2, "parallelism=cp2"),
+                          after=after_ref, cores=2)
+    j["cp2_to_cp1"] = Job(lambda: _resume(workdir, data, "cp2", "cp2_to_cp1", one), after=[j["cp2"]])
+    j["long_val"] = Job(lambda: _long_val_interval_run(workdir / "long_val"))
+    j["mock"] = Job(lambda: _mock_run(workdir / "mock"))
+    j["stacked"] = Job(lambda: _resume(workdir, data, "ref", "stacked", one, "+model.moe_stacked_experts=true"),
+                       after=after_ref)
+    yield j
+    for job in j.values():  # no run outlives the module
+        job.thread.join()
+
+
+def _reference(workdir, data):
+    """One uninterrupted single-process run; also saves its initial weights for the TP=2 and CP=2 runs."""
     run_dir = workdir / "ref"
     t0 = time.time()
-    proc = _run([sys.executable, PRETRAIN, *_args(run_dir, workdir / "data", "checkpoint.save_initial=true",
+    proc = _run([sys.executable, PRETRAIN, *_args(run_dir, data, "checkpoint.save_initial=true",
                                                   f"trainer.val_check_interval={EVERY}")], cwd=workdir)
     return run_dir, _losses(run_dir), proc.stdout, time.time() - t0
+
+
+@pytest.fixture(scope="module")
+def reference(jobs):
+    return jobs["reference"].result()
 
 
 def test_fresh_run_learns_and_writes_outputs(reference):
@@ -148,22 +231,28 @@ def test_console_validation_and_closing_summary(reference):
     assert len(stdout.splitlines()) < 2 * STEPS + 30, stdout
 
 
-def test_rerun_of_a_finished_run_has_nothing_to_do(reference, workdir):
-    run_dir, _, _, _ = reference
+def _nothing_to_do(workdir, data):
+    run_dir = workdir / "ref"
     before = (run_dir / "metrics" / "metrics.jsonl").read_bytes()
     t0 = time.time()
-    proc = _run([sys.executable, PRETRAIN, *_args(run_dir, workdir / "data", "trainer.max_steps=8")], cwd=workdir)
+    proc = _run([sys.executable, PRETRAIN, *_args(run_dir, data, "trainer.max_steps=8")], cwd=workdir)
+    return proc, before, time.time() - t0
+
+
+def test_rerun_of_a_finished_run_has_nothing_to_do(reference, jobs):
+    run_dir, _, _, _ = reference
+    proc, before, seconds = jobs["nothing_to_do"].result()
     assert (f"{run_dir}: latest checkpoint is step {STEPS} >= max_steps 8; nothing to do — pass a new name= or "
             "raise max_steps") in proc.stdout
     assert "step 1/" not in proc.stdout and (run_dir / "metrics" / "metrics.jsonl").read_bytes() == before
-    print("nothing-to-do rerun took", time.time() - t0, "s")
+    print("nothing-to-do rerun took", seconds, "s")
 
 
-def test_killed_run_resumes_and_reproduces_the_curve(reference, workdir):
-    _, ref, _, _ = reference
+def _killed_run(workdir, data):
+    """Start, wait until the step after the first checkpoint is logged, then kill the whole run. Returns
+    the command and the last step it logged."""
     run_dir = workdir / "resumed"
-    cmd = [sys.executable, PRETRAIN, *_args(run_dir, workdir / "data")]
-    # Start, wait until the step after the first checkpoint is logged, then kill the whole run.
+    cmd = [sys.executable, PRETRAIN, *_args(run_dir, data)]
     proc = subprocess.Popen(cmd, cwd=workdir, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     metrics = run_dir / "metrics" / "metrics.jsonl"
@@ -177,10 +266,17 @@ def test_killed_run_resumes_and_reproduces_the_curve(reference, workdir):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    killed_at = max(_losses(run_dir))
+    return cmd, max(_losses(run_dir))
+
+
+def test_killed_run_resumes_and_reproduces_the_curve(reference, jobs, workdir):
+    _, ref, _, _ = reference
+    run_dir = workdir / "resumed"
+    metrics = run_dir / "metrics" / "metrics.jsonl"
+    _, killed_at = jobs["killed"].result()
     assert EVERY + 2 <= killed_at < STEPS, killed_at
 
-    again = _run(cmd, cwd=workdir)
+    again = jobs["killed_rerun"].result()
     assert re.search(rf"^resuming {run_dir} from step {EVERY} \(step=\d+-consumed_samples=[\d.]+-last\) to max_steps "
                      rf"{STEPS}$", again.stdout, flags=re.M), again.stdout[:2000]
     logged = [int(m) for m in re.findall(r"^step (\d+)/", again.stdout, flags=re.M)]
@@ -194,13 +290,10 @@ def test_killed_run_resumes_and_reproduces_the_curve(reference, workdir):
     assert raw == list(range(1, STEPS + 1)), raw  # the killed run's steps past the checkpoint were dropped
 
 
-def test_tp2_sp_reproduces_single_process_curve(reference, workdir):
-    ref_dir, ref, _, _ = reference
+def test_tp2_sp_reproduces_single_process_curve(reference, jobs, workdir):
+    _, ref, _, _ = reference
     run_dir = workdir / "tp2"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", PRETRAIN,
-           *_args(run_dir, workdir / "data", "parallelism=tp2_sp",
-                  f"checkpoint.init_from={ref_dir / 'init_checkpoint'}")]
-    _run(cmd, cwd=workdir, timeout=900)
+    jobs["tp2"].result()
     rec = _losses(run_dir)
     assert sorted(rec) == list(range(1, STEPS + 1))
     diffs = [abs(rec[s]["loss"] - ref[s]["loss"]) for s in rec]
@@ -222,15 +315,19 @@ def _stopped_at_first_checkpoint(run_dir, copy_dir, every=EVERY):
     return copy_dir
 
 
-def test_cp2_reproduces_single_process_curve_and_resumes_across_layouts(reference, workdir):
+def _resume(workdir, data, source, name, launch, *extra):
+    """`source`'s run copied to `name`, stopped at its first checkpoint, rerun: (run dir, stdout)."""
+    stopped = _stopped_at_first_checkpoint(workdir / source, workdir / name)
+    return stopped, _run([*launch, *_args(stopped, data, *extra)], cwd=workdir).stdout
+
+
+def test_cp2_reproduces_single_process_curve_and_resumes_across_layouts(reference, jobs, workdir):
     """CP=2 from the same initial weights gives the one-process losses and expert-load metrics (MoE
     global aux loss on); a CP=2 checkpoint resumed at CP=1 and a CP=1 checkpoint resumed at CP=2 give
     the one-process steps 9-16 (torch_dist checkpoints hold global tensors)."""
-    ref_dir, ref, _, _ = reference
-    cp2 = ["-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone", PRETRAIN]
+    _, ref, _, _ = reference
     run_dir = workdir / "cp2"
-    _run([sys.executable, *cp2, *_args(run_dir, workdir / "data", "parallelism=cp2",
-                                        f"checkpoint.init_from={ref_dir / 'init_checkpoint'}")], cwd=workdir)
+    jobs["cp2"].result()
     rec = _losses(run_dir)
     assert sorted(rec) == list(range(1, STEPS + 1))
     diffs = [abs(rec[s]["loss"] - ref[s]["loss"]) for s in rec]
@@ -239,26 +336,29 @@ def test_cp2_reproduces_single_process_curve_and_resumes_across_layouts(referenc
     for s in rec:  # counts summed over the CP ranks = the one process's counts
         moe = [k for k in ref[s] if k.startswith("moe/")]
         assert moe and all(rec[s][k] == pytest.approx(ref[s][k], rel=1e-6) for k in moe), s
-    for layout, stopped in ((["parallelism=cp2"], _stopped_at_first_checkpoint(ref_dir, workdir / "cp1_to_cp2")),
-                            ([], _stopped_at_first_checkpoint(run_dir, workdir / "cp2_to_cp1"))):
-        launch = cp2 if layout else [PRETRAIN]
-        out = _run([sys.executable, *launch, *_args(stopped, workdir / "data", *layout)], cwd=workdir).stdout
+    for name in ("cp1_to_cp2", "cp2_to_cp1"):
+        stopped, out = jobs[name].result()
         assert re.search(rf"^resuming {stopped} from step {EVERY} ", out, flags=re.M), out[:2000]
         got = _losses(stopped)
         assert sorted(got) == list(range(1, STEPS + 1))
         assert max(abs(got[s]["loss"] - ref[s]["loss"]) for s in range(EVERY + 1, STEPS + 1)) < CP2_ATOL, stopped
 
 
-def test_val_interval_longer_than_one_pass_over_the_data(tmp_path):
-    """val_check_interval counts steps over the whole run: an interval longer than one pass over a
-    small training split must not be refused at startup (it was, on the GPU machine, for the ~1B
-    config on the embedded corpus at seq 2048)."""
+def _long_val_interval_run(tmp_path):
+    tmp_path.mkdir()
     run_dir = tmp_path / "run"
     # 200 kB of text at seq 128 and 4 sequences a batch: ~380 batches in one pass, interval 1000
     cmd = [sys.executable, PRETRAIN, f"run_dir={run_dir}", f"data.cache_dir={tmp_path / 'data'}",
            "trainer.max_steps=2", "trainer.val_check_interval=1000", "data.embedded_max_bytes=200000",
            "checkpoint.every_n_steps=1000", "logging.progress=bar", "logging.verbose=true"]
-    proc = _run(cmd, cwd=tmp_path)
+    return run_dir, _run(cmd, cwd=tmp_path)
+
+
+def test_val_interval_longer_than_one_pass_over_the_data(jobs):
+    """val_check_interval counts steps over the whole run: an interval longer than one pass over a
+    small training split must not be refused at startup (it was, on the GPU machine, for the ~1B
+    config on the embedded corpus at seq 2048)."""
+    run_dir, proc = jobs["long_val"].result()
     rec = _losses(str(run_dir))
     assert sorted(rec) == [1, 2]
     # the progress bar (forced on without a terminal): steps of max_steps, elapsed<remaining, the fields
@@ -270,14 +370,20 @@ def test_val_interval_longer_than_one_pass_over_the_data(tmp_path):
     assert "Params for bucket" in proc.stdout
 
 
-def test_mock_data_trains_on_random_tokens(tmp_path):
-    """data=mock: uniform random ids at the model's vocabulary, no files: an untrained model's loss
-    is ~ln V, and random tokens cannot be learned, so it stays there."""
+def _mock_run(tmp_path):
+    tmp_path.mkdir()
     run_dir = tmp_path / "run"
     cmd = [sys.executable, PRETRAIN, f"run_dir={run_dir}", "data=mock", "data.seq_length=64", "data.micro_batch_size=4",
            "data.global_batch_size=4", "trainer.max_steps=6", "trainer.val_check_interval=1000",
            "checkpoint.every_n_steps=1000", "logging.timing_warmup_steps=2", "optim.warmup_steps=2"]
-    proc = _run(cmd, cwd=tmp_path)
+    return run_dir, _run(cmd, cwd=tmp_path)
+
+
+def test_mock_data_trains_on_random_tokens(jobs, workdir):
+    """data=mock: uniform random ids at the model's vocabulary, no files: an untrained model's loss
+    is ~ln V, and random tokens cannot be learned, so it stays there."""
+    tmp_path = workdir / "mock"
+    run_dir, proc = jobs["mock"].result()
     rec = _losses(str(run_dir))
     assert sorted(rec) == list(range(1, 7))
     assert all(abs(r["loss"] - math.log(512)) < 0.15 for r in rec.values()), [r["loss"] for r in rec.values()]
@@ -288,13 +394,11 @@ def test_mock_data_trains_on_random_tokens(tmp_path):
     assert "over 4 steps after 2 warm-up" in proc.stdout
 
 
-def test_stacked_experts_resume_a_per_expert_checkpoint(reference, workdir):
+def test_stacked_experts_resume_a_per_expert_checkpoint(reference, jobs):
     """``moe_stacked_experts`` (two Parameters per MoE layer) resumed from the one-process run's step-8
     checkpoint (per-expert parameters, Adam state included) gives its steps 9-16 and saves its own."""
-    ref_dir, ref, _, _ = reference
-    stopped = _stopped_at_first_checkpoint(ref_dir, workdir / "stacked")
-    out = _run([sys.executable, PRETRAIN, *_args(stopped, workdir / "data", "+model.moe_stacked_experts=true")],
-               cwd=workdir).stdout
+    _, ref, _, _ = reference
+    stopped, out = jobs["stacked"].result()
     assert re.search(rf"^resuming {stopped} from step {EVERY} ", out, flags=re.M), out[:2000]
     got = _losses(stopped)
     assert sorted(got) == list(range(1, STEPS + 1))

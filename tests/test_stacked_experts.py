@@ -298,14 +298,21 @@ def _tp_worker(out_path):
     torch.distributed.barrier()
 
 
-def _two_ranks_and_reference(out, *flags):
-    """Run this file's worker on 2 ranks (writing `out`.<rank>), and the one-process per-expert reference
-    on the same weights and batch: (out, reference model, logits, loss, parameter grads)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone", __file__,
-           str(out), *flags]
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """This file's TP=2+SP and EP=2 workers in one torchrun launch (one process start-up for both), writing
+    DIR/tp.<rank> and DIR/ep.<rank>: DIR."""
+    out = tmp_path_factory.mktemp("two_ranks")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone", __file__, str(out)]
     env = dict(os.environ, TORCHDYNAMO_DISABLE="1", OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out
+
+
+def _two_ranks_and_reference(out):
+    """The workers' files `out`.<rank>, and the one-process per-expert reference on the same weights and
+    batch: (out, reference model, logits, loss, parameter grads)."""
     hf = random_hf_model(tiny_hf_config(), seed=1)
     ref = load_hf(hf, backend="local", linear_attention_chunk_size=16)
     torch.manual_seed(3)
@@ -316,12 +323,12 @@ def _two_ranks_and_reference(out, *flags):
     return out, ref, logits, loss, {n: p.grad for n, p in ref.named_parameters()}
 
 
-def test_tp2_sp_stacked_equals_tp1_unstacked(tmp_path):
+def test_tp2_sp_stacked_equals_tp1_unstacked(two_ranks):
     """TP=2+SP with the switch on (loop and grouped GEMMs) = TP=1 per-expert model: loss, logits, and
     each rank's stacked expert gradient = its TP shard of the TP=1 per-expert gradients."""
     from nemo_qwen3_next.sharding import shard_tensor
 
-    out, _, logits, loss, ref_grads = _two_ranks_and_reference(tmp_path / "tp")
+    out, _, logits, loss, ref_grads = _two_ranks_and_reference(two_ranks / "tp")
     checked = 0
     for rank in range(2):
         got = torch.load(f"{out}.{rank}")
@@ -412,10 +419,10 @@ def _ep_worker(out_path):
     torch.distributed.barrier()
 
 
-def test_ep2_stacked_equals_one_process(tmp_path):
+def test_ep2_stacked_equals_one_process(two_ranks):
     """Expert parallel (EP=2, half the experts per rank, stacked) = one process with all experts: logits,
     loss, and every expert's gradient (twice the one-process one: both ranks send the same batch)."""
-    out, ref, logits, loss, ref_grads = _two_ranks_and_reference(tmp_path / "ep", "--ep")
+    out, ref, logits, loss, ref_grads = _two_ranks_and_reference(two_ranks / "ep")
     seen = set()
     for rank in range(2):
         got = torch.load(f"{out}.{rank}")
@@ -428,5 +435,9 @@ def test_ep2_stacked_equals_one_process(tmp_path):
     assert seen == {n for n in ref_grads if ".local_experts." in n}
 
 
-if __name__ == "__main__":
-    (_ep_worker if "--ep" in sys.argv[2:] else _tp_worker)(sys.argv[1])
+if __name__ == "__main__":  # torchrun: both workers, each after the other's parallel layout is gone
+    from megatron.core import parallel_state
+
+    _tp_worker(os.path.join(sys.argv[1], "tp"))
+    parallel_state.destroy_model_parallel()
+    _ep_worker(os.path.join(sys.argv[1], "ep"))

@@ -36,15 +36,22 @@ def _tp1_fused_loss():
     return token_loss.detach(), loss.detach(), dict(model.named_parameters())
 
 
-def test_tp2_sp_fused_loss_matches_tp1(tmp_path):
-    """The vocab-parallel fused LM head + loss at TP=2+SP = TP=1: per-token loss, output-layer shard grad."""
-    out = tmp_path / "tp.pt"
+@pytest.fixture(scope="module")
+def tp_runs(tmp_path_factory):
+    """All TP=2 runs in one torchrun launch (see tp_worker.py for the names); the directory of their files."""
+    out = tmp_path_factory.mktemp("tp")
+    names = ["tp2_sp_labels", "tp2", "tp2_sp"] + (["tp2_sp_grouped_experts"] if hasattr(torch, "_grouped_mm") else [])
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
-           WORKER, str(out), "--sp", "--labels"]
+           WORKER, str(out), *names]
     env = dict(os.environ, TORCHDYNAMO_DISABLE="1", OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    got = torch.load(out)
+    return out
+
+
+def test_tp2_sp_fused_loss_matches_tp1(tp_runs):
+    """The vocab-parallel fused LM head + loss at TP=2+SP = TP=1: per-token loss, output-layer shard grad."""
+    got = torch.load(tp_runs / "tp2_sp_labels.pt")
     token_loss, loss, params = _tp1_fused_loss()
     assert got["logits"].shape == token_loss.shape == (2, 38)
     assert ((got["logits"] - token_loss).abs().max() / token_loss.abs().max()).item() <= 1e-5
@@ -57,19 +64,12 @@ def test_tp2_sp_fused_loss_matches_tp1(tmp_path):
         assert rel <= 1e-4, (name, rel)
 
 
-@pytest.mark.parametrize("sp,experts", [(False, "sequential"), (True, "sequential"), (True, "grouped_mm")],
-                         ids=["tp2", "tp2_sp", "tp2_sp_grouped_experts"])
-def test_tp2_matches_tp1(tmp_path, sp, experts):
+@pytest.mark.parametrize("name", ["tp2", "tp2_sp", "tp2_sp_grouped_experts"])
+def test_tp2_matches_tp1(tp_runs, name):
     """TP=1 reference always runs the expert loop; the TP=2 run may use the grouped-GEMM experts."""
-    if experts == "grouped_mm" and not hasattr(torch, "_grouped_mm"):
+    if name.endswith("_grouped_experts") and not hasattr(torch, "_grouped_mm"):
         pytest.skip("needs torch._grouped_mm")
-    out = tmp_path / "tp.pt"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
-           WORKER, str(out)] + (["--sp"] if sp else [])
-    env = dict(os.environ, TORCHDYNAMO_DISABLE="1", OMP_NUM_THREADS="1", QWEN3_NEXT_MOE_EXPERTS=experts)
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    got = torch.load(out)
+    got = torch.load(tp_runs / f"{name}.pt")
     logits, loss, params = _tp1()
     assert (got["logits"] - logits).abs().max().item() <= 1e-4
     assert abs(got["loss"].item() - loss.item()) <= 1e-5

@@ -2,9 +2,12 @@
 
 Every rank builds the same random HF model (same seed), maps it to our global layout and keeps
 its own shard: the same global weights as the TP=1 run in the test process.
-With --labels the model computes the per-token loss itself (the fused LM head + cross-entropy,
-vocab-parallel) and the output layer's gradient shard is saved too.
-Usage: torchrun --nproc-per-node 2 tests/tp_worker.py OUT.pt [--sp] [--labels]
+Several runs share one launch (one process start-up for all); each RUN is ``tp2`` (no SP), ``tp2_sp``,
+``tp2_sp_grouped_experts`` (the grouped-GEMM experts; the others run the expert loop) or
+``tp2_sp_labels``: the model computes the per-token loss itself (the fused LM head + cross-entropy,
+vocab-parallel; the experts as the environment says) and the output layer's gradient shard is saved
+too. Writes OUT_DIR/RUN.pt.
+Usage: torchrun --nproc-per-node 2 tests/tp_worker.py OUT_DIR RUN [RUN ...]
 """
 
 import os
@@ -64,6 +67,9 @@ def tiny_tp_model(sp: bool, cp: int = 1, **overrides):
     return model, config, rank
 
 
+EXPERTS = {"tp2": "sequential", "tp2_sp": "sequential", "tp2_sp_grouped_experts": "grouped_mm"}
+
+
 def main(out_path: str, sp: bool, labels: bool = False):
     model, config, rank = tiny_tp_model(sp)
     torch.manual_seed(3)
@@ -85,4 +91,11 @@ def main(out_path: str, sp: bool, labels: bool = False):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], "--sp" in sys.argv[2:], "--labels" in sys.argv[2:])
+    launcher_experts = os.environ.get("QWEN3_NEXT_MOE_EXPERTS")
+    for name in sys.argv[2:]:
+        experts = EXPERTS.get(name, launcher_experts)
+        if experts is None:
+            os.environ.pop("QWEN3_NEXT_MOE_EXPERTS", None)
+        else:
+            os.environ["QWEN3_NEXT_MOE_EXPERTS"] = experts
+        main(os.path.join(sys.argv[1], f"{name}.pt"), "_sp" in name, name.endswith("_labels"))
