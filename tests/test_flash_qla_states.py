@@ -17,12 +17,10 @@ gdr = importlib.import_module("nemo_qwen3_next.ops.gated_delta_rule")
 
 def _fake_flash_qla(monkeypatch, version, missing=()):
     """A stand-in `flash_qla` package with the names `flash_qla_states` reaches into (minus `missing`)."""
-    names = ["chunk_gated_delta_rule_fwd", "cp_preprocess_bwd", "fused_gdr_bwd", "group_reduce_vector",
-             "chunk_local_cumsum", "_auto_intra_cp_context", "CHUNK_SIZE"]
     pkg = types.ModuleType("flash_qla")
     pkg.__version__ = version
     chunk = types.ModuleType("flash_qla.ops.gated_delta_rule.chunk")
-    for n in names:
+    for n in flash_qla_states.REQUIRED:
         if n not in missing:
             setattr(chunk, n, object())
     utils = types.ModuleType("flash_qla.utils")

@@ -25,6 +25,9 @@ import torch
 
 #: FlashQLA versions whose forward/backward internals this module mirrors
 CHECKED_VERSIONS = ("0.1.3",)
+#: the names of ``flash_qla.ops.gated_delta_rule.chunk`` it calls
+REQUIRED = ("chunk_gated_delta_rule_fwd", "cp_preprocess_bwd", "fused_gdr_bwd", "group_reduce_vector",
+            "chunk_local_cumsum", "_auto_intra_cp_context", "CHUNK_SIZE")
 
 
 @functools.lru_cache(maxsize=None)
@@ -36,9 +39,7 @@ def _internals():
         from flash_qla.utils import l2norm_bwd, l2norm_fwd
     except Exception:  # not importable here (no GPU / TileLang): the caller never gets this far
         return None
-    names = ("chunk_gated_delta_rule_fwd", "cp_preprocess_bwd", "fused_gdr_bwd", "group_reduce_vector",
-             "chunk_local_cumsum", "_auto_intra_cp_context", "CHUNK_SIZE")
-    if getattr(flash_qla, "__version__", None) not in CHECKED_VERSIONS or not all(hasattr(mod, n) for n in names):
+    if getattr(flash_qla, "__version__", None) not in CHECKED_VERSIONS or not all(hasattr(mod, n) for n in REQUIRED):
         return None
     if mod.fused_gdr_bwd is None:  # an architecture without FlashQLA's backward
         return None

@@ -42,8 +42,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from . import flash_qla_states
-from .flash_qla_states import chunk_gated_delta_rule_kept_states
+from . import flash_qla_states, own_kernels
 from .gated_delta_rule_ref import chunk_gated_delta_rule_ref, recurrent_gated_delta_rule_ref
 from .usage import record
 
@@ -278,10 +277,8 @@ def gated_delta_rule(
 def _keep_chunk_states(*inputs) -> bool:
     """Whether this FlashQLA call keeps its chunk states for backward (`flash_qla_states`): a backward will run,
     the switch is on and the installed FlashQLA is one that path was checked against."""
-    if KEEP_CHUNK_STATES not in ("0", "1"):
-        raise ValueError(f"QWEN3_NEXT_GDN_KEEP_STATES must be 0 or 1, got {KEEP_CHUNK_STATES!r}")
-    return (KEEP_CHUNK_STATES == "1" and torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
-            and flash_qla_states.available())
+    return (own_kernels.switch_on("QWEN3_NEXT_GDN_KEEP_STATES", KEEP_CHUNK_STATES) and torch.is_grad_enabled()
+            and any(t.requires_grad for t in inputs) and flash_qla_states.available())
 
 
 def _flash_qla_call(q, k, v, g, beta, *, scale, cu_seqlens, use_qk_l2norm, A_log, dt_bias, beta_is_logits):
@@ -298,8 +295,8 @@ def _flash_qla_call(q, k, v, g, beta, *, scale, cu_seqlens, use_qk_l2norm, A_log
     g, beta = g.float(), beta.to(v.dtype)
     if _keep_chunk_states(q, k, v, g, beta):
         record("gdn_chunk_states", "kept")
-        o = chunk_gated_delta_rule_kept_states(q, k, v, g, beta, scale=scale, cu_seqlens=cu_seqlens,
-                                               use_qk_l2norm=use_qk_l2norm)
+        o = flash_qla_states.chunk_gated_delta_rule_kept_states(q, k, v, g, beta, scale=scale, cu_seqlens=cu_seqlens,
+                                                                use_qk_l2norm=use_qk_l2norm)
         return o.to(v.dtype), None
     o, _ = fn(
         q=q,

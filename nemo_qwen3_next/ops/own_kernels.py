@@ -25,7 +25,7 @@ FUSED_QK_NORM = os.environ.get("QWEN3_NEXT_FUSED_QK_NORM", "1")
 ONE_IN_PROJ_GEMM = os.environ.get("QWEN3_NEXT_ONE_IN_PROJ_GEMM", "1")
 
 
-def _on(name: str, value: str) -> bool:
+def switch_on(name: str, value: str) -> bool:
     """A switch's value ("0" or "1", named in the error otherwise) as a bool."""
     if value not in ("0", "1"):
         raise ValueError(f"{name} must be 0 or 1, got {value!r}")
@@ -34,17 +34,17 @@ def _on(name: str, value: str) -> bool:
 
 def enabled() -> bool:
     """Whether "auto" dispatch takes our kernels where they apply (and triton imports)."""
-    return _on("QWEN3_NEXT_OWN_KERNELS", ENABLED) and triton_ok()
+    return switch_on("QWEN3_NEXT_OWN_KERNELS", ENABLED) and triton_ok()
 
 
 def fused_qk_norm() -> bool:
     """Whether the GDN's planar path L2-normalises q and k in our conv (needs our kernels on)."""
-    return _on("QWEN3_NEXT_FUSED_QK_NORM", FUSED_QK_NORM) and enabled()
+    return switch_on("QWEN3_NEXT_FUSED_QK_NORM", FUSED_QK_NORM) and enabled()
 
 
 def one_in_proj_gemm() -> bool:
     """Whether the GDN's planar path runs in_proj as one GEMM with column views (needs our kernels on)."""
-    return _on("QWEN3_NEXT_ONE_IN_PROJ_GEMM", ONE_IN_PROJ_GEMM) and enabled()
+    return switch_on("QWEN3_NEXT_ONE_IN_PROJ_GEMM", ONE_IN_PROJ_GEMM) and enabled()
 
 
 @functools.lru_cache(maxsize=None)
