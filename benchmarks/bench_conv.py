@@ -43,6 +43,8 @@ def main():
     from nemo_qwen3_next.ops import causal_conv1d_triton as ct
 
     configs = [(c.kwargs["BD"], c.num_warps, c.kwargs["L"], c.kwargs["PF"], c.kwargs["NB"]) for c in ct._configs(args.configs)]
+    caps = [ct._per_sm(v) for v in args.per_sm.split(",")]
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
     rows_out = []
     for shape in args.shapes.split(","):
         B, T = (int(v) for v in shape.split("x"))
@@ -57,8 +59,7 @@ def main():
             act = B * T * D * 2  # bytes of one activation
             nh = D // hd if hd else 0
             rs = torch.empty(B, T, max(nh, 1), device="cuda", dtype=torch.float32)  # the norm's saved rstd
-            sms = torch.cuda.get_device_properties(0).multi_processor_count
-            for (bd, nw, L, pf, nb), per_sm in itertools.product(configs, [int(v) for v in args.per_sm.split(",")]):
+            for (bd, nw, L, pf, nb), per_sm in itertools.product(configs, caps):
                 if hd and bd % hd:  # a head must fit in one program's channel block
                     continue
                 nt = ct._t_programs(B, T, D, dict(BD=bd, L=L, NB=nb), sms, per_sm)

@@ -66,13 +66,15 @@ def _configs(spec: str):
 _CONFIGS = _configs(os.environ.get("QWEN3_NEXT_CONV_CONFIGS", _DEFAULT_CONFIGS))
 if os.environ.get("TRITON_INTERPRET") == "1":  # Triton's CPU interpreter (tests) cannot benchmark configs
     _CONFIGS = _CONFIGS[:1]
-# QWEN3_NEXT_CONV_PROGRAMS_PER_SM caps the programs along time (`_t_programs`); 0: one per L * NB rows
+
+
 def _per_sm(spec: str) -> int:
     if not spec.isdigit():
         raise ValueError(f"QWEN3_NEXT_CONV_PROGRAMS_PER_SM must be a whole number >= 0 (0: no cap); got {spec!r}")
     return int(spec)
 
 
+# QWEN3_NEXT_CONV_PROGRAMS_PER_SM caps the programs along time (`_t_programs`); 0: one per L * NB rows
 _PROGRAMS_PER_SM = _per_sm(os.environ.get("QWEN3_NEXT_CONV_PROGRAMS_PER_SM", "0"))
 
 
