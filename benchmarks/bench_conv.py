@@ -4,7 +4,6 @@ For the GDN's three convs at 80B-A3B widths (q and k: D=2048 with the per-head L
 each input a ``[b, s, D]`` view of sequence-first memory as the planar path hands it over, this times the
 forward and the backward kernel (with its weight-gradient reduction) of every ``BD:warps:L[:PF[:NB]]`` config given,
 prints ms and GB/s (x read + y written; x, dy read + dx and the partial sums written), and writes JSON.
-``--per-sm`` times each config under caps on the programs along time (fewer, longer programs: fewer partials).
 The autotuned list in `ops/causal_conv1d_triton.py` (``QWEN3_NEXT_CONV_CONFIGS``) is chosen from this.
 Also timed: fla's conv followed by FlashQLA's compiled L2-norm (the path before the fused norm), where
 importable.
@@ -15,7 +14,6 @@ importable.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
 import sys
@@ -31,8 +29,6 @@ def main():
     ap.add_argument("--configs", default="128:1:32:0,128:1:32:4,256:2:32:0,256:2:32:4,512:4:32:4,128:2:32:4,"
                     "128:1:64:4,128:1:16:4,128:1:16:4:4", help="BD:warps:L[:PF[:NB]],... (PF: prefetch depth, 0 or 4; "
                     "NB: blocks of L rows per program, 1 by default)")
-    ap.add_argument("--per-sm", default="0", help="caps on the programs per SM along time, each timed (0: none; "
-                    "QWEN3_NEXT_CONV_PROGRAMS_PER_SM)")
     ap.add_argument("--out", default=None, help="JSON results")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -43,8 +39,6 @@ def main():
     from nemo_qwen3_next.ops import causal_conv1d_triton as ct
 
     configs = [(c.kwargs["BD"], c.num_warps, c.kwargs["L"], c.kwargs["PF"], c.kwargs["NB"]) for c in ct._configs(args.configs)]
-    caps = [ct._per_sm(v) for v in args.per_sm.split(",")]
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
     rows_out = []
     for shape in args.shapes.split(","):
         B, T = (int(v) for v in shape.split("x"))
@@ -59,12 +53,11 @@ def main():
             act = B * T * D * 2  # bytes of one activation
             nh = D // hd if hd else 0
             rs = torch.empty(B, T, max(nh, 1), device="cuda", dtype=torch.float32)  # the norm's saved rstd
-            for (bd, nw, L, pf, nb), per_sm in itertools.product(configs, caps):
+            for bd, nw, L, pf, nb in configs:
                 if hd and bd % hd:  # a head must fit in one program's channel block
                     continue
-                nt = ct._t_programs(B, T, D, dict(BD=bd, L=L, NB=nb), sms, per_sm)
-                grid = (triton.cdiv(D, bd), nt, B)
-                nrows = B * nt
+                grid = (triton.cdiv(D, bd), triton.cdiv(T, L * nb), B)
+                nrows = B * triton.cdiv(T, L * nb)
                 dwp = torch.empty(nrows, 4, D, device="cuda", dtype=torch.float32)
 
                 def fwd():
@@ -79,11 +72,11 @@ def main():
 
                 tf, tb = do_bench(fwd, warmup=25, rep=200), do_bench(bwd, warmup=25, rep=200)
                 gb_f, gb_b = 2 * act / tf / 1e6, (3 * act + nrows * 4 * D * 4 * 2) / tb / 1e6
-                row = dict(B=B, T=T, D=D, l2norm_head_dim=hd, config=f"{bd}:{nw}:{L}:{pf}:{nb}", programs_per_sm=per_sm,
-                           t_programs=nt, fwd_ms=tf, bwd_ms=tb, fwd_GBps=gb_f, bwd_GBps=gb_b)
+                row = dict(B=B, T=T, D=D, l2norm_head_dim=hd, config=f"{bd}:{nw}:{L}:{pf}:{nb}", fwd_ms=tf, bwd_ms=tb,
+                           fwd_GBps=gb_f, bwd_GBps=gb_b)
                 rows_out.append(row)
-                print(f"B={B} T={T:6d} D={D} hd={hd:3d} {bd:4d}:{nw}:{L:<3d}:{pf}:{nb} cap {per_sm:3d} ({nt:5d} along T) "
-                      f"fwd {tf:.4f} ms {gb_f:6.0f} GB/s  bwd {tb:.4f} ms {gb_b:6.0f} GB/s", flush=True)
+                print(f"B={B} T={T:6d} D={D} hd={hd:3d} {bd:4d}:{nw}:{L:<3d}:{pf}:{nb} fwd {tf:.4f} ms {gb_f:6.0f} GB/s  "
+                      f"bwd {tb:.4f} ms {gb_b:6.0f} GB/s", flush=True)
             rows_out.extend(vendor(B, T, D, hd, x, dy, do_bench))
     if args.out:
         tmp = args.out + ".tmp"

@@ -5,7 +5,7 @@
 # Steps: tests (GPU numerics of the speed paths; GPU_TESTS = other test files), bgtests + wait (the same in the background), warm (compile for gdn/model, untimed), gdnwarm (compile for the gdn step: a process per shape + the mcore child, with bgtests), model (ours with lever variants + HF, B=2/1 T=4096,
 # breakdown, profile), second (a new process on the warm machine: time to its first step), gdn (our GDN layer
 # at the acceptance shapes, eager and CUDA-graphed; GDN_IMPLS, GDN_SHAPES), nemo (examples/pretrain.py on the same model, data=mock, NEMO_STEPS steps), wave (GPU tests + the model
-# benchmark with every compile at once, then timed alone), importtime (the second-process command under -X importtime, twice), decode (examples/bench_decode.py; DECODE_ARGS), conv (benchmarks/bench_conv.py; CONV_SHAPES, CONV_CONFIGS, CONV_PER_SM), inproj (benchmarks/bench_in_proj.py), profile (benchmarks/profile_gdn.py per kernel), cache (the kernel cache into $OUT, xz in 15 MiB parts). Logs and JSON go to $OUT.
+# benchmark with every compile at once, then timed alone), importtime (the second-process command under -X importtime, twice), decode (examples/bench_decode.py; DECODE_ARGS), conv (benchmarks/bench_conv.py), inproj (benchmarks/bench_in_proj.py), profile (benchmarks/profile_gdn.py per kernel), cache (the kernel cache into $OUT, xz in 15 MiB parts). Logs and JSON go to $OUT.
 set -u
 # The device returns at most 8 files: steps write to a work folder; at the end the JSON and PNGs are copied
 # to $OUT, everything else (logs, profiles, metrics) goes into $OUT/logs.tgz, the kernel cache (step cache) into $OUT/kcache.tar.xz.
@@ -112,7 +112,7 @@ for item in "$@"; do
              2>&1 | tee "$OUT/decode.log" ;;
     conv) # our conv per launch config vs bytes moved, and fla's conv + FlashQLA's L2-norm (CONV_CONFIGS)
           timeout -k 5 "$lim" python3 benchmarks/bench_conv.py --shapes "${CONV_SHAPES:-4x4096,1x32768,1x4096}" \
-             ${CONV_CONFIGS:+--configs "$CONV_CONFIGS"} ${CONV_PER_SM:+--per-sm "$CONV_PER_SM"} --out "$OUT/conv_configs.json" 2>&1 | tee "$OUT/conv.log" ;;
+             ${CONV_CONFIGS:+--configs "$CONV_CONFIGS"} --out "$OUT/conv_configs.json" 2>&1 | tee "$OUT/conv.log" ;;
     inproj) # in_proj as five planar GEMMs vs one (benchmarks/bench_in_proj.py)
           timeout -k 5 "$lim" python3 benchmarks/bench_in_proj.py --tokens "${INPROJ_TOKENS:-4096,16384,32768}" \
              --out "$OUT/in_proj.json" 2>&1 | tee "$OUT/in_proj.log" ;;

@@ -45,7 +45,10 @@ L2_EPS: tl.constexpr = tl.constexpr(1e-6)  # the q/k L2-norm's eps (HF's and fla
 # (a load is not moved above the previous step's store, which the compiler must assume may alias it). It costs
 # registers (backward 128 -> 193 at L = 32, fewer warps per SM), so it pays with L = 16: on H100 at D=2048 with
 # the norm, B=4 T=4096, bwd 0.153 ms vs 0.163 (L=32, no prefetch), fwd 0.061 vs 0.073 (bench_conv.py, Dec 06).
-# The NB = 4 configs are not yet timed on a GPU (Dec 06); the autotuner picks per (D, T, HD).
+# NB = 4 (H100, Dec 08, bench_conv.py): the backward 0.260 vs 0.285 ms at B=1 T=32768 D=2048 with the norm, 0.135 vs
+# 0.152 at B=4 T=4096, the forward a little slower (0.113 vs 0.109); the autotuner picks per kernel and (D, T, HD).
+# A loop count taken from the grid (programs capped per SM: fewer fp32 weight-gradient partials) was slower at the
+# same launch with the norm (0.293 vs 0.260 ms) and is not kept (benchmarks/results/h200_model/dec08_h100_call1_*).
 # QWEN3_NEXT_CONV_CONFIGS="BD:warps:L[:PF[:NB]],..." replaces the list.
 _DEFAULT_CONFIGS = "128:1:16:4,256:2:16:4,512:4:16:4,128:1:32:0,128:1:16:4:4,256:2:16:4:4"
 _PREFETCH = (0, 4)  # the prefetch depths the kernels are written for
@@ -66,16 +69,7 @@ def _configs(spec: str):
 _CONFIGS = _configs(os.environ.get("QWEN3_NEXT_CONV_CONFIGS", _DEFAULT_CONFIGS))
 if os.environ.get("TRITON_INTERPRET") == "1":  # Triton's CPU interpreter (tests) cannot benchmark configs
     _CONFIGS = _CONFIGS[:1]
-
-
-def _per_sm(spec: str) -> int:
-    if not spec.isdigit():
-        raise ValueError(f"QWEN3_NEXT_CONV_PROGRAMS_PER_SM must be a whole number >= 0 (0: no cap); got {spec!r}")
-    return int(spec)
-
-
-# QWEN3_NEXT_CONV_PROGRAMS_PER_SM caps the programs along time (`_t_programs`); 0: one per L * NB rows
-_PROGRAMS_PER_SM = _per_sm(os.environ.get("QWEN3_NEXT_CONV_PROGRAMS_PER_SM", "0"))
+_MIN_ROWS = min(c.kwargs["L"] * c.kwargs["NB"] for c in _CONFIGS)  # rows per program, at the fewest
 
 
 @triton.jit
@@ -187,13 +181,12 @@ def _conv_fwd(x, w, b, y, rs, T, D, NH, sxb, sxt, syb, syt,
     d, md, w0, w1, w2, w3, bias = _channels(w, b, D, HAS_BIAS, BD)
     xb = x + pid_b.to(tl.int64) * sxb + d
     yb = y + pid_b.to(tl.int64) * syb + d
-    nblk = tl.cdiv(tl.cdiv(T, L), tl.num_programs(1))  # blocks of L rows per program (`_t_programs`)
-    t0 = pid_t * (L * nblk)
+    t0 = pid_t * (L * NB)
     xm3, xm2, xm1 = _row(xb, t0 - 3, sxt, md, T), _row(xb, t0 - 2, sxt, md, T), _row(xb, t0 - 1, sxt, md, T)
     if PF:  # rows t0 .. t0+3 in flight (see _DEFAULT_CONFIGS)
         n0, n1 = _raw(xb, t0, sxt, md, T), _raw(xb, t0 + 1, sxt, md, T)
         n2, n3 = _raw(xb, t0 + 2, sxt, md, T), _raw(xb, t0 + 3, sxt, md, T)
-    for blk in range(nblk):  # blocks of L rows: the window carries over (no halo rows re-read)
+    for blk in range(NB):  # NB blocks of L rows: the window carries over (no halo rows re-read)
         for i in tl.static_range(L):  # unrolled: the compiler can issue later rows' loads early
             t = t0 + blk * L + i
             if PF:
@@ -219,8 +212,7 @@ def _conv_bwd(x, w, b, rs, dy, dx, dwp, dbp, T, D, NH, sxb, sxt, sgb, sgt, sdb, 
     xb = x + pid_b.to(tl.int64) * sxb + d
     gb = dy + pid_b.to(tl.int64) * sgb + d
     ob = dx + pid_b.to(tl.int64) * sdb + d
-    nblk = tl.cdiv(tl.cdiv(T, L), tl.num_programs(1))  # blocks of L rows per program (`_t_programs`)
-    t0 = pid_t * (L * nblk)
+    t0 = pid_t * (L * NB)
     # the window: x at t-3 .. t+2 and g = dL/d(pre-activation) at t .. t+2 (zero past T: dy masked)
     xm3, xm2, xm1 = _row(xb, t0 - 3, sxt, md, T), _row(xb, t0 - 2, sxt, md, T), _row(xb, t0 - 1, sxt, md, T)
     x0, xp1, xp2 = _row(xb, t0, sxt, md, T), _row(xb, t0 + 1, sxt, md, T), _row(xb, t0 + 2, sxt, md, T)
@@ -244,7 +236,7 @@ def _conv_bwd(x, w, b, rs, dy, dx, dwp, dbp, T, D, NH, sxb, sxt, sgb, sgt, sdb, 
         ng2, ng3 = _raw(gb, t0 + 5, sgt, md, T), _raw(gb, t0 + 6, sgt, md, T)
         nr0, nr1 = _rstd(rs, pid_b, t0 + 3, T, NH, HD, BD), _rstd(rs, pid_b, t0 + 4, T, NH, HD, BD)
         nr2, nr3 = _rstd(rs, pid_b, t0 + 5, T, NH, HD, BD), _rstd(rs, pid_b, t0 + 6, T, NH, HD, BD)
-    for blk in range(nblk):  # blocks of L rows: the window and the partial sums carry over
+    for blk in range(NB):  # NB blocks of L rows: the window and the partial sums carry over
         for i in tl.static_range(L):  # unrolled: the compiler can issue later rows' loads early
             t = t0 + blk * L + i
             if PF:
@@ -282,24 +274,8 @@ def _padded_weight(weight: torch.Tensor) -> torch.Tensor:
     return w.contiguous() if W == W_MAX else torch.nn.functional.pad(w, (W_MAX - W, 0)).contiguous()
 
 
-def _t_programs(B, T, D, meta, sms: int, per_sm: int = None) -> int:
-    """Programs along time: one per ``L * NB`` rows, at most ``per_sm`` programs per SM in all (0: no cap).
-    Each program then walks ``cdiv(cdiv(T, L), programs)`` blocks (the kernels derive it from the grid). The cap
-    bounds the backward's fp32 weight-gradient partials (one ``[4, BD]`` row per program): uncapped at
-    ``L * NB = 16`` rows, T=32768, D=4096 they are 134 MB written and read back, next to the 0.8 GB of x, dy and dx."""
-    per_sm = _PROGRAMS_PER_SM if per_sm is None else per_sm
-    nt = -(-T // (meta["L"] * meta["NB"]))
-    if per_sm > 0:
-        nt = min(nt, max(1, -(-per_sm * sms // (B * -(-D // meta["BD"])))))
-    return nt
-
-
-def _grid(B, T, D, sms: int, per_sm: int = None):
-    return lambda meta: (-(-D // meta["BD"]), _t_programs(B, T, D, meta, sms, per_sm), B)
-
-
-def _sms(device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+def _grid(B, T, D):
+    return lambda meta: (-(-D // meta["BD"]), -(-T // (meta["L"] * meta["NB"])), B)
 
 
 class _CausalConv1dTriton(torch.autograd.Function):
@@ -314,7 +290,7 @@ class _CausalConv1dTriton(torch.autograd.Function):
         y = torch.empty(B, T, D, device=x.device, dtype=x.dtype)
         nh = D // head_dim if head_dim else 0
         rs = torch.empty(B, T, nh, device=x.device, dtype=torch.float32) if head_dim else wp  # per-head rstd
-        _conv_fwd[_grid(B, T, D, _sms(x.device))](x, wp, bp, y, rs, T, D, nh, x.stride(0), x.stride(1), y.stride(0), y.stride(1),
+        _conv_fwd[_grid(B, T, D)](x, wp, bp, y, rs, T, D, nh, x.stride(0), x.stride(1), y.stride(0), y.stride(1),
                              HAS_BIAS=bias is not None, SILU=silu, HD=head_dim)
         # the kernels' fp32 taps and bias, and the norm's rstd (B*T*D/HD floats)
         ctx.save_for_backward(x, wp, bp if bias is not None else None, rs if head_dim else None)
@@ -332,19 +308,18 @@ class _CausalConv1dTriton(torch.autograd.Function):
             dy = dy.contiguous()
         B, T, D = x.shape
         W = ctx.w_shape[1]
-        sms = _sms(x.device)
-        rows = B * max(_t_programs(B, T, D, c.kwargs, sms) for c in _CONFIGS)  # partial-sum rows, at the most
+        rows = B * (-(-T // _MIN_ROWS))  # partial-sum rows for the config with the fewest steps per program
         # x's layout (a [b, s] view of [s, b] memory stays one, so no copy follows), or x's place in the sink
         # of the GEMM output x is a view of (`grad_sink`: no gradient cat after us)
         dx = sink_slot_or_empty(ctx.grad_sink, x)
         dwp = torch.empty(rows, W_MAX, D, device=x.device, dtype=torch.float32)
         dbp = torch.empty(rows, D, device=x.device, dtype=torch.float32) if has_bias else dwp
         nh = D // ctx.head_dim if ctx.head_dim else 0
-        _conv_bwd[_grid(B, T, D, sms)](x, wp, bp, rs if rs is not None else wp, dy, dx, dwp, dbp, T, D, nh,
+        _conv_bwd[_grid(B, T, D)](x, wp, bp, rs if rs is not None else wp, dy, dx, dwp, dbp, T, D, nh,
                              x.stride(0), x.stride(1), dy.stride(0), dy.stride(1),
                              dx.stride(0), dx.stride(1), HAS_BIAS=has_bias, SILU=ctx.silu, HD=ctx.head_dim)
         best = _conv_bwd.best_config.kwargs
-        rows = B * _t_programs(B, T, D, best, sms)  # the rows the chosen config wrote
+        rows = B * (-(-T // (best["L"] * best["NB"])))  # the rows the chosen config wrote
         dwp, dbp = dwp[:rows], dbp[:rows]
         dw = dwp.sum(0).t()[:, W_MAX - W:].to(ctx.w_dtype) if ctx.needs_input_grad[1] else None
         db = dbp.sum(0).to(ctx.b_dtype) if has_bias and ctx.needs_input_grad[2] else None
