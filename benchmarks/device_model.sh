@@ -40,11 +40,14 @@ export PYTHONPATH=/tmp/site:$PWD TILELANG_CACHE_DIR=${TILELANG_CACHE_DIR:-$PWD/.
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c "import torch, triton, fla, tilelang, flash_qla, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'fla', fla.__version__, 'tilelang', tilelang.__version__, 'flash_qla', flash_qla.__version__, 'transformers', transformers.__version__)"
 # the GPU tests under a time limit ($1), into their log with the exit code appended (bgtests, wave)
-# GPU_TESTS_SPLIT=1: one pytest process per GPU_TESTS word, all at once (their TileLang compiles are CPU work and
+# GPU_TESTS_SPLIT=1: one pytest process per GPU_TESTS word (a file: per test function), all at once (their TileLang compiles are CPU work and
 # ran one after another in one process: the Dec 07 call spent 510 s in tests/test_gpu_gdn.py and did not finish)
 gpu_tests_logged() { local log="$OUT/${GPU_TESTS_LOG:-gpu_tests.log}" i=0 t
   if [ "${GPU_TESTS_SPLIT:-0}" = 1 ]; then
-    for t in ${GPU_TESTS:-tests/test_gpu_speed_paths.py}; do i=$((i + 1))
+    # a word naming a whole file becomes one word per test function (Dec 08: tests/test_gpu_speed_paths.py as one
+    # process spent its 300 s compiling the conv cases and never reached the norm case)
+    for t in $(for w in ${GPU_TESTS:-tests/test_gpu_speed_paths.py}; do case $w in *::*) echo "$w" ;;
+                 *) grep -o '^def test_[A-Za-z0-9_]*' "$w" | sed "s|^def |$w::|" ;; esac; done); do i=$((i + 1))
       ( timeout -k 5 "$1" python3 -m pytest -q -s -p no:cacheprovider "$t" > "$log.$i" 2>&1; echo "pytest $t rc=$?" >> "$log.$i" ) &
     done; wait
     for t in $(seq 1 "$i"); do cat "$log.$t"; rm -f "$log.$t"; done > "$log"
