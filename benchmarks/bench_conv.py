@@ -56,8 +56,8 @@ def main():
             for bd, nw, L, pf, nb in configs:
                 if hd and bd % hd:  # a head must fit in one program's channel block
                     continue
-                grid = (triton.cdiv(D, bd), triton.cdiv(T, L * nb), B)
-                nrows = B * triton.cdiv(T, L * nb)
+                nt = ct._t_programs(T, dict(L=L, NB=nb))
+                grid, nrows = (triton.cdiv(D, bd), nt, B), B * nt
                 dwp = torch.empty(nrows, 4, D, device="cuda", dtype=torch.float32)
 
                 def fwd():

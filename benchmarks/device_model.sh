@@ -47,7 +47,7 @@ gpu_tests_logged() { local log="$OUT/${GPU_TESTS_LOG:-gpu_tests.log}" i=0 t
     # a word naming a whole file becomes one word per test function (Dec 08: tests/test_gpu_speed_paths.py as one
     # process spent its 300 s compiling the conv cases and never reached the norm case)
     for t in $(for w in ${GPU_TESTS:-tests/test_gpu_speed_paths.py}; do case $w in *::*) echo "$w" ;;
-                 *) grep -o '^def test_[A-Za-z0-9_]*' "$w" | sed "s|^def |$w::|" ;; esac; done); do i=$((i + 1))
+                 *) fns=$(grep -o '^def test_[A-Za-z0-9_]*' "$w" | sed "s|^def |$w::|"); echo "${fns:-$w}" ;; esac; done); do i=$((i + 1))
       ( timeout -k 5 "$1" python3 -m pytest -q -s -p no:cacheprovider "$t" > "$log.$i" 2>&1; echo "pytest $t rc=$?" >> "$log.$i" ) &
     done; wait
     for t in $(seq 1 "$i"); do cat "$log.$t"; rm -f "$log.$t"; done > "$log"

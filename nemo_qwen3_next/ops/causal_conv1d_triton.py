@@ -274,8 +274,13 @@ def _padded_weight(weight: torch.Tensor) -> torch.Tensor:
     return w.contiguous() if W == W_MAX else torch.nn.functional.pad(w, (W_MAX - W, 0)).contiguous()
 
 
+def _t_programs(T, meta) -> int:
+    """Programs along time for a config: one per ``L * NB`` rows (each writes one row of weight-gradient partials)."""
+    return -(-T // (meta["L"] * meta["NB"]))
+
+
 def _grid(B, T, D):
-    return lambda meta: (-(-D // meta["BD"]), -(-T // (meta["L"] * meta["NB"])), B)
+    return lambda meta: (-(-D // meta["BD"]), _t_programs(T, meta), B)
 
 
 class _CausalConv1dTriton(torch.autograd.Function):
@@ -319,7 +324,7 @@ class _CausalConv1dTriton(torch.autograd.Function):
                              x.stride(0), x.stride(1), dy.stride(0), dy.stride(1),
                              dx.stride(0), dx.stride(1), HAS_BIAS=has_bias, SILU=ctx.silu, HD=ctx.head_dim)
         best = _conv_bwd.best_config.kwargs
-        rows = B * (-(-T // (best["L"] * best["NB"])))  # the rows the chosen config wrote
+        rows = B * _t_programs(T, best)  # the rows the chosen config wrote
         dwp, dbp = dwp[:rows], dbp[:rows]
         dw = dwp.sum(0).t()[:, W_MAX - W:].to(ctx.w_dtype) if ctx.needs_input_grad[1] else None
         db = dbp.sum(0).to(ctx.b_dtype) if has_bias and ctx.needs_input_grad[2] else None
